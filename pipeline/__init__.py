@@ -1,0 +1,1 @@
+"""chainproof: reproducible ML pipelines whose every stage leaves a signed in-toto link."""

@@ -1,0 +1,291 @@
+"""Locked environments: parse a pip-compile lock, check an interpreter against it, build one.
+
+An environment matches its lock when every pinned distribution is installed at its version,
+nothing else is installed but chainproof itself, every installed file still has the sha256
+its wheel RECORD gives, and no unowned `.pth` or top-level module sits in site-packages
+(the classic place to hide start-up code). Anything else is drift, refused with a diff.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import sysconfig
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from importlib.metadata import Distribution, distributions
+from pathlib import Path
+
+from packaging.markers import Marker
+from packaging.requirements import InvalidRequirement, Requirement
+from packaging.utils import canonicalize_name
+
+from pipeline.errors import EnvironmentDrift, InputError
+from pipeline.fsutil import atomic_write_text
+from pipeline.hashing import sha256_bytes, sha256_file, workers
+
+PROJECT = "chainproof"
+
+
+@dataclass(frozen=True)
+class Pin:
+    name: str
+    version: str
+    hashes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LockFile:
+    path: Path
+    sha256: str
+    pins: dict[str, Pin]
+
+
+def parse_lock(path: Path) -> LockFile:
+    """Read a `pip-compile --generate-hashes` lock. Every pin must be `==` with hashes."""
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"cannot read lock {path}: {e.strerror}") from e
+    pins: dict[str, Pin] = {}
+    # Join backslash continuations, drop comments: one logical requirement per line.
+    logical = raw.decode("utf-8").replace("\\\n", " ").splitlines()
+    for lineno, line in enumerate(logical, 1):
+        line = line.split(" #", 1)[0].strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("-"):
+            raise InputError(
+                f"{path}: option line {line.split()[0]!r} is not supported in a lock",
+                hint="compile with --no-emit-index-url --no-emit-find-links",
+            )
+        parts = line.split()
+        hashes = tuple(p.split(":", 1)[1] for p in parts if p.startswith("--hash=sha256:"))
+        req_text = " ".join(p for p in parts if not p.startswith("--hash="))
+        try:
+            req = Requirement(req_text)
+        except InvalidRequirement as e:
+            raise InputError(f"{path}: not a requirement: {req_text!r} ({e})") from e
+        spec = list(req.specifier)
+        if len(spec) != 1 or spec[0].operator != "==" or not hashes:
+            raise InputError(
+                f"{path}: {req_text!r} is not pinned with == and --hash",
+                hint="compile the lock with `pip-compile --generate-hashes` (make lock)",
+            )
+        if req.marker is not None and not req.marker.evaluate():
+            continue
+        name = canonicalize_name(req.name)
+        pins[name] = Pin(name, spec[0].version, hashes)
+    return LockFile(path=path, sha256=sha256_bytes(raw), pins=pins)
+
+
+@dataclass(frozen=True)
+class Fingerprint:
+    """What went into the link's environment: enough to tell two environments apart."""
+
+    lock: str
+    lock_sha256: str
+    python: str
+    implementation: str
+    platform: str
+    machine: str
+    distributions_sha256: str
+    distributions: int
+    files_verified: int
+
+    def as_dict(self) -> dict[str, object]:
+        return dict(self.__dict__)
+
+
+def site_packages_of(python: Path | None) -> Path:
+    """site-packages of the current interpreter, or of the venv that owns `python`."""
+    if python is None:
+        return Path(sysconfig.get_paths()["purelib"])
+    venv = python.parent.parent
+    return venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+
+
+# (dev, ino, size, mtime_ns, ctime_ns) -> urlsafe b64 sha256. ctime cannot be set from user
+# space, so a file rewritten since it was hashed always misses this cache.
+_RECORD_CACHE: dict[tuple[int, int, int, int, int], str] = {}
+
+
+def _record_hash(path: Path) -> str | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    hit = _RECORD_CACHE.get(key)
+    if hit is None:
+        digest = bytes.fromhex(sha256_file(path))
+        hit = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+        _RECORD_CACHE[key] = hit
+    return hit
+
+
+def _record_entries(dist: Distribution, site: Path) -> list[tuple[Path, str, str]]:
+    out = []
+    for f in dist.files or []:
+        if f.hash is None or f.hash.mode != "sha256":
+            continue
+        out.append(((site / f).resolve(), f.hash.value, str(f)))
+    return out
+
+
+def _owned_top_level(dists: list[Distribution]) -> set[str]:
+    owned = set()
+    for d in dists:
+        for f in d.files or []:
+            owned.add(str(f).split("/", 1)[0])
+    return owned
+
+
+def check_environment(
+    lock: LockFile,
+    *,
+    python: Path | None = None,
+    verify_files: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> Fingerprint:
+    """Compare the environment of `python` (default: this interpreter) with `lock`.
+
+    Raises EnvironmentDrift listing every difference; returns the fingerprint otherwise.
+    """
+    site = site_packages_of(python)
+    dists = list(distributions(path=[str(site)]))
+    installed: dict[str, Distribution] = {}
+    diff: list[str] = []
+    for d in dists:
+        name = canonicalize_name(d.metadata["Name"] or "")
+        if name in installed:
+            diff.append(f"! {name}: installed twice ({installed[name].version}, {d.version})")
+        installed[name] = d
+    for name, pin in sorted(lock.pins.items()):
+        d = installed.get(name)
+        if d is None:
+            diff.append(f"- {name}=={pin.version}: pinned in the lock, not installed")
+        elif d.version != pin.version:
+            diff.append(f"~ {name}: lock pins {pin.version}, installed {d.version}")
+    for name, d in sorted(installed.items()):
+        if name not in lock.pins and name != PROJECT:
+            diff.append(f"+ {name}=={d.version}: installed, not in the lock")
+    owned = _owned_top_level(dists)
+    for entry in sorted(os.listdir(site)):
+        if entry.endswith((".pth", ".py")) and entry not in owned:
+            diff.append(f"+ {entry}: in site-packages but owned by no installed distribution")
+    files = 0
+    if verify_files:
+        entries = [e for d in dists for e in _record_entries(d, site)]
+        files = len(entries)
+        if progress:
+            progress(f"checking {files} installed files against their RECORD hashes")
+        with ThreadPoolExecutor(max_workers=workers()) as pool:
+            got = list(pool.map(_record_hash, (e[0] for e in entries), chunksize=64))
+        for (path, want, rel), have in zip(entries, got, strict=True):
+            if have is None:
+                diff.append(f"- {rel}: listed in a RECORD, missing on disk")
+            elif have != want:
+                diff.append(f"! {rel}: sha256 differs from its wheel RECORD (modified after install)")
+    if diff:
+        raise EnvironmentDrift(str(lock.path), diff)
+    dist_lines = "".join(f"{n}=={installed[n].version}\n" for n in sorted(installed))
+    return Fingerprint(
+        lock=lock.path.name,
+        lock_sha256=lock.sha256,
+        python=platform.python_version(),
+        implementation=sys.implementation.name,
+        platform=platform.platform(),
+        machine=platform.machine(),
+        distributions_sha256=sha256_bytes(dist_lines.encode()),
+        distributions=len(installed),
+        files_verified=files,
+    )
+
+
+# --------------------------------------------------------------------------- stage environments
+
+
+def project_root() -> Path:
+    """The chainproof source tree this code runs from (it must be an editable checkout)."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        raise InputError(
+            "stage-specific locks need the chainproof source tree (an editable install)",
+            hint="run chainproof from its repository checkout (make setup)",
+        )
+    return root
+
+
+def ensure_environment(lock: LockFile, envs_dir: Path, log: Callable[[str], None]) -> Path:
+    """The interpreter of the environment built from `lock`, building it once if needed.
+
+    Keyed by the lock's sha256; built in a staging directory with `--require-hashes` and
+    renamed into place, so a half-built environment is never used.
+    """
+    final = envs_dir / lock.sha256[:32]
+    python = final / "bin" / "python"
+    if python.exists():
+        return python
+    envs_dir.mkdir(parents=True, exist_ok=True)
+    staging = envs_dir / f".build-{lock.sha256[:16]}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    log(f"building the environment for {lock.path.name} (sha256 {lock.sha256[:12]}…)")
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "venv", "--without-pip", str(staging)],
+            check=True,
+            capture_output=True,
+        )
+        pip = [sys.executable, "-m", "pip", "--python", str(staging / "bin" / "python")]
+        _run(pip + ["install", "--quiet", "--no-deps", "--require-hashes", "-r", str(lock.path)])
+        wheel_dir = staging / ".chainproof-wheel"
+        wheel = _build_editable_wheel(wheel_dir)
+        _run(pip + ["install", "--quiet", "--no-deps", str(wheel)])
+        shutil.rmtree(wheel_dir)
+        atomic_write_text(staging / ".chainproof-lock", f"{lock.sha256}  {lock.path}\n")
+        try:
+            os.rename(staging, final)
+        except OSError:  # another run built it first
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return python
+
+
+def _run(cmd: list[str]) -> None:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise InputError(
+            f"building a locked environment failed: {' '.join(cmd[-3:])}\n{proc.stderr[-2000:]}",
+            hint="check the lock was compiled with --generate-hashes for this Python",
+        )
+
+
+def _build_editable_wheel(out: Path) -> Path:
+    """An editable wheel of chainproof, built with this environment's locked setuptools."""
+    out.mkdir(parents=True, exist_ok=True)
+    code = (
+        "import sys, setuptools.build_meta as b;"
+        "print(b.build_editable(sys.argv[1]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(out)],
+        cwd=project_root(),
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        raise InputError(f"building the chainproof wheel failed:\n{proc.stderr[-2000:]}")
+    return out / proc.stdout.strip().splitlines()[-1]
+
+
+def hash_of(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -1,0 +1,159 @@
+"""Signing keys: dev keys on first use, or securesystemslib signer URIs for real ones.
+
+A public key file is the securesystemslib key dict with its keyid inside (what in-toto's
+layout and verifier want). The keyid is always recomputed from the key material when a key
+is loaded, so a file cannot claim someone else's fingerprint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from securesystemslib.signer import CryptoSigner, Signer, SSlibKey
+from securesystemslib.signer._utils import compute_default_keyid
+
+from pipeline.errors import InputError
+from pipeline.fsutil import atomic_write_bytes, atomic_write_text
+
+ROLES = ("owner", "functionary")
+ENV_URI = "CHAINPROOF_{role}_SIGNER"  # e.g. CHAINPROOF_OWNER_SIGNER=file2:/secure/owner.pem
+ENV_PUB = "CHAINPROOF_{role}_PUBKEY"  # its public key file (a .pub written by chainproof)
+
+
+@dataclass(frozen=True)
+class PublicKey:
+    key: SSlibKey
+
+    @property
+    def keyid(self) -> str:
+        return self.key.keyid
+
+    def legacy_dict(self) -> dict[str, Any]:
+        """The key dict with its keyid inside, as in-toto layouts and verify expect."""
+        d = self.key.to_dict()
+        d["keyid"] = self.key.keyid
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.legacy_dict(), sort_keys=True, indent=1) + "\n"
+
+
+def public_key_from_dict(d: dict[str, Any], *, source: str) -> PublicKey:
+    try:
+        keytype, scheme, keyval = d["keytype"], d["scheme"], d["keyval"]
+        keyid = compute_default_keyid(keytype, scheme, keyval)
+        if d.get("keyid") not in (None, keyid):
+            raise InputError(
+                f"{source}: the keyid in the file ({d['keyid'][:16]}…) is not the fingerprint "
+                f"of the key in it ({keyid[:16]}…)",
+                hint="the key file was edited; fetch the owner's public key again",
+            )
+        clean = {"keytype": keytype, "scheme": scheme, "keyval": keyval}
+        return PublicKey(SSlibKey.from_dict(keyid, clean))
+    except (KeyError, TypeError, ValueError) as e:
+        raise InputError(f"{source} is not a public key file ({e})") from e
+
+
+def load_public_key(path: Path) -> PublicKey:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise InputError(
+            f"public key {path} not found", hint="run `chainproof keys init` first"
+        ) from e
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read public key {path}: {e}") from e
+    return public_key_from_dict(data, source=str(path))
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    role: str
+    signer: Signer
+    public: PublicKey
+
+
+def init_dev_keys(keys_dir: Path, *, force: bool = False) -> dict[str, Path]:
+    """Write dev owner and functionary ed25519 keys (private 0600). Keeps existing ones."""
+    keys_dir.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for role in ROLES:
+        priv, pub = keys_dir / f"{role}.pem", keys_dir / f"{role}.pub"
+        if priv.exists() and pub.exists() and not force:
+            continue
+        signer = CryptoSigner.generate_ed25519()
+        atomic_write_bytes(priv, signer.private_bytes, mode=0o600)
+        os.chmod(priv, 0o600)
+        atomic_write_text(pub, PublicKey(signer.public_key).to_json())
+        written[role] = pub
+    return written
+
+
+def load_signer(role: str, keys_dir: Path) -> KeyPair:
+    """The signer for `role`: from $CHAINPROOF_<ROLE>_SIGNER if set, else the dev key file."""
+    uri = os.environ.get(ENV_URI.format(role=role.upper()))
+    if uri:
+        pub_env = ENV_PUB.format(role=role.upper())
+        pub_path = os.environ.get(pub_env)
+        if not pub_path:
+            raise InputError(
+                f"{ENV_URI.format(role=role.upper())} is set but {pub_env} is not",
+                hint=f"set {pub_env} to the signer's public key file",
+            )
+        public = load_public_key(Path(pub_path))
+    else:
+        priv = keys_dir / f"{role}.pem"
+        if not priv.exists():
+            raise InputError(
+                f"no {role} key in {keys_dir}", hint="run `chainproof keys init` (dev keys)"
+            )
+        if priv.stat().st_mode & 0o077:
+            raise InputError(
+                f"{priv} is readable by other users (mode {oct(priv.stat().st_mode & 0o777)})",
+                hint=f"chmod 600 {priv}",
+            )
+        public = load_public_key(keys_dir / f"{role}.pub")
+        uri = f"file2:{priv.resolve()}"
+    try:
+        signer = Signer.from_priv_key_uri(uri, public.key)
+    except Exception as e:  # securesystemslib raises many types for bad URIs/keys
+        raise InputError(f"cannot load the {role} signer from {uri!r}: {e}") from e
+    return KeyPair(role, signer, public)
+
+
+def resolve_trusted_owner(spec: str | None, *, candidate: Path | None, local: Path | None) -> PublicKey:
+    """The owner key to trust, from --owner-key (a .pub path or a 64-hex fingerprint).
+
+    A fingerprint selects `candidate` (the key shipped with a bundle) only if that key's
+    recomputed fingerprint equals it: the bundle's own copy is never trusted on its own.
+    """
+    if spec and Path(spec).is_file():
+        return load_public_key(Path(spec))
+    if spec:
+        fp = spec.strip().lower()
+        if len(fp) != 64 or any(c not in "0123456789abcdef" for c in fp):
+            raise InputError(
+                f"--owner-key {spec!r} is neither a public key file nor a sha256 fingerprint"
+            )
+        if candidate is None or not candidate.exists():
+            raise InputError("a fingerprint needs the owner key shipped in the bundle (keys/owner.pub)")
+        key = load_public_key(candidate)
+        if key.keyid != fp:
+            from pipeline.errors import VerificationError
+
+            raise VerificationError(
+                f"the bundle's owner key has fingerprint {key.keyid}, not the {fp} you trust",
+                check="owner key",
+                artifact=str(candidate),
+                hint="the bundle was signed by someone else; do not use it",
+            )
+        return key
+    if local is not None and local.exists():
+        return load_public_key(local)
+    raise InputError(
+        "no trusted owner key", hint="pass --owner-key FINGERPRINT (or a path to owner.pub)"
+    )

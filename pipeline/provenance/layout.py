@@ -1,0 +1,89 @@
+"""Compile a pipeline config into the owner-signed in-toto layout (the root of trust).
+
+One step per stage. Material rules first REQUIRE each declared output of every upstream
+stage, then MATCH it against that stage's products; product rules REQUIRE and CREATE each
+declared output. Every rule list ends in DISALLOW *, so nothing undeclared slips through
+in-toto's implicit ALLOW. The expected command is enforced by our verifier (in-toto only
+warns on a mismatch).
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+from in_toto.models.layout import Layout, Step
+
+from pipeline.provenance.keys import PublicKey
+from pipeline.provenance.links import envelope_bytes
+
+if TYPE_CHECKING:
+    from securesystemslib.signer import Signer
+
+    from pipeline.config import PipelineConfig, StageConfig
+
+SPEC_DIR = "specs"
+
+
+def spec_name(stage: str) -> str:
+    """Run-relative name of the spec file the runner writes for a stage."""
+    return f"{SPEC_DIR}/{stage}.json"
+
+
+def stage_command(module: str, stage: str) -> list[str]:
+    """The command recorded for a stage, run from its own directory inside the run."""
+    return ["python", "-I", "-m", module, f"../{spec_name(stage)}"]
+
+
+def _material_rules(stage: StageConfig, config: PipelineConfig) -> list[list[str]]:
+    rules: list[list[str]] = [["REQUIRE", spec_name(stage.name)]]
+    for dep in stage.needs:
+        for out in config.stage(dep).outputs:
+            rules.append(["REQUIRE", f"{dep}/{out}"])
+    for dep in stage.needs:
+        rules.append(["MATCH", f"{dep}/*", "WITH", "PRODUCTS", "FROM", dep])
+    rules.append(["ALLOW", spec_name(stage.name)])
+    rules.append(["DISALLOW", "*"])
+    return rules
+
+
+def _product_rules(stage: StageConfig) -> list[list[str]]:
+    rules = [["REQUIRE", f"{stage.name}/{out}"] for out in stage.outputs]
+    rules += [["CREATE", f"{stage.name}/{out}"] for out in stage.outputs]
+    rules.append(["DISALLOW", "*"])
+    return rules
+
+
+def compile_layout(
+    config: PipelineConfig,
+    *,
+    functionary: PublicKey,
+    modules: dict[str, str],
+    now: datetime | None = None,
+) -> Layout:
+    """`modules` maps each stage kind to the module run for it (from the registry)."""
+    steps = [
+        Step(
+            name=s.name,
+            expected_command=stage_command(modules[s.kind], s.name),
+            expected_materials=_material_rules(s, config),
+            expected_products=_product_rules(s),
+            pubkeys=[functionary.keyid],
+            threshold=1,
+        )
+        for s in config.stages
+    ]
+    expires = (now or datetime.now(UTC)) + timedelta(days=config.layout_expires_days)
+    layout = Layout(
+        steps=steps,
+        inspect=[],
+        keys={functionary.keyid: functionary.legacy_dict()},
+        expires=expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        readme=f"chainproof layout for pipeline '{config.name}' (config sha256 {config.sha256})",
+    )
+    layout.validate()
+    return layout
+
+
+def signed_layout_bytes(layout: Layout, owner: Signer) -> bytes:
+    return envelope_bytes(layout, owner)

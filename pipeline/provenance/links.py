@@ -1,0 +1,57 @@
+"""in-toto links: built from our own digests, DSSE-signed by the functionary, written atomically."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from in_toto.models.link import FILENAME_FORMAT, Link
+from in_toto.models.metadata import Envelope, Metadata
+from securesystemslib.signer import Signer
+
+from pipeline.errors import InputError
+from pipeline.fsutil import atomic_write_bytes
+
+
+def link_filename(step: str, keyid: str) -> str:
+    return FILENAME_FORMAT.format(step_name=step, keyid=keyid)
+
+
+def envelope_bytes(signable: Any, signer: Signer) -> bytes:
+    env = Envelope.from_signable(signable)
+    env.create_signature(signer)
+    return json.dumps(env.to_dict(), sort_keys=True).encode("utf-8")
+
+
+def write_link(
+    directory: Path,
+    *,
+    name: str,
+    materials: dict[str, dict[str, str]],
+    products: dict[str, dict[str, str]],
+    command: list[str],
+    byproducts: dict[str, Any],
+    environment: dict[str, Any],
+    signer: Signer,
+) -> Path:
+    """Sign and atomically write `<name>.<keyid8>.link`; returns its path."""
+    link = Link(
+        name=name,
+        materials=materials,
+        products=products,
+        command=command,
+        byproducts=byproducts,
+        environment=environment,
+    )
+    path = directory / link_filename(name, signer.public_key.keyid)
+    atomic_write_bytes(path, envelope_bytes(link, signer))
+    return path
+
+
+def read_link(path: Path) -> Link:
+    """The link payload, UNVERIFIED: for display only; verification goes through verify.py."""
+    try:
+        return Metadata.load(str(path)).get_payload()
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"cannot read link {path}: {e}") from e

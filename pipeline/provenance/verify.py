@@ -1,0 +1,315 @@
+"""Verification: one readable orchestrator over small named checks, as in in-toto's verifier.
+
+Order: layout signature (owner key) -> layout expiry -> links present and well-formed ->
+link signatures (functionary keys the layout names) -> expected commands (enforced) ->
+return values -> artifact rules (MATCH/REQUIRE/CREATE/DISALLOW) -> artifacts on disk.
+The first failing check raises VerificationError naming the step, the rule and the artifact.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from in_toto import verifylib
+from in_toto.exceptions import LayoutExpiredError, RuleVerificationError, SignatureVerificationError
+from in_toto.models.layout import Layout
+from in_toto.models.link import Link
+from in_toto.models.metadata import Metadata
+from securesystemslib.exceptions import FormatError
+
+from pipeline.errors import VerificationError
+from pipeline.hashing import hash_files
+from pipeline.provenance.keys import PublicKey
+from pipeline.provenance.links import link_filename
+
+
+@dataclass
+class VerifyReport:
+    """What was checked, in order; returned only when every check passed."""
+
+    target: str
+    owner_keyid: str
+    checks: list[tuple[str, str]] = field(default_factory=list)
+    links: dict[str, Link] = field(default_factory=dict)
+    layout: Layout | None = None
+
+    def passed(self, check: str, detail: str) -> None:
+        self.checks.append((check, detail))
+
+
+@dataclass(frozen=True)
+class DiskArtifacts:
+    """Where to find the recorded artifacts on disk, and which must be there."""
+
+    root: Path
+    # every recorded artifact must exist (a run) or only those present are checked (a bundle)
+    require_all: bool = True
+    # in a bundle: these products must be present (the released files)
+    required_steps: tuple[str, ...] = ()
+
+
+def _fail(message: str, check: str, **kw: Any) -> VerificationError:
+    return VerificationError(message, check=check, **kw)
+
+
+def load_layout(path: Path, owner: PublicKey, report: VerifyReport) -> Layout:
+    try:
+        metadata = Metadata.load(str(path))
+    except FileNotFoundError:
+        raise _fail(f"layout {path} is missing", "layout signature", artifact=str(path)) from None
+    except (ValueError, KeyError, FormatError) as e:
+        raise _fail(
+            f"layout {path} is not valid in-toto metadata ({e})",
+            "layout signature",
+            artifact=str(path),
+        ) from e
+    try:
+        verifylib.verify_metadata_signatures(metadata, {owner.keyid: owner.legacy_dict()})
+    except (SignatureVerificationError, FormatError) as e:
+        raise _fail(
+            f"the layout is not signed by the trusted owner key {owner.keyid[:16]}…",
+            "layout signature",
+            artifact=str(path),
+            hint="the layout was altered or re-signed by someone else; do not trust this chain",
+        ) from e
+    report.passed("layout signature", f"signed by owner {owner.keyid[:16]}…")
+    layout = metadata.get_payload()
+    if not isinstance(layout, Layout):
+        raise _fail(f"{path} holds a link, not a layout", "layout signature", artifact=str(path))
+    try:
+        verifylib.verify_layout_expiration(layout)
+    except LayoutExpiredError as e:
+        raise _fail(
+            f"the layout expired on {layout.expires}",
+            "layout expiry",
+            artifact=str(path),
+            hint="the owner must sign a fresh layout (chainproof layout CONFIG)",
+        ) from e
+    report.passed("layout expiry", f"valid until {layout.expires}")
+    report.layout = layout
+    return layout
+
+
+def _load_links(layout: Layout, link_dir: Path) -> dict[str, dict[str, Metadata]]:
+    steps: dict[str, dict[str, Metadata]] = {}
+    for step in layout.steps:
+        found: dict[str, Metadata] = {}
+        for keyid in step.pubkeys:
+            path = link_dir / link_filename(step.name, keyid)
+            if not path.exists():
+                continue
+            try:
+                found[keyid] = Metadata.load(str(path))
+            except (ValueError, KeyError, FormatError) as e:
+                raise _fail(
+                    f"link {path.name} is not valid in-toto metadata ({e})",
+                    "link format",
+                    step=step.name,
+                    artifact=str(path),
+                ) from e
+        if len(found) < step.threshold:
+            strays = sorted(p.name for p in link_dir.glob(f"{step.name}.*.link"))
+            extra = f"; found only {', '.join(strays)}, signed by keys the layout does not name" if strays else ""
+            raise _fail(
+                f"no link for step '{step.name}' from the functionary key(s) the layout names{extra}",
+                "links present",
+                step=step.name,
+                artifact=str(link_dir / link_filename(step.name, step.pubkeys[0])),
+                hint="the step did not run to completion, or its link was removed or replaced",
+            )
+        steps[step.name] = found
+    return steps
+
+
+def _verify_link_signatures(layout: Layout, loaded: dict[str, dict[str, Metadata]], link_dir: Path):
+    chain: dict[str, dict[str, Link]] = {}
+    for step in layout.steps:
+        chain[step.name] = {}
+        for keyid, metadata in loaded[step.name].items():
+            key = layout.keys.get(keyid)
+            try:
+                if key is None:
+                    raise SignatureVerificationError(f"key {keyid} not in layout")
+                metadata.verify_signature(key)
+            except (SignatureVerificationError, FormatError) as e:
+                raise _fail(
+                    f"the link for step '{step.name}' is not validly signed by functionary "
+                    f"key {keyid[:16]}… named in the layout",
+                    "link signatures",
+                    step=step.name,
+                    artifact=str(link_dir / link_filename(step.name, keyid)),
+                    hint="the link was altered or signed by another key",
+                ) from e
+            payload = metadata.get_payload()
+            if not isinstance(payload, Link) or payload.name != step.name:
+                raise _fail(
+                    f"the signed metadata for step '{step.name}' is not a link for that step",
+                    "link signatures",
+                    step=step.name,
+                    artifact=str(link_dir / link_filename(step.name, keyid)),
+                )
+            chain[step.name][keyid] = payload
+    return chain
+
+
+def _verify_commands(layout: Layout, reduced: dict[str, Link]) -> None:
+    for step in layout.steps:
+        got = list(reduced[step.name].command)
+        if got != list(step.expected_command):
+            raise _fail(
+                f"step '{step.name}' ran {got}, but the layout expects {step.expected_command}",
+                "expected command",
+                step=step.name,
+                rule=f"expected_command {step.expected_command}",
+            )
+
+
+def _verify_return_values(reduced: dict[str, Link]) -> None:
+    for name, link in reduced.items():
+        rv = link.byproducts.get("return-value")
+        if rv != 0:
+            raise _fail(
+                f"step '{name}' recorded return value {rv!r}",
+                "return values",
+                step=name,
+                rule="return-value == 0",
+            )
+
+
+_RULE = re.compile(r"^'([^']+)'")
+_ARTIFACTS = re.compile(r"artifacts: (\[[^\]]*\])")
+
+
+def _explain_rule_failure(e: RuleVerificationError, reduced: dict[str, Link]) -> VerificationError:
+    trace = verifylib.RULE_TRACE
+    step, kind = trace.get("source_name"), trace.get("source_type")
+    text = str(e)
+    rule = (m.group(1) if (m := _RULE.match(text)) else text.splitlines()[0])
+    artifacts = m.group(1) if (m := _ARTIFACTS.search(text)) else None
+    detail = ""
+    link = reduced.get(step) if step else None
+    if link is not None and artifacts and rule.startswith("DISALLOW"):
+        # Name the upstream product a material no longer matches: the usual tamper.
+        recorded = link.materials if kind == "materials" else link.products
+        for name, digest in recorded.items():
+            if name not in artifacts:
+                continue
+            upstream = name.split("/", 1)[0]
+            up = reduced.get(upstream)
+            if up is not None and name in up.products and up.products[name] != digest:
+                detail = (
+                    f"; {name} in '{step}' {kind} has sha256 {digest.get('sha256', '?')[:16]}…, "
+                    f"but step '{upstream}' produced sha256 "
+                    f"{up.products[name].get('sha256', '?')[:16]}…"
+                )
+                break
+    return _fail(
+        f"step '{step}': {kind} rule '{rule}' failed for {artifacts or 'the artifacts'}{detail}",
+        "artifact rules",
+        step=step,
+        rule=f"expected_{kind}: {rule}",
+        artifact=artifacts,
+    )
+
+
+def _verify_disk(reduced: dict[str, Link], disk: DiskArtifacts, report: VerifyReport) -> None:
+    wanted: dict[str, tuple[str, str, str]] = {}  # name -> (step, field, sha256)
+    for step, link in reduced.items():
+        for name, digest in link.materials.items():
+            wanted.setdefault(name, (step, "materials", digest.get("sha256", "")))
+        for name, digest in link.products.items():
+            wanted[name] = (step, "products", digest.get("sha256", ""))
+    present = {}
+    for name, (step, fieldname, _) in wanted.items():
+        path = disk.root / name
+        if path.is_file():
+            present[name] = path
+        elif disk.require_all or (fieldname == "products" and step in disk.required_steps):
+            raise _fail(
+                f"{name}, recorded in the {fieldname} of step '{step}', is missing on disk",
+                "artifacts on disk",
+                step=step,
+                rule=f"{fieldname} recorded in the signed link",
+                artifact=str(path),
+            )
+    if not disk.require_all:
+        attested = set(wanted)
+        for path in sorted(disk.root.rglob("*")):
+            name = path.relative_to(disk.root).as_posix()
+            if path.is_file() and name not in attested:
+                raise _fail(
+                    f"{name} is in the bundle but no link attests it",
+                    "artifacts on disk",
+                    rule="every released file must be a recorded product",
+                    artifact=str(path),
+                )
+    digests = hash_files(present.values())
+    for name, path in present.items():
+        step, fieldname, expected = wanted[name]
+        if digests[path] != expected:
+            raise _fail(
+                f"{name} on disk has sha256 {digests[path][:16]}…, but step '{step}' signed "
+                f"{expected[:16]}… in its {fieldname}",
+                "artifacts on disk",
+                step=step,
+                rule=f"{fieldname} recorded in the signed link",
+                artifact=str(path),
+                hint="the file was changed after it was attested; do not use it",
+            )
+    report.passed("artifacts on disk", f"{len(present)} file(s) match their signed digests")
+
+
+def verify_chain(
+    *,
+    layout_path: Path,
+    link_dir: Path,
+    owner: PublicKey,
+    disk: DiskArtifacts | None,
+    only_steps: Iterable[str] | None = None,
+    target: str = "",
+    progress: Callable[[str], None] | None = None,
+) -> VerifyReport:
+    """Verify links in `link_dir` against the owner-signed layout, then the files on disk.
+
+    `only_steps` verifies a prefix of the pipeline (the deploy gate checks what ran before
+    it); the layout's signature and expiry are still checked on the whole layout first.
+    """
+    report = VerifyReport(target=target or str(link_dir), owner_keyid=owner.keyid)
+    layout = load_layout(layout_path, owner, report)
+    if only_steps is not None:
+        keep = set(only_steps)
+        layout.steps = [s for s in layout.steps if s.name in keep]
+    loaded = _load_links(layout, link_dir)
+    report.passed("links present", f"{len(loaded)} step(s): {', '.join(loaded)}")
+    chain = _verify_link_signatures(layout, loaded, link_dir)
+    report.passed("link signatures", "every link signed by a functionary the layout names")
+    try:
+        verifylib.verify_threshold_constraints(layout, chain)
+    except Exception as e:  # in-toto raises ThresholdVerificationError here
+        raise _fail(str(e), "thresholds") from e
+    reduced = verifylib.reduce_chain_links(chain)
+    _verify_commands(layout, reduced)
+    report.passed("expected command", "every step ran the command the layout expects")
+    _verify_return_values(reduced)
+    report.passed("return values", "every step exited 0")
+    try:
+        verifylib.verify_all_item_rules(layout.steps, reduced)
+    except RuleVerificationError as e:
+        raise _explain_rule_failure(e, reduced) from e
+    report.passed("artifact rules", "materials chain to upstream products; nothing undeclared")
+    if disk is not None:
+        _verify_disk(reduced, disk, report)
+    report.links = reduced
+    return report
+
+
+def released_steps(layout_path: Path, owner: PublicKey) -> list[str]:
+    """Steps whose products a release bundle carries: the last step and those it MATCHes from."""
+    layout = load_layout(layout_path, owner, VerifyReport(target="", owner_keyid=owner.keyid))
+    last = layout.steps[-1]
+    sources = [r[5] for r in last.expected_materials if r[0] == "MATCH" and len(r) >= 6]
+    return [*dict.fromkeys(sources), last.name]

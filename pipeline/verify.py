@@ -1,0 +1,71 @@
+"""Verify a run directory or a release bundle: `chainproof verify` and the deploy gate."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.errors import InputError
+from pipeline.provenance.keys import PublicKey, resolve_trusted_owner
+from pipeline.provenance.verify import DiskArtifacts, VerifyReport, released_steps, verify_chain
+from pipeline.workspace import read_run_record, workspace_of_run
+
+LAYOUT = "root.layout"
+
+
+def is_bundle(path: Path) -> bool:
+    return (path / "attestations" / LAYOUT).is_file()
+
+
+def verify_run(run_dir: Path, *, owner_key: str | None = None) -> VerifyReport:
+    """Verify every link of a run against its layout, and every recorded file on disk.
+
+    The trusted owner key is --owner-key if given, else the workspace's own owner.pub.
+    """
+    run_dir = run_dir.resolve()
+    record = read_run_record(run_dir)
+    ws = workspace_of_run(run_dir)
+    owner = resolve_trusted_owner(owner_key, candidate=None, local=ws.keys / "owner.pub")
+    links = (run_dir / record["links"]).resolve()
+    return verify_chain(
+        layout_path=(run_dir / record["layout"]).resolve(),
+        link_dir=links,
+        owner=owner,
+        disk=DiskArtifacts(run_dir),
+        target=str(run_dir),
+    )
+
+
+def bundle_required_steps(layout_path: Path, owner: PublicKey) -> list[str]:
+    return released_steps(layout_path, owner)
+
+
+def verify_bundle(bundle: Path, *, owner_key: str | None = None, local_owner: Path | None = None) -> VerifyReport:
+    """Verify a release bundle offline, with only its contents and a trusted owner key.
+
+    The bundle's own keys/owner.pub is used only when its fingerprint equals --owner-key
+    (or it is the same key as the local workspace's owner key).
+    """
+    bundle = bundle.resolve()
+    shipped = bundle / "keys" / "owner.pub"
+    owner = resolve_trusted_owner(owner_key, candidate=shipped, local=local_owner)
+    layout = bundle / "attestations" / LAYOUT
+    return verify_chain(
+        layout_path=layout,
+        link_dir=bundle / "attestations",
+        owner=owner,
+        disk=DiskArtifacts(
+            bundle / "artifacts",
+            require_all=False,
+            required_steps=tuple(released_steps(layout, owner)),
+        ),
+        target=str(bundle),
+    )
+
+
+def verify_target(path: Path, *, owner_key: str | None = None, workspace: Path | None = None) -> VerifyReport:
+    if not path.exists():
+        raise InputError(f"{path} does not exist", hint="pass runs/<run-id>, runs/latest or a release directory")
+    if is_bundle(path):
+        local = (workspace / "attestations" / "keys" / "owner.pub") if workspace else None
+        return verify_bundle(path, owner_key=owner_key, local_owner=local)
+    return verify_run(path, owner_key=owner_key)

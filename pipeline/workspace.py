@@ -1,0 +1,54 @@
+"""Where generated state lives: runs, per-run links, keys, releases, stage environments."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import InputError
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    @property
+    def runs(self) -> Path:
+        return self.root / "runs"
+
+    @property
+    def keys(self) -> Path:
+        return self.root / "attestations" / "keys"
+
+    @property
+    def layouts(self) -> Path:
+        return self.root / "attestations" / "layouts"
+
+    def links(self, run_id: str) -> Path:
+        return self.root / "attestations" / "runs" / run_id
+
+    @property
+    def envs(self) -> Path:
+        return self.root / ".chainproof" / "envs"
+
+
+RUN_RECORD = "run.json"
+
+
+def read_run_record(run_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((run_dir / RUN_RECORD).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise InputError(
+            f"{run_dir} is not a chainproof run (no {RUN_RECORD})",
+            hint="pass runs/<run-id>, runs/latest or releases/<name>/<version>",
+        ) from None
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read {run_dir / RUN_RECORD}: {e}") from e
+
+
+def workspace_of_run(run_dir: Path) -> Workspace:
+    """runs/<id> lives in <workspace>/runs/."""
+    return Workspace(run_dir.resolve().parent.parent)

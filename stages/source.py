@@ -1,0 +1,161 @@
+"""Data sourcing: one dataset, pinned by sha256, split reproducibly, written canonically.
+
+Sources: scikit-learn's bundled digits (offline, the default), a local .npz/.csv file, or an
+http(s) URL. A file or URL must carry a sha256 pin; a mismatch refuses and names both digests.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from pipeline.hashing import sha256_file
+from pipeline.stage import Params, Stage, StageContext, StageError, main
+from stages._io import write_json, write_npz
+
+DATASET = "dataset.npz"
+MANIFEST = "manifest.json"
+
+
+class SourceParams(Params):
+    dataset: Literal["sklearn-digits"] | None = None
+    path: str | None = Field(None, description="local .npz (arrays x, y) or .csv (label last)")
+    url: str | None = Field(None, pattern=r"^https?://")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    name: str | None = None
+    image_shape: tuple[int, ...] | None = None
+    scale: float | None = Field(None, gt=0)
+    test_fraction: float = Field(0.2, gt=0, lt=1)
+    seed: int = 42
+    download_timeout: int = Field(60, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SourceParams:
+        given = [k for k in ("dataset", "path", "url") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"give exactly one of dataset, path, url (got {given})")
+        if (self.path or self.url) and not self.sha256:
+            raise ValueError("a path or url source needs a sha256 pin of its bytes")
+        return self
+
+
+def _fetch(url: str, dest: Path, timeout: int) -> None:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp, open(dest, "wb") as out:
+            shutil.copyfileobj(resp, out, 1 << 20)
+    except (urllib.error.URLError, OSError, TimeoutError) as e:
+        raise StageError(f"cannot download {url}: {e}", hint="check the URL and network") from e
+
+
+def _load_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    if path.suffix == ".npz":
+        with np.load(path, allow_pickle=False) as d:
+            keys = set(d.files)
+            xk = "x" if "x" in keys else "X" if "X" in keys else None
+            if xk is None or "y" not in keys:
+                raise StageError(f"{path} must hold arrays 'x' and 'y'; it has {sorted(keys)}")
+            return d[xk], d["y"]
+    if path.suffix == ".csv":
+        table = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+        return table[:, :-1], table[:, -1]
+    raise StageError(f"unsupported data file {path.name}; expected .npz or .csv")
+
+
+class SourceStage(Stage):
+    kind = "source"
+    Params = SourceParams
+    outputs = (DATASET, MANIFEST)
+
+    def run(self, ctx: StageContext) -> None:
+        p: SourceParams = ctx.params
+        if p.path or p.url:
+            x, y, origin = self._pinned(ctx, p)
+        else:
+            x, y, origin = self._digits()
+        if len(x) != len(y) or len(x) < 2:
+            raise StageError(f"x has {len(x)} rows and y {len(y)}; expected equal, at least 2")
+        shape = p.image_shape or origin.pop("image_shape", None)
+        x = x.astype(np.float32)
+        if p.scale or origin.get("scale"):
+            x = x / np.float32(p.scale or origin["scale"])
+        if shape:
+            x = x.reshape((len(x), *shape))
+        y = y.astype(np.int64)
+        classes = sorted(int(c) for c in np.unique(y))
+        if classes != list(range(len(classes))):
+            raise StageError(f"labels must be 0..K-1; found {classes[:20]}")
+
+        order = np.random.default_rng(p.seed).permutation(len(x))
+        n_test = max(1, int(round(len(x) * p.test_fraction)))
+        test, train = order[:n_test], order[n_test:]
+        write_npz(
+            ctx.output(DATASET),
+            {"x_train": x[train], "y_train": y[train], "x_test": x[test], "y_test": y[test]},
+        )
+        write_json(
+            ctx.output(MANIFEST),
+            {
+                "name": p.name or origin["name"],
+                "source": origin,
+                "dataset_file": DATASET,
+                "dataset_sha256": sha256_file(ctx.output(DATASET)),
+                "classes": len(classes),
+                "input_shape": list(x.shape[1:]),
+                "split": {
+                    "seed": p.seed,
+                    "test_fraction": p.test_fraction,
+                    "train": int(len(train)),
+                    "test": int(len(test)),
+                },
+            },
+        )
+        print(f"dataset: {len(train)} train / {len(test)} test, shape {x.shape[1:]}")
+
+    def _digits(self) -> tuple[np.ndarray, np.ndarray, dict]:
+        import sklearn
+        from sklearn.datasets import load_digits
+
+        bundled = Path(sklearn.__file__).parent / "datasets" / "data" / "digits.csv.gz"
+        bunch = load_digits()
+        return bunch.data, bunch.target, {
+            "name": "sklearn-digits",
+            "kind": "package",
+            "location": f"scikit-learn {sklearn.__version__}: sklearn/datasets/data/digits.csv.gz",
+            "sha256": sha256_file(bundled),
+            "image_shape": [8, 8, 1],
+            "scale": 16.0,
+        }
+
+    def _pinned(self, ctx: StageContext, p: SourceParams) -> tuple[np.ndarray, np.ndarray, dict]:
+        if p.url:
+            suffix = Path(p.url.split("?", 1)[0]).suffix
+            # TMPDIR is the runner's per-stage scratch dir, outside the stage's products.
+            local = Path(tempfile.mkdtemp()) / f"download{suffix}"
+            _fetch(p.url, local, p.download_timeout)
+            where = p.url
+        else:
+            # A relative path is relative to the config file, like every path in a config.
+            local = Path(ctx.extra.get("config_dir", ".")) / Path(p.path).expanduser()  # type: ignore[arg-type]
+            if not local.is_file():
+                raise StageError(f"data file {local} does not exist")
+            where = str(local)
+        got = sha256_file(local)
+        if got != p.sha256:
+            raise StageError(
+                f"{where} has sha256 {got}, but the config pins {p.sha256}",
+                hint="the data changed; check where it came from before updating the pin",
+            )
+        x, y = _load_file(local)
+        return x, y, {"name": local.stem, "kind": "url" if p.url else "file",
+                      "location": where, "sha256": got}
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(SourceStage))

@@ -1,0 +1,61 @@
+"""Build the project's virtualenv from the hash-pinned lock; a no-op when nothing changed.
+
+Idempotent and content-keyed (not mtime-keyed, so a fresh clone is not "newer"): the venv
+records the sha256 of the lock and of pyproject.toml it was built from. A changed lock
+rebuilds from scratch, so nothing stale survives. Standard library only: this runs before
+any dependency exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def digest(*paths: Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def run(*cmd: str) -> None:
+    print("+", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--venv", default=".venv")
+    ap.add_argument("--lock", default="requirements/main.txt")
+    args = ap.parse_args()
+    venv, lock = ROOT / args.venv, ROOT / args.lock
+    stamp = venv / ".chainproof-setup"
+    want = digest(lock, ROOT / "pyproject.toml")
+    if stamp.is_file() and stamp.read_text().strip() == want and (venv / "bin/python").exists():
+        return 0
+    if sys.version_info[:2] != (3, 11):
+        print(f"error: the lock is compiled for Python 3.11; this is {sys.version.split()[0]}."
+              " Run with PYTHON=python3.11 make ...", file=sys.stderr)
+        return 2
+    print(f"setting up {venv} from {lock} (a minute or two) ...", flush=True)
+    shutil.rmtree(venv, ignore_errors=True)
+    run(sys.executable, "-m", "venv", str(venv))
+    py = str(venv / "bin/python")
+    run(py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+        "--require-hashes", "-r", str(lock))
+    # The project itself, without dependencies: the lock already supplied every one of them.
+    run(py, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "-e", str(ROOT))
+    stamp.write_text(want + "\n")
+    print(f"{venv} is ready", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
