@@ -8,6 +8,8 @@ run and gets no link. Only the runner holds the functionary key; stages never se
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import fcntl
 import json
 import os
@@ -49,6 +51,16 @@ PASS_THROUGH = (
     "SSL_CERT_FILE",
 )
 LOG_TAIL_LINES = 25
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGKILL when the runner dies, so a killed run leaves no orphan
+    stage writing into the run behind everyone's back (Linux prctl PR_SET_PDEATHSIG)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the timeout still bounds the stage
+        pass
 
 
 @dataclass
@@ -338,6 +350,7 @@ class Runner:
                 stdout=out,
                 stderr=err,
                 start_new_session=True,  # its own process group: a timeout kills all of it
+                preexec_fn=_die_with_parent,
             )
             try:
                 rc: int | None = proc.wait(timeout=stage.timeout)
@@ -350,6 +363,8 @@ class Runner:
                 proc.wait()
                 raise
         shutil.rmtree(tmp, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            tmp.parent.rmdir()  # only when no other stage's scratch is left
         return rc, logs
 
     @staticmethod

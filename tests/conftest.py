@@ -1,0 +1,81 @@
+"""Shared fixtures: the project's paths, config writers, and one real pipeline run per session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+MAIN_LOCK = ROOT / "requirements" / "main.txt"
+SMALL_LOCK = ROOT / "tests" / "data" / "locks" / "small.txt"
+SHARED = ROOT.parent / "shared"
+CHAINPROOF = [sys.executable, "-m", "pipeline.cli"]
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def write_config(directory: Path, body: str, *, name: str = "pipeline.yaml") -> Path:
+    """A config file with the project's main lock filled in."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text(textwrap.dedent(body).lstrip().replace("@MAIN_LOCK@", str(MAIN_LOCK)))
+    return path
+
+
+def chainproof(*args: str | Path, cwd: Path | None = None, timeout: int = 900):
+    """Run the CLI as a user would; returns the CompletedProcess (never raises on exit code)."""
+    return subprocess.run(
+        [*CHAINPROOF, *map(str, args)],
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+FAST_PIPELINE = """
+schema: 1
+name: digits-fast
+lock: @MAIN_LOCK@
+layout:
+  expires_days: 7
+stages:
+  - name: source
+    kind: source
+    params: {dataset: sklearn-digits, seed: 7}
+  - name: train
+    kind: train
+    needs: [source]
+    params: {epochs: 2, seed: 7}
+  - name: package
+    kind: package
+    needs: [train]
+  - name: deploy
+    kind: deploy
+    needs: [package]
+"""
+
+
+@pytest.fixture(scope="session")
+def completed_workspace(tmp_path_factory) -> Path:
+    """One real end-to-end run of a small four-stage pipeline; tests copy it, never edit it."""
+    ws = tmp_path_factory.mktemp("ws-complete")
+    cfg = write_config(ws / "configs", FAST_PIPELINE)
+    proc = chainproof("run", cfg, "--workspace", ws)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "verified: ok" in proc.stdout
+    return ws
+
+
+@pytest.fixture
+def workspace_copy(completed_workspace, tmp_path) -> Path:
+    """A private copy of the completed workspace, free to tamper with."""
+    dest = tmp_path / "ws"
+    shutil.copytree(completed_workspace, dest, symlinks=True)
+    return dest
