@@ -51,7 +51,9 @@ def run(config: Path, workspace: Path) -> None:
     click.echo(f"run id:    {result.run_id}")
     click.echo(f"artifacts: {rel(result.run_dir)}")
     click.echo(f"links:     {rel(result.links_dir)}")
-    click.echo(f"release:   {rel(result.release_dir) if result.release_dir else '(no deploy stage)'}")
+    click.echo(
+        f"release:   {rel(result.release_dir) if result.release_dir else '(no deploy stage)'}"
+    )
     click.echo("verified: ok")
 
 
@@ -89,7 +91,9 @@ def layout(config: Path, output: Path | None, workspace: Path) -> None:
     owner, functionary = ensure_keys(ws)
     dest = output or ws.layouts / f"{cfg.name}.layout"
     write_signed_layout(cfg, owner, functionary, dest)
-    click.echo(f"wrote {dest} ({len(cfg.stages)} steps, signed by owner {owner.public.keyid[:16]}…)")
+    click.echo(
+        f"wrote {dest} ({len(cfg.stages)} steps, signed by owner {owner.public.keyid[:16]}…)"
+    )
 
 
 @cli.group()
@@ -125,8 +129,12 @@ def env() -> None:
     default=Path("requirements/main.txt"),
     show_default=True,
 )
-@click.option("--python", "python", type=click.Path(dir_okay=False, path_type=Path),
-              help="Check another environment's interpreter instead of this one.")
+@click.option(
+    "--python",
+    "python",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Check another environment's interpreter instead of this one.",
+)
 def env_check(lock: Path, python: Path | None) -> None:
     """Check this interpreter against LOCK: versions, extras, installed-file hashes."""
     from pipeline.envcheck import check_environment, parse_lock
@@ -150,7 +158,9 @@ def main() -> None:
     try:
         cli.main(standalone_mode=False)
     except Error as e:
-        click.echo(f"error: {e.diagnostics()}" if not hasattr(e, "check") else e.diagnostics(), err=True)
+        click.echo(
+            f"error: {e.diagnostics()}" if not hasattr(e, "check") else e.diagnostics(), err=True
+        )
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
@@ -163,7 +173,9 @@ def main() -> None:
         sys.exit(130)
     except Exception:  # a bug, not a user error: keep its traceback, give it its own code
         traceback.print_exc()
-        click.echo("chainproof: internal error (exit 70); please report the traceback above", err=True)
+        click.echo(
+            "chainproof: internal error (exit 70); please report the traceback above", err=True
+        )
         sys.exit(EXIT_BUG)
     sys.exit(0)
 

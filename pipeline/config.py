@@ -343,4 +343,3 @@ def load_config(path: str | Path) -> PipelineConfig:
         release_version=raw.release.version,
         stages=tuple(by_name[n] for n in order),  # type: ignore[union-attr]
     )
-

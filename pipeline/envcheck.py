@@ -9,7 +9,7 @@ its wheel RECORD gives, and no unowned `.pth` or top-level module sits in site-p
 from __future__ import annotations
 
 import base64
-import hashlib
+import csv
 import os
 import platform
 import shutil
@@ -17,18 +17,16 @@ import subprocess
 import sys
 import sysconfig
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib.metadata import Distribution, distributions
 from pathlib import Path
 
-from packaging.markers import Marker
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
 from pipeline.errors import EnvironmentDrift, InputError
 from pipeline.fsutil import atomic_write_text
-from pipeline.hashing import sha256_bytes, sha256_file, workers
+from pipeline.hashing import hash_many, sha256_bytes
 
 PROJECT = "chainproof"
 
@@ -56,7 +54,7 @@ def parse_lock(path: Path) -> LockFile:
     pins: dict[str, Pin] = {}
     # Join backslash continuations, drop comments: one logical requirement per line.
     logical = raw.decode("utf-8").replace("\\\n", " ").splitlines()
-    for lineno, line in enumerate(logical, 1):
+    for line in logical:
         line = line.split(" #", 1)[0].strip()
         if not line or line.startswith("#"):
             continue
@@ -108,7 +106,9 @@ def site_packages_of(python: Path | None) -> Path:
     if python is None:
         return Path(sysconfig.get_paths()["purelib"])
     venv = python.parent.parent
-    return venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    return (
+        venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    )
 
 
 # (dev, ino, size, mtime_ns, ctime_ns) -> urlsafe b64 sha256. ctime cannot be set from user
@@ -116,35 +116,56 @@ def site_packages_of(python: Path | None) -> Path:
 _RECORD_CACHE: dict[tuple[int, int, int, int, int], str] = {}
 
 
-def _record_hash(path: Path) -> str | None:
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-    hit = _RECORD_CACHE.get(key)
-    if hit is None:
-        digest = bytes.fromhex(sha256_file(path))
-        hit = base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
-        _RECORD_CACHE[key] = hit
-    return hit
+def _b64(hexdigest: str) -> str:
+    return base64.urlsafe_b64encode(bytes.fromhex(hexdigest)).rstrip(b"=").decode()
 
 
-def _record_entries(dist: Distribution, site: Path) -> list[tuple[Path, str, str]]:
+def _record_entries(dist: Distribution, site: str) -> list[tuple[str, str, str]]:
+    """(absolute path, expected urlsafe-b64 sha256, RECORD name) for each hashed file.
+
+    Read straight from RECORD with string joins: PackagePath.resolve() per file costs
+    seconds on a TensorFlow-sized environment.
+    """
+    text = dist.read_text("RECORD") or ""
     out = []
-    for f in dist.files or []:
-        if f.hash is None or f.hash.mode != "sha256":
+    for row in csv.reader(text.splitlines()):
+        if len(row) < 2 or not row[1].startswith("sha256="):
             continue
-        out.append(((site / f).resolve(), f.hash.value, str(f)))
+        out.append((os.path.normpath(os.path.join(site, row[0])), row[1][7:], row[0]))
     return out
 
 
 def _owned_top_level(dists: list[Distribution]) -> set[str]:
     owned = set()
     for d in dists:
-        for f in d.files or []:
-            owned.add(str(f).split("/", 1)[0])
+        for row in csv.reader((d.read_text("RECORD") or "").splitlines()):
+            if row:
+                owned.add(row[0].split("/", 1)[0])
     return owned
+
+
+def _verify_records(entries: list[tuple[str, str, str]], diff: list[str]) -> None:
+    """Hash every RECORD-listed file (cache misses only) and note mismatches in `diff`."""
+    keys: list[tuple[int, int, int, int, int] | None] = []
+    misses: list[tuple[str, int, tuple[int, int, int, int, int]]] = []
+    for path, _, _ in entries:
+        try:
+            st = os.stat(path)
+        except OSError:
+            keys.append(None)
+            continue
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        keys.append(key)
+        if key not in _RECORD_CACHE:
+            misses.append((path, st.st_size, key))
+    digests = hash_many([m[0] for m in misses], [m[1] for m in misses])
+    for (_, _, key), hexdigest in zip(misses, digests, strict=True):
+        _RECORD_CACHE[key] = _b64(hexdigest)
+    for (_, want, rel), key in zip(entries, keys, strict=True):
+        if key is None:
+            diff.append(f"- {rel}: listed in a RECORD, missing on disk")
+        elif _RECORD_CACHE[key] != want:
+            diff.append(f"! {rel}: sha256 differs from its wheel RECORD (modified after install)")
 
 
 def check_environment(
@@ -182,17 +203,11 @@ def check_environment(
             diff.append(f"+ {entry}: in site-packages but owned by no installed distribution")
     files = 0
     if verify_files:
-        entries = [e for d in dists for e in _record_entries(d, site)]
+        entries = [e for d in dists for e in _record_entries(d, str(site))]
         files = len(entries)
         if progress:
             progress(f"checking {files} installed files against their RECORD hashes")
-        with ThreadPoolExecutor(max_workers=workers()) as pool:
-            got = list(pool.map(_record_hash, (e[0] for e in entries), chunksize=64))
-        for (path, want, rel), have in zip(entries, got, strict=True):
-            if have is None:
-                diff.append(f"- {rel}: listed in a RECORD, missing on disk")
-            elif have != want:
-                diff.append(f"! {rel}: sha256 differs from its wheel RECORD (modified after install)")
+        _verify_records(entries, diff)
     if diff:
         raise EnvironmentDrift(str(lock.path), diff)
     dist_lines = "".join(f"{n}=={installed[n].version}\n" for n in sorted(installed))
@@ -272,10 +287,7 @@ def _run(cmd: list[str]) -> None:
 def _build_editable_wheel(out: Path) -> Path:
     """An editable wheel of chainproof, built with this environment's locked setuptools."""
     out.mkdir(parents=True, exist_ok=True)
-    code = (
-        "import sys, setuptools.build_meta as b;"
-        "print(b.build_editable(sys.argv[1]))"
-    )
+    code = "import sys, setuptools.build_meta as b;print(b.build_editable(sys.argv[1]))"
     proc = subprocess.run(
         [sys.executable, "-c", code, str(out)],
         cwd=project_root(),
@@ -285,7 +297,3 @@ def _build_editable_wheel(out: Path) -> Path:
     if proc.returncode != 0:
         raise InputError(f"building the chainproof wheel failed:\n{proc.stderr[-2000:]}")
     return out / proc.stdout.strip().splitlines()[-1]
-
-
-def hash_of(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()

@@ -1,15 +1,18 @@
 """Parallel, streaming sha256 of artifacts: the hot path that grows with the data.
 
 Files are hashed concurrently (hashlib releases the GIL on large updates), each read in 1 MiB
-blocks, and each distinct file at most once per call. Paths in results are POSIX, relative to
-the given root, which is exactly how in-toto links name artifacts.
+blocks into a per-thread buffer, and each distinct file at most once per call. Small files are
+handed to the threads in batches, so a tree of many tiny files is not dominated by task
+overhead. Paths in results are POSIX, relative to the given root, which is exactly how in-toto
+links name artifacts.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,15 +22,58 @@ BLOCK = 1 << 20
 ALGORITHM = "sha256"
 
 
+_local = threading.local()
+# A file at least this big is a task of its own; smaller ones are batched up to this size.
+BATCH_BYTES = 8 << 20
+BATCH_FILES = 256
+
+
 def sha256_file(path: Path | str) -> str:
     """Hex sha256 of one file, streamed in large blocks."""
-    h = hashlib.sha256()
-    buf = bytearray(BLOCK)
+    buf = getattr(_local, "buf", None)
+    if buf is None:
+        buf = _local.buf = bytearray(BLOCK)
     view = memoryview(buf)
+    h = hashlib.sha256()
     with open(path, "rb", buffering=0) as fh:
         while n := fh.readinto(buf):
             h.update(view[:n])
     return h.hexdigest()
+
+
+def _hash_batch(batch: list[str]) -> list[str]:
+    return [sha256_file(p) for p in batch]
+
+
+def hash_many(
+    paths: Sequence[str], sizes: Sequence[int], *, max_workers: int | None = None
+) -> list[str]:
+    """Hex digests of `paths` (same order), hashed by a thread pool in size-aware batches."""
+    if len(paths) <= 1:
+        return [sha256_file(p) for p in paths]
+    order = sorted(range(len(paths)), key=lambda i: -sizes[i])  # big first: no idle core at the end
+    batches: list[list[int]] = []
+    current: list[int] = []
+    current_bytes = 0
+    for i in order:
+        if sizes[i] >= BATCH_BYTES:
+            batches.append([i])
+            continue
+        current.append(i)
+        current_bytes += sizes[i]
+        if current_bytes >= BATCH_BYTES or len(current) >= BATCH_FILES:
+            batches.append(current)
+            current, current_bytes = [], 0
+    if current:
+        batches.append(current)
+    out = [""] * len(paths)
+    with ThreadPoolExecutor(max_workers=max_workers or workers()) as pool:
+        for batch, digests in zip(
+            batches, pool.map(_hash_batch, ([paths[i] for i in b] for b in batches)), strict=True
+        ):
+            for i, d in zip(batch, digests, strict=True):
+                out[i] = d
+    return out
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -35,46 +81,55 @@ def sha256_bytes(data: bytes) -> str:
 
 
 def workers() -> int:
-    return max(2, (os.cpu_count() or 1) * 2)
+    return max(2, os.cpu_count() or 1)
 
 
 def hash_files(paths: Iterable[Path], *, max_workers: int | None = None) -> dict[Path, str]:
     """Hash many files concurrently; identical paths are hashed once."""
     unique = list(dict.fromkeys(Path(p) for p in paths))
-    if not unique:
-        return {}
-    if len(unique) == 1:
-        return {unique[0]: sha256_file(unique[0])}
-    # Big files first so one large file does not start last and leave a core idle.
-    unique.sort(key=lambda p: -p.stat().st_size)
-    with ThreadPoolExecutor(max_workers=max_workers or workers()) as pool:
-        return dict(zip(unique, pool.map(sha256_file, unique), strict=True))
+    sizes = [p.stat().st_size for p in unique]
+    digests = hash_many([str(p) for p in unique], sizes, max_workers=max_workers)
+    return dict(zip(unique, digests, strict=True))
+
+
+def _scan(directory: str, rel: str, out: list[tuple[str, str, int]]) -> None:
+    with os.scandir(directory) as it:
+        entries = sorted(it, key=lambda e: e.name)
+    for entry in entries:
+        if entry.is_symlink():
+            raise InputError(
+                f"{entry.path} is a symlink; artifacts must be regular files inside the run",
+                hint="write a real file instead of linking to one",
+            )
+        name = f"{rel}{entry.name}"
+        if entry.is_dir():
+            _scan(entry.path, f"{name}/", out)
+        elif entry.is_file():
+            out.append((name, entry.path, entry.stat().st_size))
+
+
+def scan_tree(root: Path, *, prefix: str = "") -> list[tuple[str, str, int]]:
+    """(relative posix name, path, size) of every regular file under `root`, sorted.
+
+    Symlinks are refused rather than followed: an artifact must be a real file inside the
+    run, never a pointer to something outside it. A missing root is an empty tree.
+    """
+    out: list[tuple[str, str, int]] = []
+    if root.is_dir():
+        _scan(str(root), prefix, out)
+    return sorted(out)
 
 
 def list_tree(root: Path, *, prefix: str = "") -> dict[str, Path]:
-    """Every regular file under `root` as {relative posix name: path}, sorted.
+    """Every regular file under `root` as {relative posix name: path}, sorted."""
+    return {name: Path(path) for name, path, _ in scan_tree(root, prefix=prefix)}
 
-    Symlinks are refused rather than followed: an artifact must be a real file inside the
-    run, never a pointer to something outside it.
-    """
-    found: dict[str, Path] = {}
-    if not root.exists():
-        return found
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        base = Path(dirpath)
-        for name in list(dirnames) + sorted(filenames):
-            p = base / name
-            if p.is_symlink():
-                raise InputError(
-                    f"{p} is a symlink; artifacts must be regular files inside the run",
-                    hint="write a real file instead of linking to one",
-                )
-        for name in sorted(filenames):
-            p = base / name
-            rel = p.relative_to(root).as_posix()
-            found[f"{prefix}{rel}"] = p
-    return dict(sorted(found.items()))
+
+def hash_tree(root: Path, *, prefix: str = "") -> dict[str, dict[str, str]]:
+    """in-toto artifact dict {name: {"sha256": hex}} for every file under `root`."""
+    entries = scan_tree(root, prefix=prefix)
+    digests = hash_many([e[1] for e in entries], [e[2] for e in entries])
+    return {e[0]: {ALGORITHM: d} for e, d in zip(entries, digests, strict=True)}
 
 
 def hash_artifacts(named: Mapping[str, Path]) -> dict[str, dict[str, str]]:

@@ -26,7 +26,13 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import PipelineConfig, StageConfig
-from pipeline.envcheck import Fingerprint, LockFile, check_environment, ensure_environment, parse_lock
+from pipeline.envcheck import (
+    Fingerprint,
+    LockFile,
+    check_environment,
+    ensure_environment,
+    parse_lock,
+)
 from pipeline.errors import InputError, StageFailed
 from pipeline.fsutil import atomic_directory, atomic_symlink, atomic_write_bytes, atomic_write_text
 from pipeline.hashing import hash_artifacts, list_tree
@@ -148,16 +154,20 @@ class Runner:
 
     def _record(self, **fields: Any) -> None:
         path = self.run_dir / RUN_RECORD
-        record = json.loads(path.read_text()) if path.exists() else {
-            "run_id": self.run_id,
-            "pipeline": self.config.name,
-            "config": str(self.config.path),
-            "config_sha256": self.config.sha256,
-            "links": os.path.relpath(self.links_dir, self.run_dir),
-            "layout": os.path.relpath(self.layout_path, self.run_dir),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "stages": [s.name for s in self.config.stages],
-        }
+        record = (
+            json.loads(path.read_text())
+            if path.exists()
+            else {
+                "run_id": self.run_id,
+                "pipeline": self.config.name,
+                "config": str(self.config.path),
+                "config_sha256": self.config.sha256,
+                "links": os.path.relpath(self.links_dir, self.run_dir),
+                "layout": os.path.relpath(self.layout_path, self.run_dir),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "stages": [s.name for s in self.config.stages],
+            }
+        )
         record.update(fields)
         atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
@@ -172,7 +182,9 @@ class Runner:
             self._record(status="failed", error=getattr(e, "message", repr(e)))
             raise
         self._record(status="succeeded", release=str(release) if release else None)
-        return RunResult(self.run_id, self.run_dir, self.links_dir, release, report, self.stage_seconds)
+        return RunResult(
+            self.run_id, self.run_dir, self.links_dir, release, report, self.stage_seconds
+        )
 
     # ------------------------------------------------------------------ environments
 
@@ -290,8 +302,14 @@ class Runner:
         t0 = time.perf_counter()
         byproducts = {
             "return-value": rc,
-            "stdout": {"path": f"logs/{logs['stdout'].name}", **log_digests[f"logs/{logs['stdout'].name}"]},
-            "stderr": {"path": f"logs/{logs['stderr'].name}", **log_digests[f"logs/{logs['stderr'].name}"]},
+            "stdout": {
+                "path": f"logs/{logs['stdout'].name}",
+                **log_digests[f"logs/{logs['stdout'].name}"],
+            },
+            "stderr": {
+                "path": f"logs/{logs['stderr'].name}",
+                **log_digests[f"logs/{logs['stderr'].name}"],
+            },
             "duration_ms": int(timings["execute"] * 1000),
         }
         environment = {

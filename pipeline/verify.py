@@ -39,7 +39,9 @@ def bundle_required_steps(layout_path: Path, owner: PublicKey) -> list[str]:
     return released_steps(layout_path, owner)
 
 
-def verify_bundle(bundle: Path, *, owner_key: str | None = None, local_owner: Path | None = None) -> VerifyReport:
+def verify_bundle(
+    bundle: Path, *, owner_key: str | None = None, local_owner: Path | None = None
+) -> VerifyReport:
     """Verify a release bundle offline, with only its contents and a trusted owner key.
 
     The bundle's own keys/owner.pub is used only when its fingerprint equals --owner-key
@@ -62,9 +64,13 @@ def verify_bundle(bundle: Path, *, owner_key: str | None = None, local_owner: Pa
     )
 
 
-def verify_target(path: Path, *, owner_key: str | None = None, workspace: Path | None = None) -> VerifyReport:
+def verify_target(
+    path: Path, *, owner_key: str | None = None, workspace: Path | None = None
+) -> VerifyReport:
     if not path.exists():
-        raise InputError(f"{path} does not exist", hint="pass runs/<run-id>, runs/latest or a release directory")
+        raise InputError(
+            f"{path} does not exist", hint="pass runs/<run-id>, runs/latest or a release directory"
+        )
     if is_bundle(path):
         local = (workspace / "attestations" / "keys" / "owner.pub") if workspace else None
         return verify_bundle(path, owner_key=owner_key, local_owner=local)

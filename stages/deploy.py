@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.errors import VerificationError
-from pipeline.hashing import list_tree, hash_artifacts
+from pipeline.hashing import hash_artifacts, list_tree
 from pipeline.provenance.keys import load_public_key
 from pipeline.provenance.verify import DiskArtifacts, verify_chain
 from pipeline.stage import Params, Stage, StageContext, StageError, main

@@ -124,14 +124,20 @@ class SourceStage(Stage):
 
         bundled = Path(sklearn.__file__).parent / "datasets" / "data" / "digits.csv.gz"
         bunch = load_digits()
-        return bunch.data, bunch.target, {
-            "name": "sklearn-digits",
-            "kind": "package",
-            "location": f"scikit-learn {sklearn.__version__}: sklearn/datasets/data/digits.csv.gz",
-            "sha256": sha256_file(bundled),
-            "image_shape": [8, 8, 1],
-            "scale": 16.0,
-        }
+        return (
+            bunch.data,
+            bunch.target,
+            {
+                "name": "sklearn-digits",
+                "kind": "package",
+                "location": (
+                    f"scikit-learn {sklearn.__version__}: sklearn/datasets/data/digits.csv.gz"
+                ),
+                "sha256": sha256_file(bundled),
+                "image_shape": [8, 8, 1],
+                "scale": 16.0,
+            },
+        )
 
     def _pinned(self, ctx: StageContext, p: SourceParams) -> tuple[np.ndarray, np.ndarray, dict]:
         if p.url:
@@ -153,8 +159,16 @@ class SourceStage(Stage):
                 hint="the data changed; check where it came from before updating the pin",
             )
         x, y = _load_file(local)
-        return x, y, {"name": local.stem, "kind": "url" if p.url else "file",
-                      "location": where, "sha256": got}
+        return (
+            x,
+            y,
+            {
+                "name": local.stem,
+                "kind": "url" if p.url else "file",
+                "location": where,
+                "sha256": got,
+            },
+        )
 
 
 if __name__ == "__main__":

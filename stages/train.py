@@ -93,7 +93,11 @@ class TrainStage(Stage):
         write_json(
             ctx.output(METRICS),
             {
-                "test": {"accuracy": float(accuracy), "loss": float(loss), "samples": int(len(x_test))},
+                "test": {
+                    "accuracy": float(accuracy),
+                    "loss": float(loss),
+                    "samples": int(len(x_test)),
+                },
                 "history": {k: [float(v) for v in vals] for k, vals in history.history.items()},
                 "train_seconds": round(seconds, 3),
                 "params": p.model_dump(),

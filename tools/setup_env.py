@@ -41,15 +41,27 @@ def main() -> int:
     if stamp.is_file() and stamp.read_text().strip() == want and (venv / "bin/python").exists():
         return 0
     if sys.version_info[:2] != (3, 11):
-        print(f"error: the lock is compiled for Python 3.11; this is {sys.version.split()[0]}."
-              " Run with PYTHON=python3.11 make ...", file=sys.stderr)
+        print(
+            f"error: the lock is compiled for Python 3.11; this is {sys.version.split()[0]}."
+            " Run with PYTHON=python3.11 make ...",
+            file=sys.stderr,
+        )
         return 2
     print(f"setting up {venv} from {lock} (a minute or two) ...", flush=True)
     shutil.rmtree(venv, ignore_errors=True)
     run(sys.executable, "-m", "venv", str(venv))
     py = str(venv / "bin/python")
-    run(py, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-        "--require-hashes", "-r", str(lock))
+    run(
+        py,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--require-hashes",
+        "-r",
+        str(lock),
+    )
     # The project itself, without dependencies: the lock already supplied every one of them.
     run(py, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "-e", str(ROOT))
     stamp.write_text(want + "\n")

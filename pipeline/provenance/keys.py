@@ -125,7 +125,9 @@ def load_signer(role: str, keys_dir: Path) -> KeyPair:
     return KeyPair(role, signer, public)
 
 
-def resolve_trusted_owner(spec: str | None, *, candidate: Path | None, local: Path | None) -> PublicKey:
+def resolve_trusted_owner(
+    spec: str | None, *, candidate: Path | None, local: Path | None
+) -> PublicKey:
     """The owner key to trust, from --owner-key (a .pub path or a 64-hex fingerprint).
 
     A fingerprint selects `candidate` (the key shipped with a bundle) only if that key's
@@ -140,7 +142,9 @@ def resolve_trusted_owner(spec: str | None, *, candidate: Path | None, local: Pa
                 f"--owner-key {spec!r} is neither a public key file nor a sha256 fingerprint"
             )
         if candidate is None or not candidate.exists():
-            raise InputError("a fingerprint needs the owner key shipped in the bundle (keys/owner.pub)")
+            raise InputError(
+                "a fingerprint needs the owner key shipped in the bundle (keys/owner.pub)"
+            )
         key = load_public_key(candidate)
         if key.keyid != fp:
             from pipeline.errors import VerificationError

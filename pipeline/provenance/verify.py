@@ -113,9 +113,14 @@ def _load_links(layout: Layout, link_dir: Path) -> dict[str, dict[str, Metadata]
                 ) from e
         if len(found) < step.threshold:
             strays = sorted(p.name for p in link_dir.glob(f"{step.name}.*.link"))
-            extra = f"; found only {', '.join(strays)}, signed by keys the layout does not name" if strays else ""
+            extra = (
+                f"; found only {', '.join(strays)}, signed by keys the layout does not name"
+                if strays
+                else ""
+            )
             raise _fail(
-                f"no link for step '{step.name}' from the functionary key(s) the layout names{extra}",
+                f"no link for step '{step.name}' from the functionary key(s) "
+                f"the layout names{extra}",
                 "links present",
                 step=step.name,
                 artifact=str(link_dir / link_filename(step.name, step.pubkeys[0])),
@@ -188,7 +193,7 @@ def _explain_rule_failure(e: RuleVerificationError, reduced: dict[str, Link]) ->
     trace = verifylib.RULE_TRACE
     step, kind = trace.get("source_name"), trace.get("source_type")
     text = str(e)
-    rule = (m.group(1) if (m := _RULE.match(text)) else text.splitlines()[0])
+    rule = m.group(1) if (m := _RULE.match(text)) else text.splitlines()[0]
     artifacts = m.group(1) if (m := _ARTIFACTS.search(text)) else None
     detail = ""
     link = reduced.get(step) if step else None

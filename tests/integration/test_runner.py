@@ -47,7 +47,9 @@ def test_lock_drift_refuses_before_any_stage(tmp_path):
     assert "\nclick==8.5.1 " in text
     lock.write_text(text.replace("\nclick==8.5.1 ", "\nclick==8.5.0 "))
     data = tmp_path / "d.npz"
-    cfg = write_config(tmp_path, source_only(data, make_npz(data)).replace("@MAIN_LOCK@", str(lock)))
+    cfg = write_config(
+        tmp_path, source_only(data, make_npz(data)).replace("@MAIN_LOCK@", str(lock))
+    )
     proc = chainproof("run", cfg, "--workspace", tmp_path / "ws")
     assert proc.returncode == 3, proc.stderr
     assert "~ click: lock pins 8.5.0, installed 8.5.1" in proc.stderr
@@ -71,14 +73,17 @@ def test_stage_with_a_wrong_pin_fails_closed(tmp_path):
 
 
 def test_stage_timeout_kills_it(tmp_path):
-    cfg = write_config(tmp_path, """
+    cfg = write_config(
+        tmp_path,
+        """
         schema: 1
         name: slow
         lock: @MAIN_LOCK@
         stages:
           - {name: source, kind: source, params: {dataset: sklearn-digits}}
           - {name: train, kind: train, needs: [source], timeout: 1, params: {epochs: 50}}
-    """)
+    """,
+    )
     t0 = time.monotonic()
     proc = chainproof("run", cfg, "--workspace", tmp_path / "ws")
     assert proc.returncode == 4 and "stage 'train' failed: timed out" in proc.stderr
@@ -114,8 +119,12 @@ def test_killed_run_leaves_nothing_valid_and_a_rerun_is_clean(tmp_path):
 
     cfg = write_config(tmp_path, FAST_PIPELINE.replace("epochs: 2", "epochs: 200"))
     ws = tmp_path / "ws"
-    proc = subprocess.Popen([*CHAINPROOF, "run", cfg, "--workspace", ws], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*CHAINPROOF, "run", cfg, "--workspace", ws],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         logs = list(ws.glob("runs/*/logs/train.stdout"))
@@ -129,7 +138,9 @@ def test_killed_run_leaves_nothing_valid_and_a_rerun_is_clean(tmp_path):
     proc.wait()
     killed = logs[0].parent.parent.resolve()
     time.sleep(1)
-    assert not any(p.name.startswith("train.") for p in (ws / "attestations/runs" / killed.name).iterdir())
+    assert not any(
+        p.name.startswith("train.") for p in (ws / "attestations/runs" / killed.name).iterdir()
+    )
     # the stage died with its runner: no orphan keeps writing into the run
     before = sorted((p.name, p.stat().st_size) for p in (killed / "logs").iterdir())
     time.sleep(2)

@@ -22,12 +22,15 @@ def test_default_config_loads_in_dependency_order():
     assert [s.name for s in cfg.stages] == ["source", "train", "package", "deploy"]
     assert cfg.lock.name == "main.txt" and cfg.lock.is_file()
     assert cfg.stage("train").params["epochs"] >= 1
-    with pytest.raises(Exception):
+    with pytest.raises(TypeError):
         cfg.stage("train").params["epochs"] = 3  # frozen
 
 
 def test_stages_are_sorted_by_needs_not_by_position(tmp_path):
-    cfg = load_config(write_config(tmp_path, """
+    cfg = load_config(
+        write_config(
+            tmp_path,
+            """
         schema: 1
         name: p
         lock: @MAIN_LOCK@
@@ -35,13 +38,19 @@ def test_stages_are_sorted_by_needs_not_by_position(tmp_path):
           - {name: b, kind: package, needs: [a]}
           - {name: a, kind: train, needs: [s]}
           - {name: s, kind: source, params: {dataset: sklearn-digits}}
-    """))
+    """,
+        )
+    )
     assert [s.name for s in cfg.stages] == ["s", "a", "b"]
 
 
 def test_unknown_key_names_line_and_key(tmp_path):
-    (p,) = problems(tmp_path, FAST_PIPELINE.replace("    params: {epochs: 2, seed: 7}",
-                                                    "    params: {epochs: 2, seed: 7}\n    retries: 3"))
+    (p,) = problems(
+        tmp_path,
+        FAST_PIPELINE.replace(
+            "    params: {epochs: 2, seed: 7}", "    params: {epochs: 2, seed: 7}\n    retries: 3"
+        ),
+    )
     assert p.key == "stages[1].retries" and p.line == 14 and "unknown key" in p.message
 
 
@@ -52,8 +61,10 @@ def test_wrong_type(tmp_path):
 
 
 def test_timeout_must_be_an_integer_not_a_string(tmp_path):
-    (p,) = problems(tmp_path, FAST_PIPELINE.replace("    kind: package\n",
-                                                    "    kind: package\n    timeout: '60'\n"))
+    (p,) = problems(
+        tmp_path,
+        FAST_PIPELINE.replace("    kind: package\n", "    kind: package\n    timeout: '60'\n"),
+    )
     assert p.key == "stages[2].timeout"
 
 
@@ -75,7 +86,9 @@ def test_duplicate_stage_name(tmp_path):
 
 
 def test_cycle(tmp_path):
-    ps = problems(tmp_path, FAST_PIPELINE.replace("kind: source\n", "kind: source\n    needs: [deploy]\n"))
+    ps = problems(
+        tmp_path, FAST_PIPELINE.replace("kind: source\n", "kind: source\n    needs: [deploy]\n")
+    )
     assert ps[0].key == "stages" and "cycle" in ps[0].message
 
 
@@ -87,19 +100,24 @@ def test_need_of_an_unknown_stage(tmp_path):
 def test_output_path_escaping_the_run_directory(tmp_path):
     body = FAST_PIPELINE.replace(
         "    kind: package\n",
-        "    kind: package\n    outputs: [model.keras, metrics.json, model_card.json, ../../evil]\n",
+        "    kind: package\n"
+        "    outputs: [model.keras, metrics.json, model_card.json, ../../evil]\n",
     )
     (p,) = problems(tmp_path, body)
     assert p.key == "stages[2].outputs[3]" and "escapes" in p.message
 
 
 def test_stage_params_are_checked_by_their_kind(tmp_path):
-    (p,) = problems(tmp_path, FAST_PIPELINE.replace("seed: 7}\n  - name: train", "sed: 7}\n  - name: train"))
+    (p,) = problems(
+        tmp_path, FAST_PIPELINE.replace("seed: 7}\n  - name: train", "sed: 7}\n  - name: train")
+    )
     assert p.key == "stages[0].params.sed"
 
 
 def test_duplicate_yaml_key_is_an_error_not_last_wins(tmp_path):
-    ps = problems(tmp_path, FAST_PIPELINE.replace("name: digits-fast\n", "name: digits-fast\nname: other\n"))
+    ps = problems(
+        tmp_path, FAST_PIPELINE.replace("name: digits-fast\n", "name: digits-fast\nname: other\n")
+    )
     assert ps[0].key == "name" and "duplicate key" in ps[0].message and ps[0].line == 3
 
 

@@ -82,7 +82,9 @@ def test_pinned_but_missing_and_installed_but_unpinned(env, tmp_path):
 def test_modified_installed_file(env, tmp_path):
     (env.site / "alpha" / "__init__.py").write_bytes(b"import os; os.system('evil')\n")
     diff = drift(env, lock_file(tmp_path, {"alpha": "1.0", "beta-pkg": "2.0"}))
-    assert diff == ["! alpha/__init__.py: sha256 differs from its wheel RECORD (modified after install)"]
+    assert diff == [
+        "! alpha/__init__.py: sha256 differs from its wheel RECORD (modified after install)"
+    ]
 
 
 def test_unowned_pth_file_is_drift(env, tmp_path):
@@ -109,7 +111,9 @@ def test_the_project_lock_parses():
     from tests.conftest import MAIN_LOCK
 
     lock = parse_lock(MAIN_LOCK)
-    assert {"tensorflow", "mlflow", "in-toto", "pip-tools", "numpy", "click", "pytest"} <= set(lock.pins)
+    assert {"tensorflow", "mlflow", "in-toto", "pip-tools", "numpy", "click", "pytest"} <= set(
+        lock.pins
+    )
     assert all(p.hashes for p in lock.pins.values())
 
 
