@@ -7,6 +7,8 @@ CONFIG ?= configs/digits-cnn.yaml
 LOCK   := requirements/main.txt
 export TF_CPP_MIN_LOG_LEVEL := 2
 
+UI_PORT ?= 5000
+
 .PHONY: setup lock train verify test test-fast bench ui lint clean
 
 ## setup: build .venv from the hash-pinned lock (skipped when the lock and pyproject are unchanged)
@@ -41,6 +43,12 @@ test-fast: setup
 ## bench: hashing throughput vs in-toto's recorder, and per-stage pipeline overhead
 bench: setup
 	$(PY) bench/run.py
+
+## ui: the MLflow UI on the embedded store (127.0.0.1 only)
+ui: setup
+	@echo "MLflow UI for $(CURDIR)/mlruns.db: http://127.0.0.1:$(UI_PORT)  (Ctrl-C stops it)"
+	@$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns.db \
+	  --default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port $(UI_PORT)
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline stages tests bench tools

@@ -1,7 +1,9 @@
 """The `chainproof` command: parse, one library call, render. Errors are caught only here.
 
 Exit codes: 0 ok, 1 verification failed, 2 bad input or config, 3 environment drift,
-4 a stage failed, 70 an internal error (a bug: please report it with the traceback).
+4 a stage failed, 5 could not scan (no usable vulnerability database),
+6 lineage not logged (MLflow unreachable), 70 an internal error (a bug: please report it
+with the traceback).
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ def run(config: Path, workspace: Path) -> None:
     click.echo(
         f"release:   {rel(result.release_dir) if result.release_dir else '(no deploy stage)'}"
     )
+    click.echo(f"lineage:   {result.lineage}")
     click.echo("verified: ok")
 
 
@@ -152,6 +155,62 @@ def show(run_dir: Path) -> None:
     from pipeline.show import render_chain
 
     click.echo(render_chain(run_dir))
+
+
+@cli.group()
+def lineage() -> None:
+    """MLflow lineage."""
+
+
+@lineage.command("sync")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+def lineage_sync(run_dir: Path) -> None:
+    """Log RUN_DIR's lineage to the tracking URI of its recorded config (idempotent)."""
+    from pipeline.lineage import sync_run_dir
+
+    click.echo(sync_run_dir(run_dir))
+
+
+@cli.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+def reproduce(run_dir: Path) -> None:
+    """Re-run RUN_DIR's recorded pipeline into a new run and compare every product.
+
+    Exit 0 only when every compared product is identical; the comparison is written as a
+    signed in-toto Statement (test-result predicate) beside the new run's links.
+    """
+    from pipeline.reproduce import reproduce as do_reproduce
+
+    result = do_reproduce(run_dir, on_event=_echo)
+    click.echo(f"reproduced {result.original} as {result.reproduction}")
+    for st in result.stages:
+        if st.skipped:
+            click.echo(f"  {st.stage}: not compared ({st.skipped})")
+        for f in st.files:
+            click.echo(
+                f"  {'identical' if f.identical else 'DIFFERS  '}  {f.name}"
+                + ("" if f.identical else f"\n      {f.detail}")
+            )
+    click.echo(f"statement: {result.statement_path}")
+    click.echo("reproduced: identical" if result.identical else "reproduced: DIFFERENT")
+    if not result.identical:
+        sys.exit(1)
+
+
+@cli.group()
+def scan() -> None:
+    """Security scans: dependencies against an offline OSV database, model files."""
+
+
+def _register_extensions() -> None:
+    from pipeline.cli_deps import deps, scan_deps, vulndb
+
+    cli.add_command(deps)
+    cli.add_command(vulndb)
+    scan.add_command(scan_deps, name="deps")
+
+
+_register_extensions()
 
 
 def main() -> None:

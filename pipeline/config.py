@@ -45,6 +45,13 @@ class ReleaseSpec(_Strict):
     version: StrictStr | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
 
 
+class LineageSpec(_Strict):
+    enabled: bool = True
+    tracking_uri: StrictStr = "sqlite:///mlruns.db"
+    experiment: StrictStr | None = None
+    registered_model: StrictStr | None = None
+
+
 class _PipelineSchema(_Strict):
     schema_: Literal[1] = Field(alias="schema")
     name: StrictStr = Field(pattern=NAME_PATTERN)
@@ -52,6 +59,7 @@ class _PipelineSchema(_Strict):
     lock: StrictStr
     layout: LayoutSpec = LayoutSpec()
     release: ReleaseSpec = ReleaseSpec()
+    lineage: LineageSpec = LineageSpec()
     stages: tuple[StageSpec, ...] = Field(min_length=1)
 
 
@@ -71,6 +79,7 @@ class PipelineConfig:
     """A validated pipeline: stages in dependency order, every path resolved."""
 
     path: Path
+    base_dir: Path  # relative paths in the config are relative to this directory
     sha256: str
     name: str
     description: str
@@ -78,6 +87,7 @@ class PipelineConfig:
     layout_expires_days: int
     release_dir: str
     release_version: str | None
+    lineage: Mapping[str, Any]
     stages: tuple[StageConfig, ...]
 
     def stage(self, name: str) -> StageConfig:
@@ -208,11 +218,16 @@ def _toposort(stages: tuple[StageSpec, ...]) -> list[str] | None:
     return order
 
 
-def load_config(path: str | Path) -> PipelineConfig:
-    """Read, validate and freeze a pipeline config. Raises ConfigError listing every problem."""
+def load_config(path: str | Path, *, base_dir: Path | None = None) -> PipelineConfig:
+    """Read, validate and freeze a pipeline config. Raises ConfigError listing every problem.
+
+    Relative paths in it are resolved against `base_dir`, by default the config's directory
+    (a recorded copy of a config passes its original directory).
+    """
     from pipeline.registry import stage_class  # registry loads stage kinds lazily
 
     path = Path(path)
+    base = (base_dir or path.parent).resolve()
     data, loc = _parse(path)
     problems = list(loc.problems)
     if not isinstance(data, dict):
@@ -283,7 +298,7 @@ def load_config(path: str | Path) -> PipelineConfig:
                     f"kind {st.kind!r} always writes {missing}; list them too",
                 )
             )
-        lock = (path.parent / st.lock).resolve() if st.lock else None
+        lock = (base / st.lock).resolve() if st.lock else None
         stages_out.append(
             StageConfig(
                 name=st.name,
@@ -334,12 +349,14 @@ def load_config(path: str | Path) -> PipelineConfig:
     by_name = {s.name: s for s in stages_out}
     return PipelineConfig(
         path=path.resolve(),
+        base_dir=base,
         sha256=sha256_bytes(path.read_bytes()),
         name=raw.name,
         description=raw.description,
-        lock=(path.parent / raw.lock).resolve(),
+        lock=(base / raw.lock).resolve(),
         layout_expires_days=raw.layout.expires_days,
         release_dir=raw.release.dir,
         release_version=raw.release.version,
+        lineage=MappingProxyType(raw.lineage.model_dump()),
         stages=tuple(by_name[n] for n in order),  # type: ignore[union-attr]
     )

@@ -36,11 +36,12 @@ from pipeline.envcheck import (
 from pipeline.errors import InputError, StageFailed
 from pipeline.fsutil import atomic_directory, atomic_symlink, atomic_write_bytes, atomic_write_text
 from pipeline.hashing import hash_artifacts, list_tree
+from pipeline.lineage import LineageError, git_commit, sink_for
 from pipeline.provenance import keys as keymod
 from pipeline.provenance.layout import compile_layout, signed_layout_bytes, spec_name, stage_command
 from pipeline.provenance.links import link_filename, write_link
 from pipeline.provenance.verify import DiskArtifacts, VerifyReport, verify_chain
-from pipeline.registry import stage_module
+from pipeline.registry import stage_class, stage_module
 from pipeline.workspace import RUN_RECORD, Workspace
 
 LAYOUT_NAME = "root.layout"
@@ -77,6 +78,7 @@ class RunResult:
     release_dir: Path | None
     report: VerifyReport | None
     stage_seconds: dict[str, dict[str, float]] = field(default_factory=dict)
+    lineage: str = ""
 
 
 def new_run_id() -> str:
@@ -166,25 +168,56 @@ class Runner:
                 "layout": os.path.relpath(self.layout_path, self.run_dir),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                 "stages": [s.name for s in self.config.stages],
+                "source_commit": git_commit(self.config.base_dir),
+                "config_dir": str(self.config.base_dir),
             }
         )
         record.update(fields)
         atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
-    def run(self) -> RunResult:
+    def run(self, *, publish: bool = True) -> RunResult:
         self.start()
         try:
             for stage in self.config.stages:
                 self.run_stage(stage)
             report = self.verify_run()
-            release = self.publish_release()
+            release = self.publish_release() if publish else None
         except BaseException as e:
             self._record(status="failed", error=getattr(e, "message", repr(e)))
+            if not isinstance(e, KeyboardInterrupt):
+                self.log_lineage()
             raise
         self._record(status="succeeded", release=str(release) if release else None)
+        lineage = self.log_lineage()
         return RunResult(
-            self.run_id, self.run_dir, self.links_dir, release, report, self.stage_seconds
+            self.run_id, self.run_dir, self.links_dir, release, report, self.stage_seconds, lineage
         )
+
+    def log_lineage(self) -> str:
+        """Log the run to MLflow; a failure is reported, recorded, and never fails the run."""
+        sink = sink_for(dict(self.config.lineage), self.ws.root, self.config.name)
+        t0 = time.perf_counter()
+        try:
+            result = sink.sync(self.run_dir)
+        except LineageError as e:
+            self._record(lineage={"logged": False, "error": e.message})
+            self.say(f"WARNING: {e.message}\n  {e.hint}")
+            return f"NOT logged ({e.hint})"
+        self.stage_seconds.setdefault("_lineage", {})["sync"] = time.perf_counter() - t0
+        if result is None:
+            return "disabled in the config"
+        self._record(
+            lineage={
+                "logged": True,
+                "tracking_uri": result.tracking_uri,
+                "parent_run_id": result.parent_run_id,
+                "model_version": result.model_version,
+                "production_alias": result.alias_set,
+            }
+        )
+        alias = ", alias production" if result.alias_set else ""
+        version = f", model version {result.model_version}{alias}" if result.model_version else ""
+        return f"{result.tracking_uri} (MLflow run {result.parent_run_id}{version})"
 
     # ------------------------------------------------------------------ environments
 
@@ -225,7 +258,7 @@ class Runner:
 
     def _spec(self, stage: StageConfig) -> dict[str, Any]:
         extra: dict[str, Any] = {
-            "config_dir": str(self.config.path.parent),
+            "config_dir": str(self.config.base_dir),
             "pipeline": self.config.name,
         }
         if stage.kind == "deploy":
@@ -314,6 +347,7 @@ class Runner:
         }
         environment = {
             **fingerprint.as_dict(),
+            "determinism": self._determinism(stage),
             "stage_environment": "own lock" if stage.lock else "pipeline lock",
             "run_id": self.run_id,
             "config_sha256": self.config.sha256,
@@ -337,6 +371,14 @@ class Runner:
         )
         return link
 
+    @staticmethod
+    def _determinism(stage: StageConfig) -> dict[str, Any]:
+        switches = dict(getattr(stage_class(stage.kind), "determinism", {}))
+        for key, value in switches.items():
+            if isinstance(value, str) and value.startswith("params."):
+                switches[key] = stage.params.get(value.split(".", 1)[1])
+        return switches
+
     def _execute(
         self, stage: StageConfig, python: Path, argv: list[str], workdir: Path
     ) -> tuple[int | None, dict[str, Path]]:
@@ -351,6 +393,7 @@ class Runner:
             LANG="C.UTF-8",
             LC_ALL="C.UTF-8",
             PYTHONHASHSEED="0",
+            TF_DETERMINISTIC_OPS="1",
             TF_CPP_MIN_LOG_LEVEL="2",
             CUDA_VISIBLE_DEVICES="",
             MPLBACKEND="Agg",

@@ -76,6 +76,8 @@ class Stage(ABC):
     kind: ClassVar[str]
     Params: ClassVar[type[Params]] = Params
     outputs: ClassVar[tuple[str, ...]] = ()
+    # Switches that make the stage reproducible, recorded in its link's environment.
+    determinism: ClassVar[dict[str, Any]] = {}
 
     @abstractmethod
     def run(self, ctx: StageContext) -> None:

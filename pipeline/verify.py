@@ -5,7 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.errors import InputError
-from pipeline.provenance.keys import PublicKey, resolve_trusted_owner
+from pipeline.provenance.keys import PublicKey, public_key_from_dict, resolve_trusted_owner
+from pipeline.provenance.statements import read_verified_statement
 from pipeline.provenance.verify import DiskArtifacts, VerifyReport, released_steps, verify_chain
 from pipeline.workspace import read_run_record, workspace_of_run
 
@@ -14,6 +15,22 @@ LAYOUT = "root.layout"
 
 def is_bundle(path: Path) -> bool:
     return (path / "attestations" / LAYOUT).is_file()
+
+
+def check_statements(link_dir: Path, report: VerifyReport) -> None:
+    """Verify every signed Statement beside the links with the layout's functionary keys.
+
+    A statement that does not verify fails the whole verification; one that does is shown.
+    """
+    if report.layout is None:
+        return
+    keys = [public_key_from_dict(d, source="layout") for d in report.layout.keys.values()]
+    for path in sorted(link_dir.glob("*.intoto.json")):
+        stmt = read_verified_statement(path, keys)
+        pred = stmt.get("predicate", {})
+        kind = stmt.get("predicateType", "").rstrip("/").rsplit("/", 2)[-2:]
+        summary = pred.get("result") or pred.get("verdict") or "present"
+        report.passed("attestation", f"{path.name}: {'/'.join(kind)} {summary} (signed)")
 
 
 def verify_run(run_dir: Path, *, owner_key: str | None = None) -> VerifyReport:
@@ -26,13 +43,15 @@ def verify_run(run_dir: Path, *, owner_key: str | None = None) -> VerifyReport:
     ws = workspace_of_run(run_dir)
     owner = resolve_trusted_owner(owner_key, candidate=None, local=ws.keys / "owner.pub")
     links = (run_dir / record["links"]).resolve()
-    return verify_chain(
+    report = verify_chain(
         layout_path=(run_dir / record["layout"]).resolve(),
         link_dir=links,
         owner=owner,
         disk=DiskArtifacts(run_dir),
         target=str(run_dir),
     )
+    check_statements(links, report)
+    return report
 
 
 def bundle_required_steps(layout_path: Path, owner: PublicKey) -> list[str]:
@@ -51,7 +70,7 @@ def verify_bundle(
     shipped = bundle / "keys" / "owner.pub"
     owner = resolve_trusted_owner(owner_key, candidate=shipped, local=local_owner)
     layout = bundle / "attestations" / LAYOUT
-    return verify_chain(
+    report = verify_chain(
         layout_path=layout,
         link_dir=bundle / "attestations",
         owner=owner,
@@ -62,6 +81,8 @@ def verify_bundle(
         ),
         target=str(bundle),
     )
+    check_statements(bundle / "attestations", report)
+    return report
 
 
 def verify_target(

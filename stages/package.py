@@ -44,7 +44,6 @@ class PackageStage(Stage):
                 "metrics": metrics["test"],
                 "training_params": metrics["params"],
                 "framework": metrics["framework"],
-                "run_id": ctx.run_id,
                 "intended_use": p.intended_use,
                 "limitations": p.limitations,
             },

@@ -37,8 +37,25 @@ def main() -> int:
     args = ap.parse_args()
     venv, lock = ROOT / args.venv, ROOT / args.lock
     stamp = venv / ".chainproof-setup"
-    want = digest(lock, ROOT / "pyproject.toml")
-    if stamp.is_file() and stamp.read_text().strip() == want and (venv / "bin/python").exists():
+    want_lock, want_project = digest(lock), digest(ROOT / "pyproject.toml")
+    have = stamp.read_text().split() if stamp.is_file() else []
+    py = str(venv / "bin/python")
+    if have[:1] == [want_lock] and (venv / "bin/python").exists():
+        if have[1:2] == [want_project]:
+            return 0
+        # Only the project's metadata changed (entry points, scripts): reinstall it alone.
+        run(
+            py,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "-e",
+            str(ROOT),
+        )
+        stamp.write_text(f"{want_lock} {want_project}\n")
         return 0
     if sys.version_info[:2] != (3, 11):
         print(
@@ -64,7 +81,7 @@ def main() -> int:
     )
     # The project itself, without dependencies: the lock already supplied every one of them.
     run(py, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "-e", str(ROOT))
-    stamp.write_text(want + "\n")
+    stamp.write_text(f"{want_lock} {want_project}\n")
     print(f"{venv} is ready", flush=True)
     return 0
 

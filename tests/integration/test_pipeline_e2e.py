@@ -59,6 +59,10 @@ def test_run_produces_a_verified_chain_and_release(completed_workspace):
     assert (run / "train" / "model.keras").stat().st_size > 10_000
     metrics = json.loads((run / "train" / "metrics.json").read_text())
     assert metrics["test"]["accuracy"] > 0.5, "a real model learns the digits"
+    assert set(metrics["test"]["per_class"]) == {str(c) for c in range(10)}
+    assert sum(map(sum, metrics["test"]["confusion_matrix"])) == metrics["test"]["samples"]
+    for png in ("training_curves.png", "confusion_matrix.png"):
+        assert (run / "train" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     proc = chainproof("verify", run, "--workspace", ws)
     assert proc.returncode == 0, proc.stderr
@@ -80,6 +84,9 @@ def test_link_records_environment_and_log_digests(completed_workspace):
     assert link.byproducts["return-value"] == 0
     assert link.byproducts["stdout"]["path"] == "logs/train.stdout"
     assert link.command[:4] == ["python", "-I", "-m", "stages.train"]
+    switches = env["determinism"]
+    assert switches["tf.config.experimental.enable_op_determinism"] is True
+    assert switches["keras.utils.set_random_seed"] == 7
     assert "source/dataset.npz" in link.materials and "train/model.keras" in link.products
 
 

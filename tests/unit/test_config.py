@@ -143,3 +143,22 @@ def test_cli_exits_2_before_anything_runs(tmp_path):
     assert proc.returncode == 2
     assert f"{cfg}:15: stages[2].kind" in proc.stderr
     assert not (tmp_path / "ws").exists(), "nothing may run (or be created) on a bad config"
+
+
+def test_augmentation_knob_without_a_layer_equivalent_is_refused(tmp_path):
+    body = FAST_PIPELINE.replace(
+        "params: {epochs: 2, seed: 7}",
+        "params: {epochs: 2, augmentation: {rotation_range: 10, channel_shift_range: 0.2}}",
+    )
+    (p,) = problems(tmp_path, body)
+    assert p.key == "stages[1].params.augmentation"
+    assert "'channel_shift_range' has no Keras preprocessing-layer equivalent" in p.message
+
+
+def test_layer_specs_are_validated(tmp_path):
+    body = FAST_PIPELINE.replace(
+        "params: {epochs: 2, seed: 7}",
+        "params: {layers: [{type: conv2d, filters: 8}, {type: flatten}]}",
+    )
+    (p,) = problems(tmp_path, body)
+    assert p.key == "stages[1].params.layers[0]" and "needs kernel_size" in p.message

@@ -1,0 +1,74 @@
+"""in-toto Statement v1 attestations (test results, later SLSA provenance), DSSE-signed.
+
+in-toto's own DSSE payload is the legacy link schema; for interchange we emit Statement v1
+beside the links, signed with securesystemslib's DSSE envelope.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+from securesystemslib.dsse import Envelope
+from securesystemslib.exceptions import VerificationError as SslibVerificationError
+from securesystemslib.signer import Signer
+
+from pipeline.errors import VerificationError
+from pipeline.fsutil import atomic_write_bytes
+from pipeline.provenance.keys import PublicKey
+
+STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
+PAYLOAD_TYPE = "application/vnd.in-toto+json"
+TEST_RESULT = "https://in-toto.io/attestation/test-result/v0.1"
+
+
+def statement(subjects: dict[str, str], predicate_type: str, predicate: dict[str, Any]) -> dict:
+    """`subjects` maps artifact names to sha256 hex digests."""
+    return {
+        "_type": STATEMENT_TYPE,
+        "subject": [{"name": n, "digest": {"sha256": d}} for n, d in sorted(subjects.items())],
+        "predicateType": predicate_type,
+        "predicate": predicate,
+    }
+
+
+def write_signed_statement(path: Path, stmt: dict[str, Any], signer: Signer) -> None:
+    payload = json.dumps(stmt, sort_keys=True, separators=(",", ":")).encode()
+    env = Envelope(payload=payload, payload_type=PAYLOAD_TYPE, signatures={})
+    env.sign(signer)
+    atomic_write_bytes(path, json.dumps(env.to_dict(), sort_keys=True, indent=1).encode() + b"\n")
+
+
+def read_verified_statement(path: Path, keys: list[PublicKey]) -> dict[str, Any]:
+    """The statement in the DSSE envelope at `path`, if signed by one of `keys`."""
+    try:
+        env = Envelope.from_dict(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise VerificationError(
+            f"{path.name} is not a DSSE envelope ({e})", check="attestations", artifact=str(path)
+        ) from e
+    try:
+        env.verify([k.key for k in keys], 1)
+    except SslibVerificationError as e:
+        raise VerificationError(
+            f"the signature on {path.name} does not verify with the functionary key",
+            check="attestations",
+            artifact=str(path),
+            hint="the attestation was altered or signed by someone else",
+        ) from e
+    if env.payload_type != PAYLOAD_TYPE:
+        raise VerificationError(
+            f"{path.name} has payload type {env.payload_type}", check="attestations"
+        )
+    stmt = json.loads(env.payload)
+    if stmt.get("_type") != STATEMENT_TYPE:
+        raise VerificationError(f"{path.name} is not an in-toto Statement v1", check="attestations")
+    return stmt
+
+
+def payload_of(path: Path) -> dict[str, Any]:
+    """The statement without verifying it: for display only."""
+    env = json.loads(path.read_text())
+    return json.loads(base64.b64decode(env["payload"]))

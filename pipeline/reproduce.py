@@ -1,0 +1,207 @@
+"""`chainproof reproduce RUN`: run the recorded pipeline again and compare every product.
+
+Same recorded config (its sha256 is checked), same lock (its sha256 must equal the one every
+link of the original recorded), same data (the source stage's pin and products are compared),
+same seeds. The result is a signed in-toto Statement with the test-result predicate.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import load_config
+from pipeline.errors import InputError
+from pipeline.hashing import sha256_file
+from pipeline.provenance.links import read_link
+from pipeline.provenance.statements import TEST_RESULT, statement, write_signed_statement
+from pipeline.runner import Runner
+from pipeline.workspace import Workspace, read_run_record, workspace_of_run
+
+STATEMENT_NAME = "reproduce.intoto.json"
+# Kinds whose products name their own run (run id, release version): compared via upstream.
+RUN_BOUND_KINDS = ("deploy",)
+
+
+@dataclass
+class FileComparison:
+    name: str
+    identical: bool
+    detail: str = ""
+
+
+@dataclass
+class StageComparison:
+    stage: str
+    files: list[FileComparison] = field(default_factory=list)
+    skipped: str = ""
+
+    @property
+    def identical(self) -> bool:
+        return self.skipped != "" or all(f.identical for f in self.files)
+
+
+@dataclass
+class ReproduceResult:
+    original: str
+    reproduction: str
+    stages: list[StageComparison]
+    statement_path: Path
+
+    @property
+    def identical(self) -> bool:
+        return all(s.identical for s in self.stages)
+
+
+def _weights(path: Path) -> dict[str, np.ndarray]:
+    """Every tensor in a .keras file's weights, read with h5py (no model is built)."""
+    import h5py
+
+    with zipfile.ZipFile(path) as zf:
+        data = zf.read("model.weights.h5")
+    out: dict[str, np.ndarray] = {}
+    with h5py.File(io.BytesIO(data), "r") as h5:
+        h5.visititems(
+            lambda name, obj: (
+                out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None
+            )
+        )
+    return out
+
+
+def compare_keras(a: Path, b: Path) -> str:
+    wa, wb = _weights(a), _weights(b)
+    if set(wa) != set(wb):
+        return f"different tensors: {sorted(set(wa) ^ set(wb))[:5]}"
+    diffs = []
+    for name in sorted(wa):
+        if wa[name].shape != wb[name].shape:
+            diffs.append(f"{name}: shape {wa[name].shape} vs {wb[name].shape}")
+        elif not np.array_equal(wa[name], wb[name]):
+            delta = float(np.max(np.abs(wa[name].astype(np.float64) - wb[name].astype(np.float64))))
+            diffs.append(f"{name}: max |diff| {delta:.3g}")
+    if not diffs:
+        return "same weights; the file differs elsewhere (architecture or metadata)"
+    return f"{len(diffs)} of {len(wa)} tensors differ: " + "; ".join(diffs)
+
+
+def compare_json(a: Path, b: Path) -> str:
+    ja, jb = json.loads(a.read_text()), json.loads(b.read_text())
+    if not isinstance(ja, dict) or not isinstance(jb, dict):
+        return "JSON differs"
+    keys = sorted(k for k in set(ja) | set(jb) if ja.get(k) != jb.get(k))
+    return f"JSON keys differ: {', '.join(keys)}"
+
+
+def compare_file(name: str, a: Path, b: Path) -> FileComparison:
+    if sha256_file(a) == sha256_file(b):
+        return FileComparison(name, True)
+    if name.endswith(".keras"):
+        detail = compare_keras(a, b)
+    elif name.endswith(".json"):
+        detail = compare_json(a, b)
+    else:
+        detail = f"bytes differ ({a.stat().st_size} vs {b.stat().st_size} bytes)"
+    return FileComparison(name, False, detail)
+
+
+def compare_runs(old_dir: Path, new_dir: Path) -> list[StageComparison]:
+    old_rec, new_rec = read_run_record(old_dir), read_run_record(new_dir)
+    old_links = (old_dir / old_rec["links"]).resolve()
+    new_links = (new_dir / new_rec["links"]).resolve()
+    base = Path(old_rec.get("config_dir") or Path(old_rec["config"]).parent)
+    config = load_config(old_dir / "config.yaml", base_dir=base)
+    out = []
+    for stage in config.stages:
+        comp = StageComparison(stage.name)
+        out.append(comp)
+        if stage.kind in RUN_BOUND_KINDS:
+            comp.skipped = "its products name the run; what it releases is compared upstream"
+            continue
+        (old_link,) = old_links.glob(f"{stage.name}.*.link")
+        (new_link,) = new_links.glob(f"{stage.name}.*.link")
+        old_p, new_p = read_link(old_link).products, read_link(new_link).products
+        for name in sorted(set(old_p) | set(new_p)):
+            if name not in old_p or name not in new_p:
+                where = "original" if name in old_p else "reproduction"
+                comp.files.append(FileComparison(name, False, f"only in the {where}"))
+            elif old_p[name] == new_p[name]:
+                comp.files.append(FileComparison(name, True))
+            else:
+                comp.files.append(compare_file(name, old_dir / name, new_dir / name))
+    return out
+
+
+def reproduce(
+    run_dir: Path, *, on_event: Callable[[str], None] = lambda _m: None
+) -> ReproduceResult:
+    run_dir = run_dir.resolve()
+    record = read_run_record(run_dir)
+    if record.get("status") != "succeeded":
+        raise InputError(
+            f"run {record['run_id']} did not succeed (status {record.get('status')!r})",
+            hint="reproduce a completed run",
+        )
+    recorded = run_dir / "config.yaml"
+    if sha256_file(recorded) != record["config_sha256"]:
+        raise InputError(f"{recorded} no longer has the sha256 the run recorded")
+    base = Path(record.get("config_dir") or Path(record["config"]).parent)
+    config = load_config(recorded, base_dir=base)
+    links_dir = (run_dir / record["links"]).resolve()
+    first_link = read_link(next(iter(sorted(links_dir.glob("*.link")))))
+    want_lock = first_link.environment.get("lock_sha256")
+    have_lock = sha256_file(config.lock)
+    if want_lock != have_lock:
+        raise InputError(
+            f"the lock changed since run {record['run_id']}: it recorded sha256 {want_lock}, "
+            f"{config.lock} now has {have_lock}",
+            hint="reproduce needs the same lock; check out the commit the run was made from",
+        )
+    ws = workspace_of_run(run_dir)
+    runner = Runner(config, Workspace(ws.root), on_event=on_event)
+    result = runner.run(publish=False)
+    stages = compare_runs(run_dir, result.run_dir)
+    outcome = ReproduceResult(
+        record["run_id"], result.run_id, stages, result.links_dir / STATEMENT_NAME
+    )
+    _attest(outcome, run_dir, config, runner)
+    runner._record(
+        reproduces=record["run_id"], reproduced="identical" if outcome.identical else "different"
+    )
+    return outcome
+
+
+def _attest(outcome: ReproduceResult, run_dir: Path, config, runner: Runner) -> None:
+    passed, failed, warned = [], [], []
+    subjects: dict[str, str] = {}
+    for st in outcome.stages:
+        if st.skipped:
+            warned.append(f"{st.stage}: not compared ({st.skipped})")
+        for f in st.files:
+            subjects[f.name] = sha256_file(run_dir / f.name)
+            (passed if f.identical else failed).append(
+                f"{f.name}: identical" if f.identical else f"{f.name}: {f.detail}"
+            )
+    predicate: dict[str, Any] = {
+        "result": "PASSED" if outcome.identical else "FAILED",
+        "configuration": [
+            {"name": "config", "digest": {"sha256": config.sha256}},
+            {"name": config.lock.name, "digest": {"sha256": sha256_file(config.lock)}},
+        ],
+        "url": f"chainproof:reproduce/{outcome.original}/{outcome.reproduction}",
+        "passedTests": passed,
+        "warnedTests": warned,
+        "failedTests": failed,
+    }
+    write_signed_statement(
+        outcome.statement_path,
+        statement(subjects, TEST_RESULT, predicate),
+        runner.functionary.signer,
+    )

@@ -1,0 +1,83 @@
+"""Reproducibility: same config, data and lock give byte-identical products."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.errors import VerificationError
+from pipeline.reproduce import compare_runs
+from pipeline.verify import verify_target
+from tests.conftest import FAST_PIPELINE, chainproof, write_config
+
+pytestmark = [pytest.mark.slow, pytest.mark.tensorflow]
+
+
+def test_reproduce_gives_identical_weights_and_a_signed_statement(workspace_copy):
+    original = (workspace_copy / "runs" / "latest").resolve()
+    proc = chainproof("reproduce", original)
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert "identical  train/model.keras" in proc.stdout
+    assert "reproduced: identical" in proc.stdout
+    new = (workspace_copy / "runs" / "latest").resolve()
+    assert new != original
+    assert (new / "train/model.keras").read_bytes() == (original / "train/model.keras").read_bytes()
+
+    statement = next((workspace_copy / "attestations/runs" / new.name).glob("*.intoto.json"))
+    report = verify_target(new, workspace=workspace_copy)
+    assert any("test-result/v0.1 PASSED" in d for c, d in report.checks if c == "attestation")
+
+    # a tampered statement fails verification
+    env = json.loads(statement.read_text())
+    env["payload"] = env["payload"][:-8] + ("A" * 8 if env["payload"][-8:] != "A" * 8 else "B" * 8)
+    statement.write_text(json.dumps(env))
+    with pytest.raises(VerificationError) as info:
+        verify_target(new, workspace=workspace_copy)
+    assert info.value.check == "attestations"
+
+
+def test_a_changed_hyperparameter_is_reported_as_different(completed_workspace, tmp_path):
+    ws = tmp_path / "ws"
+    base = write_config(
+        tmp_path,
+        FAST_PIPELINE.replace("seed: 7}\n  - name: package", "seed: 7}\n  - name: package"),
+    )
+    assert chainproof("run", base, "--workspace", ws).returncode == 0
+    first = (ws / "runs" / "latest").resolve()
+    changed = write_config(
+        tmp_path,
+        FAST_PIPELINE.replace(
+            "params: {epochs: 2, seed: 7}", "params: {epochs: 2, seed: 7, learning_rate: 0.01}"
+        ),
+        name="changed.yaml",
+    )
+    assert chainproof("run", changed, "--workspace", ws).returncode == 0
+    second = (ws / "runs" / "latest").resolve()
+    stages = {s.stage: s for s in compare_runs(first, second)}
+    assert stages["source"].identical, "same data either way"
+    train = {f.name: f for f in stages["train"].files}
+    assert not train["train/model.keras"].identical
+    assert "tensors differ" in train["train/model.keras"].detail
+    assert "max |diff|" in train["train/model.keras"].detail
+    assert "params" in train["train/metrics.json"].detail
+
+
+def test_reproduce_refuses_when_the_lock_changed(workspace_copy, tmp_path):
+    run = (workspace_copy / "runs" / "latest").resolve()
+    record = json.loads((run / "run.json").read_text())
+    cfg = (run / "config.yaml").read_text()
+    # Point the recorded run at a copy of its config whose lock is a different file.
+    other = tmp_path / "cfgdir"
+    other.mkdir()
+    from tests.conftest import MAIN_LOCK
+
+    (other / "lock.txt").write_text(MAIN_LOCK.read_text() + "\n# changed\n")
+    (run / "config.yaml").write_text(cfg.replace(str(MAIN_LOCK), "lock.txt"))
+    record["config_dir"] = str(other)
+    import hashlib
+
+    record["config_sha256"] = hashlib.sha256((run / "config.yaml").read_bytes()).hexdigest()
+    (run / "run.json").write_text(json.dumps(record))
+    proc = chainproof("reproduce", run)
+    assert proc.returncode == 2 and "the lock changed" in proc.stderr
