@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path, PurePosixPath
 from types import MappingProxyType
 from typing import Any, Literal
@@ -52,6 +53,24 @@ class LineageSpec(_Strict):
     registered_model: StrictStr | None = None
 
 
+class AllowSpec(_Strict):
+    id: StrictStr = Field(min_length=1, description="advisory id or alias, e.g. PYSEC-2023-74")
+    reason: StrictStr = Field(min_length=1)
+    expires: date
+
+
+class DependencyPolicySpec(_Strict):
+    database: StrictStr = ".chainproof/vulndb.sqlite"
+    required: bool = False
+    severity: Literal["low", "medium", "high", "critical"] = "high"
+    max_age_days: StrictInt = Field(30, gt=0)
+    allow: tuple[AllowSpec, ...] = ()
+
+
+class SecuritySpec(_Strict):
+    dependencies: DependencyPolicySpec = DependencyPolicySpec()
+
+
 class _PipelineSchema(_Strict):
     schema_: Literal[1] = Field(alias="schema")
     name: StrictStr = Field(pattern=NAME_PATTERN)
@@ -60,6 +79,7 @@ class _PipelineSchema(_Strict):
     layout: LayoutSpec = LayoutSpec()
     release: ReleaseSpec = ReleaseSpec()
     lineage: LineageSpec = LineageSpec()
+    security: SecuritySpec = SecuritySpec()
     stages: tuple[StageSpec, ...] = Field(min_length=1)
 
 
@@ -88,6 +108,7 @@ class PipelineConfig:
     release_dir: str
     release_version: str | None
     lineage: Mapping[str, Any]
+    security: Mapping[str, Any]
     stages: tuple[StageConfig, ...]
 
     def stage(self, name: str) -> StageConfig:
@@ -358,5 +379,6 @@ def load_config(path: str | Path, *, base_dir: Path | None = None) -> PipelineCo
         release_dir=raw.release.dir,
         release_version=raw.release.version,
         lineage=MappingProxyType(raw.lineage.model_dump()),
+        security=MappingProxyType(raw.security.model_dump()),
         stages=tuple(by_name[n] for n in order),  # type: ignore[union-attr]
     )

@@ -40,8 +40,10 @@ from pipeline.lineage import LineageError, git_commit, sink_for
 from pipeline.provenance import keys as keymod
 from pipeline.provenance.layout import compile_layout, signed_layout_bytes, spec_name, stage_command
 from pipeline.provenance.links import link_filename, write_link
+from pipeline.provenance.statements import write_signed_statement
 from pipeline.provenance.verify import DiskArtifacts, VerifyReport, verify_chain
 from pipeline.registry import stage_class, stage_module
+from pipeline.security import CHECKS_DIR, DEPENDENCIES, check_dependencies
 from pipeline.workspace import RUN_RECORD, Workspace
 
 LAYOUT_NAME = "root.layout"
@@ -106,7 +108,8 @@ def ensure_keys(ws: Workspace) -> tuple[keymod.KeyPair, keymod.KeyPair]:
 
 def write_signed_layout(config: PipelineConfig, owner, functionary, dest: Path) -> None:
     modules = {s.kind: stage_module(s.kind) for s in config.stages}
-    layout = compile_layout(config, functionary=functionary.public, modules=modules)
+    gates = frozenset(s.kind for s in config.stages if getattr(stage_class(s.kind), "gate", False))
+    layout = compile_layout(config, functionary=functionary.public, modules=modules, gates=gates)
     atomic_write_bytes(dest, signed_layout_bytes(layout, owner.signer))
 
 
@@ -137,20 +140,35 @@ class Runner:
 
     # ------------------------------------------------------------------ run lifecycle
 
+    def locks(self) -> list[Path]:
+        return list(
+            dict.fromkeys([self.config.lock, *(s.lock for s in self.config.stages if s.lock)])
+        )
+
     def start(self) -> None:
-        """Keys, run directory, signed layout. Nothing here runs stage code."""
+        """Keys, dependency gate, run directory, signed layout. Nothing here runs stage code.
+
+        Everything that can refuse the run (bad lock, a dependency policy violation) happens
+        before the run directory exists.
+        """
         self.owner, self.functionary = ensure_keys(self.ws)
-        self.lock_for(self.config.lock)  # a bad default lock fails before any run dir exists
+        for lock in self.locks():
+            self.lock_for(lock)
+        gate = check_dependencies(self.locks(), self.config.security["dependencies"], self.ws.root)
+        for warning in gate.warnings:
+            self.say(f"WARNING: {warning}")
+        self.say(f"dependency gate: {gate.summary}")
         self.ws.runs.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir()  # exclusive: concurrent runs never share a directory
-        for sub in ("specs", "logs", "keys"):
+        for sub in ("specs", "logs", "keys", CHECKS_DIR):
             (self.run_dir / sub).mkdir()
         self.links_dir.mkdir(parents=True)
         shutil.copyfile(self.config.path, self.run_dir / "config.yaml")
         atomic_write_text(self.run_dir / "keys/owner.pub", self.owner.public.to_json())
         atomic_write_text(self.run_dir / "keys/functionary.pub", self.functionary.public.to_json())
         write_signed_layout(self.config, self.owner, self.functionary, self.layout_path)
-        self._record(status="running")
+        write_signed_statement(self.run_dir / DEPENDENCIES, gate.statement, self.functionary.signer)
+        self._record(status="running", dependency_scan=gate.summary)
         atomic_symlink(self.run_id, self.ws.runs / "latest")
         self.say(f"run {self.run_id}: {len(self.config.stages)} stage(s) of '{self.config.name}'")
 
@@ -261,7 +279,12 @@ class Runner:
             "config_dir": str(self.config.base_dir),
             "pipeline": self.config.name,
         }
-        if stage.kind == "deploy":
+        if getattr(stage_class(stage.kind), "gate", False):
+            extra["checks"] = {
+                "dependencies": f"../{DEPENDENCIES}",
+                "dependencies_required": self.config.security["dependencies"]["required"],
+                "functionary_key": str(self.run_dir / "keys/functionary.pub"),
+            }
             extra["gate"] = {
                 "layout": str(self.layout_path),
                 "links": str(self.links_dir),
@@ -301,6 +324,8 @@ class Runner:
         named = {spec_name(stage.name): spec_path}
         for dep in stage.needs:
             named.update(list_tree(self.run_dir / dep, prefix=f"{dep}/"))
+        if getattr(stage_class(stage.kind), "gate", False):
+            named.update(list_tree(self.run_dir / CHECKS_DIR, prefix=f"{CHECKS_DIR}/"))
         materials = self._hash(named)
         timings["materials"] = time.perf_counter() - t0
 
@@ -476,6 +501,7 @@ class Runner:
             for s in self.config.stages:
                 name = link_filename(s.name, self.functionary.public.keyid)
                 shutil.copyfile(self.links_dir / name, staging / "attestations" / name)
+            shutil.copytree(self.run_dir / CHECKS_DIR, staging / "attestations" / CHECKS_DIR)
             (staging / "keys").mkdir()
             for role in keymod.ROLES:
                 shutil.copyfile(self.run_dir / f"keys/{role}.pub", staging / f"keys/{role}.pub")

@@ -78,6 +78,8 @@ class Stage(ABC):
     outputs: ClassVar[tuple[str, ...]] = ()
     # Switches that make the stage reproducible, recorded in its link's environment.
     determinism: ClassVar[dict[str, Any]] = {}
+    # A gate consumes the runner's signed checks (dependency scan, ...) as materials.
+    gate: ClassVar[bool] = False
 
     @abstractmethod
     def run(self, ctx: StageContext) -> None:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, VerificationError
+from pipeline.hashing import sha256_file
 from pipeline.provenance.keys import PublicKey, public_key_from_dict, resolve_trusted_owner
+from pipeline.provenance.layout import CHECKS_DIR
 from pipeline.provenance.statements import read_verified_statement
 from pipeline.provenance.verify import DiskArtifacts, VerifyReport, released_steps, verify_chain
 from pipeline.workspace import read_run_record, workspace_of_run
@@ -17,20 +19,48 @@ def is_bundle(path: Path) -> bool:
     return (path / "attestations" / LAYOUT).is_file()
 
 
-def check_statements(link_dir: Path, report: VerifyReport) -> None:
-    """Verify every signed Statement beside the links with the layout's functionary keys.
+def _summary(stmt: dict) -> str:
+    pred = stmt.get("predicate", {})
+    kind = "/".join(stmt.get("predicateType", "").rstrip("/").rsplit("/", 2)[-2:])
+    cp = pred.get("chainproof", {})
+    if kind.startswith("vulns"):
+        if not cp.get("scanned"):
+            return f"{kind}: dependencies NOT SCANNED ({cp.get('reason', 'no database')})"
+        db = cp.get("database", {})
+        n = sum(len(lock.get("findings", [])) for lock in cp.get("locks", []))
+        return (
+            f"{kind}: {cp.get('verdict')}, db sha256 {str(db.get('sha256'))[:12]}… "
+            f"({db.get('records')} records, newest {db.get('newest_modified')}), {n} finding(s)"
+        )
+    return f"{kind}: {pred.get('result') or cp.get('verdict') or 'present'}"
 
+
+def check_statements(directories: list[tuple[Path, str]], report: VerifyReport) -> None:
+    """Verify every signed Statement in `directories` with the layout's functionary keys.
+
+    Each (directory, prefix) pair: a statement named `<prefix><file>` that a link records as a
+    material must also have that exact digest (so a release proves which scan it passed).
     A statement that does not verify fails the whole verification; one that does is shown.
     """
     if report.layout is None:
         return
     keys = [public_key_from_dict(d, source="layout") for d in report.layout.keys.values()]
-    for path in sorted(link_dir.glob("*.intoto.json")):
-        stmt = read_verified_statement(path, keys)
-        pred = stmt.get("predicate", {})
-        kind = stmt.get("predicateType", "").rstrip("/").rsplit("/", 2)[-2:]
-        summary = pred.get("result") or pred.get("verdict") or "present"
-        report.passed("attestation", f"{path.name}: {'/'.join(kind)} {summary} (signed)")
+    recorded = {
+        name: digest["sha256"]
+        for link in report.links.values()
+        for name, digest in link.materials.items()
+    }
+    for directory, prefix in directories:
+        for path in sorted(directory.glob("*.intoto.json")):
+            name = f"{prefix}{path.name}"
+            stmt = read_verified_statement(path, keys)
+            if name in recorded and sha256_file(path) != recorded[name]:
+                raise VerificationError(
+                    f"{name} is not the statement the chain recorded",
+                    check="attestations",
+                    artifact=str(path),
+                )
+            report.passed("attestation", f"{name}: {_summary(stmt)} (signed)")
 
 
 def verify_run(run_dir: Path, *, owner_key: str | None = None) -> VerifyReport:
@@ -50,7 +80,7 @@ def verify_run(run_dir: Path, *, owner_key: str | None = None) -> VerifyReport:
         disk=DiskArtifacts(run_dir),
         target=str(run_dir),
     )
-    check_statements(links, report)
+    check_statements([(run_dir / CHECKS_DIR, f"{CHECKS_DIR}/"), (links, "")], report)
     return report
 
 
@@ -81,7 +111,8 @@ def verify_bundle(
         ),
         target=str(bundle),
     )
-    check_statements(bundle / "attestations", report)
+    attestations = bundle / "attestations"
+    check_statements([(attestations / CHECKS_DIR, f"{CHECKS_DIR}/"), (attestations, "")], report)
     return report
 
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.depscan import VulnerabilitiesFound
 from pipeline.errors import VerificationError
 from pipeline.hashing import hash_artifacts, list_tree
 from pipeline.provenance.keys import load_public_key
+from pipeline.provenance.statements import read_verified_statement
 from pipeline.provenance.verify import DiskArtifacts, verify_chain
+from pipeline.security import recheck
 from pipeline.stage import Params, Stage, StageContext, StageError, main
 from stages._io import write_json
 
@@ -27,6 +30,7 @@ class DeployStage(Stage):
     kind = "deploy"
     Params = DeployParams
     outputs = (RELEASE,)
+    gate = True
 
     def run(self, ctx: StageContext) -> None:
         gate = ctx.extra.get("gate")
@@ -48,6 +52,8 @@ class DeployStage(Stage):
             ) from e
         for check, detail in report.checks:
             print(f"gate: {check}: {detail}")
+        dependency_verdict = self._recheck_dependencies(ctx)
+        print(f"gate: {dependency_verdict}")
         released = {}
         for dep, path in ctx.inputs.items():
             released.update(hash_artifacts(list_tree(path, prefix=f"{dep}/")))
@@ -60,12 +66,25 @@ class DeployStage(Stage):
                 "run_id": ctx.run_id,
                 "files": released,
                 "gate": {
+                    "dependencies": dependency_verdict,
                     "verified_steps": gate["steps"],
                     "owner_keyid": owner.keyid,
                     "checks": [c for c, _ in report.checks],
                 },
             },
         )
+
+    @staticmethod
+    def _recheck_dependencies(ctx: StageContext) -> str:
+        """Verify the runner's signed scan result and re-apply the policy to it today."""
+        checks = ctx.extra.get("checks") or {}
+        path = ctx.workdir / checks.get("dependencies", "../checks/dependencies.intoto.json")
+        functionary = load_public_key(Path(checks["functionary_key"]))
+        try:
+            stmt = read_verified_statement(path, [functionary])
+            return recheck(stmt, required=bool(checks.get("dependencies_required")))
+        except (VerificationError, VulnerabilitiesFound) as e:
+            raise StageError("refusing to deploy: " + e.diagnostics()) from e
 
 
 if __name__ == "__main__":

@@ -62,6 +62,21 @@ stages:
 """
 
 
+OSV_SNAPSHOT = SHARED / "osv" / "pypa-advisory-database"
+
+
+@pytest.fixture(scope="session")
+def osv_db(tmp_path_factory) -> Path:
+    """The real PyPA advisory snapshot from ../shared, imported once into a store."""
+    if not OSV_SNAPSHOT.is_dir():
+        pytest.skip(f"the OSV snapshot {OSV_SNAPSHOT} is absent (it ships in ../shared)")
+    from pipeline.vulndb import import_osv
+
+    db = tmp_path_factory.mktemp("osv") / "vulndb.sqlite"
+    import_osv(OSV_SNAPSHOT, db)
+    return db
+
+
 @pytest.fixture(scope="session")
 def completed_workspace(tmp_path_factory) -> Path:
     """One real end-to-end run of a small four-stage pipeline; tests copy it, never edit it."""

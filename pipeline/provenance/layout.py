@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from pipeline.config import PipelineConfig, StageConfig
 
 SPEC_DIR = "specs"
+CHECKS_DIR = "checks"  # the runner's signed gate Statements, materials of gate steps
+GATE_CHECKS = (f"{CHECKS_DIR}/dependencies.intoto.json",)
 
 
 def spec_name(stage: str) -> str:
@@ -35,14 +37,18 @@ def stage_command(module: str, stage: str) -> list[str]:
     return ["python", "-I", "-m", module, f"../{spec_name(stage)}"]
 
 
-def _material_rules(stage: StageConfig, config: PipelineConfig) -> list[list[str]]:
+def _material_rules(stage: StageConfig, config: PipelineConfig, gate: bool) -> list[list[str]]:
     rules: list[list[str]] = [["REQUIRE", spec_name(stage.name)]]
+    if gate:
+        rules += [["REQUIRE", check] for check in GATE_CHECKS]
     for dep in stage.needs:
         for out in config.stage(dep).outputs:
             rules.append(["REQUIRE", f"{dep}/{out}"])
     for dep in stage.needs:
         rules.append(["MATCH", f"{dep}/*", "WITH", "PRODUCTS", "FROM", dep])
     rules.append(["ALLOW", spec_name(stage.name)])
+    if gate:
+        rules.append(["ALLOW", f"{CHECKS_DIR}/*"])
     rules.append(["DISALLOW", "*"])
     return rules
 
@@ -59,14 +65,16 @@ def compile_layout(
     *,
     functionary: PublicKey,
     modules: dict[str, str],
+    gates: frozenset[str] = frozenset(),
     now: datetime | None = None,
 ) -> Layout:
-    """`modules` maps each stage kind to the module run for it (from the registry)."""
+    """`modules` maps each stage kind to the module run for it (from the registry);
+    `gates` names the kinds that consume the runner's gate Statements (deploy)."""
     steps = [
         Step(
             name=s.name,
             expected_command=stage_command(modules[s.kind], s.name),
-            expected_materials=_material_rules(s, config),
+            expected_materials=_material_rules(s, config, s.kind in gates),
             expected_products=_product_rules(s),
             pubkeys=[functionary.keyid],
             threshold=1,

@@ -26,7 +26,7 @@ def test_reproduce_gives_identical_weights_and_a_signed_statement(workspace_copy
 
     statement = next((workspace_copy / "attestations/runs" / new.name).glob("*.intoto.json"))
     report = verify_target(new, workspace=workspace_copy)
-    assert any("test-result/v0.1 PASSED" in d for c, d in report.checks if c == "attestation")
+    assert any("test-result/v0.1: PASSED" in d for c, d in report.checks if c == "attestation")
 
     # a tampered statement fails verification
     env = json.loads(statement.read_text())

@@ -1,0 +1,211 @@
+"""Release gates the runner applies around the stages, each recorded as a signed Statement.
+
+Dependencies: before any stage starts, every lock the pipeline uses is scanned, transitive
+dependencies included, against the offline OSV store under the config's policy. A violation
+refuses the run, naming the advisory and its dependency path. The result (database digest
+and date, lock digests, findings, allowlist applied) becomes `checks/dependencies.intoto.json`
+in the run, a material of the deploy step: `verify` proves which database a release was
+checked against. Where no database exists nothing pretends: the Statement says "not scanned".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from pipeline import deps
+from pipeline.depscan import Policy, VulnerabilitiesFound, evaluate, scan
+from pipeline.hashing import sha256_file
+from pipeline.provenance.statements import statement
+from pipeline.vulndb import ScanUnavailable
+
+CHECKS_DIR = "checks"
+DEPENDENCIES = f"{CHECKS_DIR}/dependencies.intoto.json"
+VULNS_PREDICATE = "https://in-toto.io/attestation/vulns/v0.2"
+SCANNER_URI = "https://github.com/chainproof/chainproof#scan-deps"
+
+
+@dataclass(frozen=True)
+class DependencyGate:
+    statement: dict[str, Any]
+    scanned: bool
+    summary: str
+    warnings: tuple[str, ...]
+
+
+def _policy(cfg: Mapping[str, Any]) -> Policy:
+    return Policy.from_mapping(
+        {
+            "severity": cfg["severity"],
+            "allow": [
+                {"id": a["id"], "reason": a["reason"], "expires": a["expires"]}
+                for a in cfg.get("allow", ())
+            ],
+        },
+        where="security.dependencies",
+    )
+
+
+def check_dependencies(
+    locks: list[Path], cfg: Mapping[str, Any], workspace: Path, *, today: date | None = None
+) -> DependencyGate:
+    """Scan `locks` under the config's policy. Raises VulnerabilitiesFound on a violation and
+    ScanUnavailable when a scan is required but no database can be read."""
+    db = Path(cfg["database"])
+    db = db if db.is_absolute() else workspace / db
+    today = today or datetime.now(UTC).date()
+    subjects = {p.name: sha256_file(p) for p in locks}
+    policy = _policy(cfg)
+    base = {
+        "scanner": {"uri": SCANNER_URI, "version": "1", "result": []},
+        "metadata": {"scanStartedOn": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")},
+    }
+    if not db.is_file():
+        if cfg["required"]:
+            raise ScanUnavailable(
+                f"the config requires a dependency scan, but there is no database at {db}",
+                hint="import one: chainproof vulndb import PATH (or vulndb update)",
+            )
+        predicate = {
+            **base,
+            "chainproof": {
+                "scanned": False,
+                "verdict": "not scanned",
+                "reason": f"no database at {db}",
+            },
+        }
+        loud = (
+            f"DEPENDENCIES WERE NOT SCANNED: no vulnerability database at {db}. "
+            "Import one with `chainproof vulndb import PATH`; the release records 'not scanned'."
+        )
+        return DependencyGate(
+            statement(subjects, VULNS_PREDICATE, predicate), False, "not scanned", (loud,)
+        )
+
+    max_age = timedelta(days=int(cfg["max_age_days"]))
+    results, violations, warnings = [], [], []
+    per_lock = []
+    for lock in locks:
+        result = scan(deps.from_lock(lock), db, max_age=max_age)
+        ev = evaluate(result, policy, today)
+        results.append(result)
+        if result.stale:
+            warnings.append(result.stale.message())
+        for entry in ev.expired:
+            warnings.append(
+                f"allowlist entry {entry.id} expired on {entry.expires}: it allows nothing now"
+            )
+        violations += [(lock, f, result) for f in ev.violations]
+        per_lock.append(
+            {
+                "lock": lock.name,
+                "sha256": subjects[lock.name],
+                "packages": result.scanned,
+                "findings": [
+                    {
+                        "id": f.id,
+                        "aliases": sorted(f.advisory.aliases),
+                        "package": f.package,
+                        "version": f.version,
+                        "severity": f.severity.rating,
+                        "paths": [deps.format_path(p, result.graph) for p in f.paths],
+                    }
+                    for f in result.findings
+                ],
+                "violations": [f.id for f in ev.violations],
+                "allowed": [
+                    {
+                        "id": f.id,
+                        "entry": e.id,
+                        "reason": e.reason,
+                        "expires": e.expires.isoformat(),
+                    }
+                    for f, e in ev.allowed
+                ],
+                "expired_entries": [e.id for e in ev.expired],
+            }
+        )
+    if violations:
+        lines = []
+        for lock, f, result in violations:
+            path = deps.format_path(f.paths[0], result.graph) if f.paths else f.package
+            lines.append(
+                f"{f.id} ({f.severity.rating}) in {f.package} {f.version} [{lock.name}]: {path}"
+            )
+        raise VulnerabilitiesFound(
+            "refusing to run: the dependency policy is violated:\n    " + "\n    ".join(lines),
+            hint="upgrade the direct requirement named in the path (make lock), or add an "
+            "allowlist entry with id, reason and expiry to security.dependencies.allow",
+        )
+    info = results[0].db
+    scanner_result = [
+        {"id": f["id"], "severity": [{"method": "osv", "score": f["severity"]}]}
+        for lock in per_lock
+        for f in lock["findings"]
+    ]
+    predicate = {
+        "scanner": {
+            "uri": SCANNER_URI,
+            "version": "1",
+            "db": {
+                "uri": info.source,
+                "version": info.digest,
+                "lastUpdate": info.newest_modified or info.imported_at,
+            },
+            "result": scanner_result,
+        },
+        "metadata": base["metadata"],
+        "chainproof": {
+            "scanned": True,
+            "verdict": "pass",
+            "database": {
+                "sha256": info.digest,
+                "records": info.records,
+                "newest_modified": info.newest_modified,
+                "imported_at": info.imported_at,
+            },
+            "policy": {"severity": policy.threshold, "unknown_severity_fails": True},
+            "locks": per_lock,
+        },
+    }
+    n = sum(len(lock["findings"]) for lock in per_lock)
+    allowed = sum(len(lock["allowed"]) for lock in per_lock)
+    summary = (
+        f"scanned {sum(lock['packages'] for lock in per_lock)} packages in {len(locks)} lock(s) "
+        f"against {info.records} OSV records (db sha256 {info.digest[:12]}…): {n} finding(s), "
+        f"{allowed} allowed, 0 violations"
+    )
+    return DependencyGate(
+        statement(subjects, VULNS_PREDICATE, predicate), True, summary, tuple(warnings)
+    )
+
+
+def recheck(stmt: dict[str, Any], *, required: bool, today: date | None = None) -> str:
+    """Deploy's second look at the signed scan result; returns a one-line verdict.
+
+    Raises VulnerabilitiesFound when the scan is missing but required, a violation is recorded,
+    or an allowlist entry that let a finding through has expired since the scan.
+    """
+    today = today or datetime.now(UTC).date()
+    cp = stmt.get("predicate", {}).get("chainproof", {})
+    if not cp.get("scanned"):
+        if required:
+            raise VulnerabilitiesFound("the dependency scan is required but was not done")
+        return "dependencies NOT scanned (no database; allowed by the config)"
+    for lock in cp.get("locks", []):
+        if lock.get("violations"):
+            raise VulnerabilitiesFound(
+                f"recorded violations in {lock['lock']}: {lock['violations']}"
+            )
+        for a in lock.get("allowed", []):
+            if date.fromisoformat(a["expires"]) < today:
+                raise VulnerabilitiesFound(
+                    f"allowlist entry {a['entry']} for {a['id']} expired on {a['expires']} "
+                    "since the scan",
+                    hint="re-run the pipeline (the gate re-scans) after fixing or renewing it",
+                )
+    db = cp.get("database", {})
+    return f"dependencies scanned against db sha256 {str(db.get('sha256', ''))[:12]}…: pass"
