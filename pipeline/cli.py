@@ -204,10 +204,12 @@ def scan() -> None:
 
 def _register_extensions() -> None:
     from pipeline.cli_deps import deps, scan_deps, vulndb
+    from pipeline.cli_modelscan import scan_model
 
     cli.add_command(deps)
     cli.add_command(vulndb)
     scan.add_command(scan_deps, name="deps")
+    scan.add_command(scan_model, name="model")
 
 
 _register_extensions()
