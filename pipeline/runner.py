@@ -164,6 +164,9 @@ class Runner:
             (self.run_dir / sub).mkdir()
         self.links_dir.mkdir(parents=True)
         shutil.copyfile(self.config.path, self.run_dir / "config.yaml")
+        (self.run_dir / "locks").mkdir()
+        for lock in self.locks():  # the exact locks, for diff and reproduce; digests are in links
+            shutil.copyfile(lock, self.run_dir / "locks" / lock.name)
         atomic_write_text(self.run_dir / "keys/owner.pub", self.owner.public.to_json())
         atomic_write_text(self.run_dir / "keys/functionary.pub", self.functionary.public.to_json())
         write_signed_layout(self.config, self.owner, self.functionary, self.layout_path)
@@ -502,6 +505,7 @@ class Runner:
                 name = link_filename(s.name, self.functionary.public.keyid)
                 shutil.copyfile(self.links_dir / name, staging / "attestations" / name)
             shutil.copytree(self.run_dir / CHECKS_DIR, staging / "attestations" / CHECKS_DIR)
+            shutil.copytree(self.run_dir / "locks", staging / "locks")
             (staging / "keys").mkdir()
             for role in keymod.ROLES:
                 shutil.copyfile(self.run_dir / f"keys/{role}.pub", staging / f"keys/{role}.pub")

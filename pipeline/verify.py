@@ -63,6 +63,20 @@ def check_statements(directories: list[tuple[Path, str]], report: VerifyReport) 
             report.passed("attestation", f"{name}: {_summary(stmt)} (signed)")
 
 
+def check_locks(directory: Path, report: VerifyReport) -> None:
+    """Each lock shipped beside the chain must be one some link says its stage ran under."""
+    recorded = {str(link.environment.get("lock_sha256")) for link in report.links.values()}
+    for path in sorted(directory.glob("*")) if directory.is_dir() else []:
+        if sha256_file(path) not in recorded:
+            raise VerificationError(
+                f"lock {path.name} is not the lock any step ran under",
+                check="locks",
+                artifact=str(path),
+                hint="the lock file was edited after the run",
+            )
+        report.passed("locks", f"{path.name} is the lock the steps ran under")
+
+
 def verify_run(run_dir: Path, *, owner_key: str | None = None) -> VerifyReport:
     """Verify every link of a run against its layout, and every recorded file on disk.
 
@@ -81,6 +95,7 @@ def verify_run(run_dir: Path, *, owner_key: str | None = None) -> VerifyReport:
         target=str(run_dir),
     )
     check_statements([(run_dir / CHECKS_DIR, f"{CHECKS_DIR}/"), (links, "")], report)
+    check_locks(run_dir / "locks", report)
     return report
 
 
