@@ -9,7 +9,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 
 UI_PORT ?= 5000
 
-.PHONY: setup lock train verify test test-fast bench ui lint clean
+.PHONY: setup lock train verify test test-fast bench ui serve lint clean
 
 ## setup: build .venv from the hash-pinned lock (skipped when the lock and pyproject are unchanged)
 setup:
@@ -49,6 +49,13 @@ ui: setup
 	@echo "MLflow UI for $(CURDIR)/mlruns.db: http://127.0.0.1:$(UI_PORT)  (Ctrl-C stops it)"
 	@$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlruns.db \
 	  --default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port $(UI_PORT)
+
+## serve: verify the latest release, then serve predictions on 127.0.0.1:$(SERVE_PORT)
+SERVE_PORT ?= 8080
+serve: setup
+	@release=$$($(PY) -c "import json; print(json.load(open('runs/latest/run.json')).get('release') or '')"); \
+	  test -n "$$release" || { echo "no release yet: run make train first" >&2; exit 2; }; \
+	  $(CP) serve "$$release" --port $(SERVE_PORT)
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline stages tests bench tools

@@ -8,6 +8,7 @@ with the traceback).
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -186,6 +187,11 @@ def reproduce(run_dir: Path) -> None:
     for st in result.stages:
         if st.skipped:
             click.echo(f"  {st.stage}: not compared ({st.skipped})")
+        if st.exports_differ:
+            click.echo(
+                f"  {st.stage}: {len(st.exports_differ)} SavedModel export file(s) differ"
+                " (not byte-stable; weights compared via model.keras)"
+            )
         for f in st.files:
             click.echo(
                 f"  {'identical' if f.identical else 'DIFFERS  '}  {f.name}"
@@ -195,6 +201,23 @@ def reproduce(run_dir: Path) -> None:
     click.echo("reproduced: identical" if result.identical else "reproduced: DIFFERENT")
     if not result.identical:
         sys.exit(1)
+
+
+@cli.command()
+@click.argument("bundle", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--owner-key",
+    help="Trusted owner key fingerprint or owner.pub path "
+    "(default: this workspace's attestations/keys/owner.pub).",
+)
+@click.option("--port", type=int, default=8080, show_default=True)
+@workspace_option
+def serve(bundle: Path, owner_key: str | None, port: int, workspace: Path) -> None:
+    """Verify release BUNDLE, then serve its predictions over HTTP on 127.0.0.1."""
+    from pipeline.serving import serve as do_serve
+
+    key = owner_key or str(workspace.resolve() / "attestations" / "keys" / "owner.pub")
+    do_serve(bundle.resolve(), owner_key=key, port=port, on_ready=_echo)
 
 
 @cli.group()
@@ -216,6 +239,7 @@ _register_extensions()
 
 
 def main() -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # only serve imports TensorFlow here
     try:
         cli.main(standalone_mode=False)
     except Error as e:

@@ -67,8 +67,13 @@ class DependencyPolicySpec(_Strict):
     allow: tuple[AllowSpec, ...] = ()
 
 
+class ModelPolicySpec(_Strict):
+    fail_on: Literal["info", "low", "medium", "high", "critical"] = "medium"
+
+
 class SecuritySpec(_Strict):
     dependencies: DependencyPolicySpec = DependencyPolicySpec()
+    models: ModelPolicySpec = ModelPolicySpec()
 
 
 class _PipelineSchema(_Strict):
@@ -219,7 +224,7 @@ def _pydantic_problems(err: ValidationError, loc: _Located, prefix: tuple = ()) 
 
 
 def _escapes(rel: str) -> bool:
-    p = PurePosixPath(rel)
+    p = PurePosixPath(rel.rstrip("/") or rel)
     return p.is_absolute() or ".." in p.parts or rel.strip() in ("", ".")
 
 

@@ -35,15 +35,23 @@ from pipeline.envcheck import (
 )
 from pipeline.errors import InputError, StageFailed
 from pipeline.fsutil import atomic_directory, atomic_symlink, atomic_write_bytes, atomic_write_text
-from pipeline.hashing import hash_artifacts, list_tree
+from pipeline.hashing import hash_artifacts, list_tree, sha256_file
 from pipeline.lineage import LineageError, git_commit, sink_for
+from pipeline.modelscan import UnsafeModelError
 from pipeline.provenance import keys as keymod
 from pipeline.provenance.layout import compile_layout, signed_layout_bytes, spec_name, stage_command
-from pipeline.provenance.links import link_filename, write_link
-from pipeline.provenance.statements import write_signed_statement
-from pipeline.provenance.verify import DiskArtifacts, VerifyReport, verify_chain
+from pipeline.provenance.links import link_filename, read_link, write_link
+from pipeline.provenance.statements import slsa_provenance, write_signed_statement
+from pipeline.provenance.verify import DiskArtifacts, VerifyReport, released_steps, verify_chain
 from pipeline.registry import stage_class, stage_module
-from pipeline.security import CHECKS_DIR, DEPENDENCIES, check_dependencies
+from pipeline.security import (
+    CHECKS_DIR,
+    DEPENDENCIES,
+    MODELS,
+    check_dependencies,
+    model_scan_statement,
+    scan_models,
+)
 from pipeline.workspace import RUN_RECORD, Workspace
 
 LAYOUT_NAME = "root.layout"
@@ -137,6 +145,7 @@ class Runner:
         self._digest_cache: dict[tuple[int, ...], str] = {}
         self.stage_seconds: dict[str, dict[str, float]] = {}
         self.done: list[str] = []
+        self.model_scans: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ run lifecycle
 
@@ -278,13 +287,17 @@ class Runner:
         return dict(sorted(out.items()))
 
     def _spec(self, stage: StageConfig) -> dict[str, Any]:
+        lock = stage.lock or self.config.lock
         extra: dict[str, Any] = {
             "config_dir": str(self.config.base_dir),
             "pipeline": self.config.name,
+            "locks": [f"../locks/{lock.name}"],
+            "lock_sha256": self.lock_for(lock).sha256,
         }
         if getattr(stage_class(stage.kind), "gate", False):
             extra["checks"] = {
                 "dependencies": f"../{DEPENDENCIES}",
+                "models": f"../{MODELS}",
                 "dependencies_required": self.config.security["dependencies"]["required"],
                 "functionary_key": str(self.run_dir / "keys/functionary.pub"),
             }
@@ -325,9 +338,15 @@ class Runner:
 
         t0 = time.perf_counter()
         named = {spec_name(stage.name): spec_path}
+        named.update(list_tree(self.run_dir / "locks", prefix="locks/"))
         for dep in stage.needs:
             named.update(list_tree(self.run_dir / dep, prefix=f"{dep}/"))
         if getattr(stage_class(stage.kind), "gate", False):
+            write_signed_statement(
+                self.run_dir / MODELS,
+                model_scan_statement(self.model_scans, self.config.security["models"]["fail_on"]),
+                self.functionary.signer,
+            )
             named.update(list_tree(self.run_dir / CHECKS_DIR, prefix=f"{CHECKS_DIR}/"))
         materials = self._hash(named)
         timings["materials"] = time.perf_counter() - t0
@@ -349,7 +368,15 @@ class Runner:
 
         t0 = time.perf_counter()
         produced = list_tree(workdir, prefix=f"{stage.name}/")
-        missing = [o for o in stage.outputs if f"{stage.name}/{o}" not in produced]
+        missing = [
+            o
+            for o in stage.outputs
+            if not (
+                any(n.startswith(f"{stage.name}/{o}") for n in produced)
+                if o.endswith("/")  # a directory output: at least one file in it
+                else f"{stage.name}/{o}" in produced
+            )
+        ]
         if missing:
             raise StageFailed(
                 stage.name,
@@ -357,6 +384,7 @@ class Runner:
                 log_tail=self._tail(logs),
             )
         products = self._hash(produced)
+        self.model_scans += self._scan_products(stage, workdir, logs)
         log_digests = self._hash({f"logs/{p.name}": p for p in logs.values()})
         timings["products"] = time.perf_counter() - t0
 
@@ -398,6 +426,19 @@ class Runner:
             f"link {link.name}"
         )
         return link
+
+    def _scan_products(self, stage: StageConfig, workdir: Path, logs) -> list[dict[str, Any]]:
+        """Model files a stage produced are scanned before any link calls them good."""
+        fail_on = self.config.security["models"]["fail_on"]
+        try:
+            return scan_models(stage.name, workdir, self.run_dir, fail_on)
+        except UnsafeModelError as e:
+            raise StageFailed(
+                stage.name,
+                "a model file it produced failed the model scan; no link was written\n"
+                + e.diagnostics(),
+                log_tail=self._tail(logs),
+            ) from e
 
     @staticmethod
     def _determinism(stage: StageConfig) -> dict[str, Any]:
@@ -481,6 +522,89 @@ class Runner:
         self.say("verified: the whole chain holds")
         return report
 
+    def write_provenance(self) -> Path:
+        """SLSA provenance v1 for the released model files, signed by the runner's key."""
+        from importlib.metadata import version
+
+        released = released_steps(self.layout_path, self.owner.public)
+        links = {
+            s: read_link(self.links_dir / link_filename(s, self.functionary.public.keyid))
+            for s in self.done
+        }
+        subjects = {
+            name: d["sha256"]
+            for step in released
+            for name, d in links[step].products.items()
+            if name.endswith((".keras", ".h5")) or "/saved_model/" in name
+        }
+        deps: list[dict[str, Any]] = [
+            {
+                "name": "config",
+                "uri": self.config.path.as_uri(),
+                "digest": {"sha256": self.config.sha256},
+            },
+        ]
+        for lock in self.locks():
+            deps.append(
+                {
+                    "name": f"lock:{lock.name}",
+                    "uri": lock.as_uri(),
+                    "digest": {"sha256": self.lock_for(lock).sha256},
+                }
+            )
+        for step, link in links.items():
+            for name, d in link.products.items():
+                if name.endswith("/dataset.npz"):
+                    manifest = json.loads((self.run_dir / step / "manifest.json").read_text())
+                    origin = manifest.get("source", {})
+                    deps.append(
+                        {
+                            "name": f"dataset:{manifest.get('name')}",
+                            "uri": str(origin.get("location", name)),
+                            "digest": {"sha256": d["sha256"]},
+                            "annotations": {
+                                "origin_sha256": origin.get("sha256"),
+                                "split": manifest.get("split"),
+                            },
+                        }
+                    )
+                if "/base_model" in name:
+                    deps.append({"name": "base_model", "uri": name, "digest": d})
+        commit = json.loads((self.run_dir / RUN_RECORD).read_text()).get("source_commit")
+        if commit and commit != "unknown":
+            deps.append(
+                {
+                    "name": "source",
+                    "uri": f"git+file://{self.config.base_dir}",
+                    "digest": {"gitCommit": commit},
+                }
+            )
+        byproducts = {
+            f"attestations/{p.name}": sha256_file(p)
+            for p in sorted(self.links_dir.glob("*.link")) + [self.layout_path]
+        }
+        record = json.loads((self.run_dir / RUN_RECORD).read_text())
+        stmt = slsa_provenance(
+            subjects=subjects,
+            external={
+                "pipeline": self.config.name,
+                "config": {"path": str(self.config.path), "sha256": self.config.sha256},
+            },
+            internal={
+                "stages": [s.name for s in self.config.stages],
+                "layout_sha256": sha256_file(self.layout_path),
+            },
+            dependencies=deps,
+            invocation_id=self.run_id,
+            started=record["started"],
+            finished=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            byproducts=byproducts,
+            builder_version={"chainproof": version("chainproof")},
+        )
+        path = self.links_dir / PROVENANCE
+        write_signed_statement(path, stmt, self.functionary.signer)
+        return path
+
     def publish_release(self) -> Path | None:
         """Copy the released files, layout, links and public keys into releases/, atomically.
 
@@ -490,8 +614,9 @@ class Runner:
         last = self.config.stages[-1]
         if last.kind != "deploy":
             return None
-        from pipeline.verify import bundle_required_steps, verify_bundle
+        from pipeline.verify import verify_bundle
 
+        self.write_provenance()
         final = self.ws.root / self.config.release_dir / self.config.name / self.release_version
         if final.exists():
             raise InputError(
@@ -504,12 +629,13 @@ class Runner:
             for s in self.config.stages:
                 name = link_filename(s.name, self.functionary.public.keyid)
                 shutil.copyfile(self.links_dir / name, staging / "attestations" / name)
+            shutil.copyfile(self.links_dir / PROVENANCE, staging / "attestations" / PROVENANCE)
             shutil.copytree(self.run_dir / CHECKS_DIR, staging / "attestations" / CHECKS_DIR)
             shutil.copytree(self.run_dir / "locks", staging / "locks")
             (staging / "keys").mkdir()
             for role in keymod.ROLES:
                 shutil.copyfile(self.run_dir / f"keys/{role}.pub", staging / f"keys/{role}.pub")
-            for step in bundle_required_steps(self.layout_path, self.owner.public):
+            for step in released_steps(self.layout_path, self.owner.public):
                 for name, path in list_tree(self.run_dir / step, prefix=f"{step}/").items():
                     dest = staging / "artifacts" / name
                     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -518,6 +644,9 @@ class Runner:
             verify_bundle(staging, owner_key=self.owner.public.keyid)
         self.say(f"released {final}")
         return final
+
+
+PROVENANCE = "provenance.intoto.json"
 
 
 def _verify_md(runner: Runner, final: Path) -> str:

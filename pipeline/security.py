@@ -209,3 +209,75 @@ def recheck(stmt: dict[str, Any], *, required: bool, today: date | None = None) 
                 )
     db = cp.get("database", {})
     return f"dependencies scanned against db sha256 {str(db.get('sha256', ''))[:12]}…: pass"
+
+
+# --------------------------------------------------------------------------- model files
+
+MODELS = f"{CHECKS_DIR}/models.intoto.json"
+MODEL_SCAN_PREDICATE = "https://chainproof.dev/attestation/model-scan/v1"
+MODEL_SUFFIXES = (
+    ".keras",
+    ".h5",
+    ".hdf5",
+    ".pkl",
+    ".pickle",
+    ".pt",
+    ".pth",
+    ".bin",
+    ".joblib",
+    ".npy",
+    ".npz",
+    ".safetensors",
+)
+
+
+def model_candidates(stage_dir: Path) -> list[Path]:
+    """Files and SavedModel directories in a stage's products that a loader could execute."""
+    found: list[Path] = []
+    saved = sorted(p.parent for p in stage_dir.rglob("saved_model.pb"))
+    found += saved
+    for path in sorted(stage_dir.rglob("*")):
+        if (
+            path.is_file()
+            and path.suffix in MODEL_SUFFIXES
+            and not any(s in path.parents for s in saved)
+        ):
+            found.append(path)
+    return found
+
+
+def scan_models(stage: str, stage_dir: Path, run_dir: Path, fail_on: str) -> list[dict[str, Any]]:
+    """Scan a stage's model-like products; raise UnsafeModelError at or above `fail_on`."""
+    from pipeline.modelscan import UnsafeModelError, scan_path
+
+    results = []
+    for target in model_candidates(stage_dir):
+        report = scan_path(target)
+        if not report.ok(fail_on):
+            raise UnsafeModelError(report, fail_on)
+        results.append(
+            {
+                "stage": stage,
+                "path": target.relative_to(run_dir).as_posix(),
+                "files": [f.to_dict() for f in report.files],
+                "findings": [f.to_dict() for f in report.findings],
+                "max_severity": report.max_severity.label if report.findings else "none",
+            }
+        )
+    return results
+
+
+def model_scan_statement(results: list[dict[str, Any]], fail_on: str) -> dict[str, Any]:
+    subjects = {}
+    for r in results:
+        for f in r["files"]:
+            if f.get("sha256"):
+                name = r["path"] if r["path"].endswith(f["path"]) else f"{r['path']}/{f['path']}"
+                subjects[name] = f["sha256"]
+    predicate = {
+        "scanner": {"uri": "https://github.com/chainproof/chainproof#scan-model", "version": "1"},
+        "policy": {"fail_on": fail_on},
+        "verdict": "pass",
+        "scanned": results,
+    }
+    return statement(subjects, MODEL_SCAN_PREDICATE, predicate)

@@ -54,7 +54,7 @@ class StageContext:
             ) from None
 
     def output(self, name: str) -> Path:
-        if name not in self.outputs:
+        if name not in self.outputs and f"{name}/" not in self.outputs:
             raise StageError(f"{name!r} is not a declared output of stage '{self.stage}'")
         return self.workdir / name
 

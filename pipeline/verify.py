@@ -8,11 +8,12 @@ from pipeline.errors import InputError, VerificationError
 from pipeline.hashing import sha256_file
 from pipeline.provenance.keys import PublicKey, public_key_from_dict, resolve_trusted_owner
 from pipeline.provenance.layout import CHECKS_DIR
-from pipeline.provenance.statements import read_verified_statement
+from pipeline.provenance.statements import payload_of, read_verified_statement
 from pipeline.provenance.verify import DiskArtifacts, VerifyReport, released_steps, verify_chain
 from pipeline.workspace import read_run_record, workspace_of_run
 
 LAYOUT = "root.layout"
+PROVENANCE = "provenance.intoto.json"
 
 
 def is_bundle(path: Path) -> bool:
@@ -32,7 +33,11 @@ def _summary(stmt: dict) -> str:
             f"{kind}: {cp.get('verdict')}, db sha256 {str(db.get('sha256'))[:12]}… "
             f"({db.get('records')} records, newest {db.get('newest_modified')}), {n} finding(s)"
         )
-    return f"{kind}: {pred.get('result') or cp.get('verdict') or 'present'}"
+    if kind.startswith("provenance"):
+        build = pred.get("buildDefinition", {})
+        return f"{kind}: SLSA, {len(build.get('resolvedDependencies', []))} resolved dependencies"
+    verdict = pred.get("result") or pred.get("verdict") or cp.get("verdict") or "present"
+    return f"{kind}: {verdict}"
 
 
 def check_statements(directories: list[tuple[Path, str]], report: VerifyReport) -> None:
@@ -61,6 +66,34 @@ def check_statements(directories: list[tuple[Path, str]], report: VerifyReport) 
                     artifact=str(path),
                 )
             report.passed("attestation", f"{name}: {_summary(stmt)} (signed)")
+
+
+def check_provenance(path: Path, report: VerifyReport, artifacts: Path, links: Path) -> None:
+    """The SLSA provenance's subjects are the released files and its byproducts the links."""
+    if not path.is_file():
+        return
+    stmt = payload_of(path)  # its signature was verified by check_statements
+    for subject in stmt.get("subject", []):
+        file = artifacts / subject["name"]
+        if not file.is_file() or sha256_file(file) != subject["digest"]["sha256"]:
+            raise VerificationError(
+                f"provenance subject {subject['name']} does not match the released file",
+                check="provenance",
+                artifact=str(file),
+            )
+    for item in stmt["predicate"]["runDetails"].get("byproducts", []):
+        file = links / item["name"].split("/", 1)[1]
+        if not file.is_file() or sha256_file(file) != item["digest"]["sha256"]:
+            raise VerificationError(
+                f"provenance byproduct {item['name']} does not match the link shipped",
+                check="provenance",
+                artifact=str(file),
+            )
+    report.passed(
+        "provenance",
+        f"SLSA v1: {len(stmt.get('subject', []))} subject(s) = released files, "
+        f"byproducts = the links and layout",
+    )
 
 
 def check_locks(directory: Path, report: VerifyReport) -> None:
@@ -95,6 +128,7 @@ def verify_run(run_dir: Path, *, owner_key: str | None = None) -> VerifyReport:
         target=str(run_dir),
     )
     check_statements([(run_dir / CHECKS_DIR, f"{CHECKS_DIR}/"), (links, "")], report)
+    check_provenance(links / PROVENANCE, report, run_dir, links)
     check_locks(run_dir / "locks", report)
     return report
 
@@ -128,6 +162,8 @@ def verify_bundle(
     )
     attestations = bundle / "attestations"
     check_statements([(attestations / CHECKS_DIR, f"{CHECKS_DIR}/"), (attestations, "")], report)
+    check_provenance(attestations / PROVENANCE, report, bundle / "artifacts", attestations)
+    check_locks(bundle / "locks", report)
     return report
 
 

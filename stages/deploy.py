@@ -15,7 +15,7 @@ from pipeline.hashing import hash_artifacts, list_tree
 from pipeline.provenance.keys import load_public_key
 from pipeline.provenance.statements import read_verified_statement
 from pipeline.provenance.verify import DiskArtifacts, verify_chain
-from pipeline.security import recheck
+from pipeline.security import model_candidates, recheck
 from pipeline.stage import Params, Stage, StageContext, StageError, main
 from stages._io import write_json
 
@@ -54,6 +54,8 @@ class DeployStage(Stage):
             print(f"gate: {check}: {detail}")
         dependency_verdict = self._recheck_dependencies(ctx)
         print(f"gate: {dependency_verdict}")
+        model_verdict = self._recheck_models(ctx)
+        print(f"gate: {model_verdict}")
         released = {}
         for dep, path in ctx.inputs.items():
             released.update(hash_artifacts(list_tree(path, prefix=f"{dep}/")))
@@ -67,6 +69,7 @@ class DeployStage(Stage):
                 "files": released,
                 "gate": {
                     "dependencies": dependency_verdict,
+                    "models": model_verdict,
                     "verified_steps": gate["steps"],
                     "owner_keyid": owner.keyid,
                     "checks": [c for c, _ in report.checks],
@@ -85,6 +88,26 @@ class DeployStage(Stage):
             return recheck(stmt, required=bool(checks.get("dependencies_required")))
         except (VerificationError, VulnerabilitiesFound) as e:
             raise StageError("refusing to deploy: " + e.diagnostics()) from e
+
+    @staticmethod
+    def _recheck_models(ctx: StageContext) -> str:
+        """Every model file released must have been scanned, and passed, by the runner."""
+        checks = ctx.extra.get("checks") or {}
+        functionary = load_public_key(Path(checks["functionary_key"]))
+        try:
+            stmt = read_verified_statement(ctx.workdir / checks["models"], [functionary])
+        except VerificationError as e:
+            raise StageError("refusing to deploy: " + e.diagnostics()) from e
+        pred = stmt["predicate"]
+        scanned = {r["path"] for r in pred.get("scanned", [])}
+        for dep, path in ctx.inputs.items():
+            for target in model_candidates(path):
+                name = f"{dep}/{target.relative_to(path).as_posix()}"
+                if name not in scanned:
+                    raise StageError(f"refusing to deploy: model file {name} was never scanned")
+        if pred.get("verdict") != "pass":
+            raise StageError(f"refusing to deploy: model scan verdict {pred.get('verdict')}")
+        return f"models scanned and clean at fail_on={pred['policy']['fail_on']}: {len(scanned)}"
 
 
 if __name__ == "__main__":

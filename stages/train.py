@@ -23,6 +23,7 @@ from stages._io import read_npz, write_json
 from stages._keras import canonicalize_keras_file
 
 MODEL = "model.keras"
+SAVED_MODEL = "saved_model/"
 METRICS = "metrics.json"
 CURVES = "training_curves.png"
 CONFUSION = "confusion_matrix.png"
@@ -273,7 +274,7 @@ def plot_confusion(matrix: list[list[int]], path) -> None:
 class TrainStage(Stage):
     kind = "train"
     Params = TrainParams
-    outputs = (MODEL, METRICS, CURVES, CONFUSION)
+    outputs = (MODEL, SAVED_MODEL, METRICS, CURVES, CONFUSION)
     determinism = {
         "keras.utils.set_random_seed": "params.seed",
         "tf.config.experimental.enable_op_determinism": True,
@@ -338,6 +339,8 @@ class TrainStage(Stage):
 
         model.save(ctx.output(MODEL))
         canonicalize_keras_file(ctx.output(MODEL))
+        # A SavedModel for serving (TF Serving, tf.saved_model.load); inference graph only.
+        model.export(str(ctx.output(SAVED_MODEL)), format="tf_saved_model", verbose=False)
         plot_curves(hist, ctx.output(CURVES))
         plot_confusion(test["confusion_matrix"], ctx.output(CONFUSION))
         write_json(

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
 SPEC_DIR = "specs"
 CHECKS_DIR = "checks"  # the runner's signed gate Statements, materials of gate steps
-GATE_CHECKS = (f"{CHECKS_DIR}/dependencies.intoto.json",)
+GATE_CHECKS = (f"{CHECKS_DIR}/dependencies.intoto.json", f"{CHECKS_DIR}/models.intoto.json")
 
 
 def spec_name(stage: str) -> str:
@@ -43,10 +43,12 @@ def _material_rules(stage: StageConfig, config: PipelineConfig, gate: bool) -> l
         rules += [["REQUIRE", check] for check in GATE_CHECKS]
     for dep in stage.needs:
         for out in config.stage(dep).outputs:
-            rules.append(["REQUIRE", f"{dep}/{out}"])
+            if not out.endswith("/"):  # a directory output is matched below, not REQUIREd
+                rules.append(["REQUIRE", f"{dep}/{out}"])
     for dep in stage.needs:
         rules.append(["MATCH", f"{dep}/*", "WITH", "PRODUCTS", "FROM", dep])
     rules.append(["ALLOW", spec_name(stage.name)])
+    rules.append(["ALLOW", "locks/*"])  # the exact locks every step ran under
     if gate:
         rules.append(["ALLOW", f"{CHECKS_DIR}/*"])
     rules.append(["DISALLOW", "*"])
@@ -54,8 +56,11 @@ def _material_rules(stage: StageConfig, config: PipelineConfig, gate: bool) -> l
 
 
 def _product_rules(stage: StageConfig) -> list[list[str]]:
-    rules = [["REQUIRE", f"{stage.name}/{out}"] for out in stage.outputs]
-    rules += [["CREATE", f"{stage.name}/{out}"] for out in stage.outputs]
+    files = [o for o in stage.outputs if not o.endswith("/")]
+    dirs = [o for o in stage.outputs if o.endswith("/")]
+    rules = [["REQUIRE", f"{stage.name}/{out}"] for out in files]
+    rules += [["CREATE", f"{stage.name}/{out}"] for out in files]
+    rules += [["CREATE", f"{stage.name}/{out}*"] for out in dirs]
     rules.append(["DISALLOW", "*"])
     return rules
 

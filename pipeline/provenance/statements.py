@@ -72,3 +72,46 @@ def payload_of(path: Path) -> dict[str, Any]:
     """The statement without verifying it: for display only."""
     env = json.loads(path.read_text())
     return json.loads(base64.b64decode(env["payload"]))
+
+
+SLSA_PROVENANCE = "https://slsa.dev/provenance/v1"
+BUILD_TYPE = "https://chainproof.dev/buildtypes/ml-pipeline/v1"
+BUILDER_ID = "https://chainproof.dev/runner/v1"
+
+
+def slsa_provenance(
+    *,
+    subjects: dict[str, str],
+    external: dict[str, Any],
+    internal: dict[str, Any],
+    dependencies: list[dict[str, Any]],
+    invocation_id: str,
+    started: str,
+    finished: str,
+    byproducts: dict[str, str],
+    builder_version: dict[str, str],
+) -> dict[str, Any]:
+    """SLSA provenance v1 for a model. The buildType's parameters are documented in the README."""
+    return statement(
+        subjects,
+        SLSA_PROVENANCE,
+        {
+            "buildDefinition": {
+                "buildType": BUILD_TYPE,
+                "externalParameters": external,
+                "internalParameters": internal,
+                "resolvedDependencies": dependencies,
+            },
+            "runDetails": {
+                "builder": {"id": BUILDER_ID, "version": builder_version},
+                "metadata": {
+                    "invocationId": invocation_id,
+                    "startedOn": started,
+                    "finishedOn": finished,
+                },
+                "byproducts": [
+                    {"name": n, "digest": {"sha256": d}} for n, d in sorted(byproducts.items())
+                ],
+            },
+        },
+    )

@@ -101,10 +101,11 @@ def test_output_path_escaping_the_run_directory(tmp_path):
     body = FAST_PIPELINE.replace(
         "    kind: package\n",
         "    kind: package\n"
-        "    outputs: [model.keras, metrics.json, model_card.json, ../../evil]\n",
+        "    outputs: [model.keras, saved_model/, metrics.json, model_card.json, model_card.md,"
+        " bom.cdx.json, ../../evil]\n",
     )
     (p,) = problems(tmp_path, body)
-    assert p.key == "stages[2].outputs[3]" and "escapes" in p.message
+    assert p.key == "stages[2].outputs[6]" and "escapes" in p.message
 
 
 def test_stage_params_are_checked_by_their_kind(tmp_path):
