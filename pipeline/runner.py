@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import basemodel
 from pipeline.config import PipelineConfig, StageConfig
 from pipeline.envcheck import (
     Fingerprint,
@@ -41,10 +42,13 @@ from pipeline.modelscan import UnsafeModelError
 from pipeline.provenance import keys as keymod
 from pipeline.provenance.layout import compile_layout, signed_layout_bytes, spec_name, stage_command
 from pipeline.provenance.links import link_filename, read_link, write_link
+from pipeline.provenance.openssf import SIGNATURE as MODEL_SIGNATURE
+from pipeline.provenance.openssf import sign_model_dir
 from pipeline.provenance.statements import slsa_provenance, write_signed_statement
 from pipeline.provenance.verify import DiskArtifacts, VerifyReport, released_steps, verify_chain
 from pipeline.registry import stage_class, stage_module
 from pipeline.security import (
+    CANDIDATE,
     CHECKS_DIR,
     DEPENDENCIES,
     MODELS,
@@ -114,10 +118,32 @@ def ensure_keys(ws: Workspace) -> tuple[keymod.KeyPair, keymod.KeyPair]:
     return keymod.load_signer("owner", ws.keys), keymod.load_signer("functionary", ws.keys)
 
 
-def write_signed_layout(config: PipelineConfig, owner, functionary, dest: Path) -> None:
+def release_key_paths(keys_dir: Path) -> tuple[Path, Path] | None:
+    """(private, public) of the OpenSSF model-signing key, when there is one."""
+    priv = Path(os.environ.get("CHAINPROOF_RELEASE_KEY", keys_dir / keymod.RELEASE_KEY))
+    pub = Path(os.environ.get("CHAINPROOF_RELEASE_PUBKEY", keys_dir / keymod.RELEASE_PUB))
+    return (priv, pub) if priv.is_file() and pub.is_file() else None
+
+
+def write_signed_layout(
+    config: PipelineConfig,
+    owner,
+    functionary,
+    dest: Path,
+    keys_dir: Path,
+    extra_checks: tuple[str, ...] = (),
+) -> None:
     modules = {s.kind: stage_module(s.kind) for s in config.stages}
     gates = frozenset(s.kind for s in config.stages if getattr(stage_class(s.kind), "gate", False))
-    layout = compile_layout(config, functionary=functionary.public, modules=modules, gates=gates)
+    release = release_key_paths(keys_dir)
+    layout = compile_layout(
+        config,
+        functionary=functionary.public,
+        modules=modules,
+        gates=gates,
+        release_key=keymod.release_public_key(release[1].read_bytes()) if release else None,
+        extra_checks=extra_checks,
+    )
     atomic_write_bytes(dest, signed_layout_bytes(layout, owner.signer))
 
 
@@ -131,7 +157,9 @@ class Runner:
         *,
         on_event: Callable[[str], None] = lambda _msg: None,
         verify_environment_files: bool = True,
+        candidate: bool = False,
     ) -> None:
+        self.candidate = candidate  # a candidate's deploy also requires the gate comparison
         self.config = config
         self.ws = workspace
         self.say = on_event
@@ -178,7 +206,14 @@ class Runner:
             shutil.copyfile(lock, self.run_dir / "locks" / lock.name)
         atomic_write_text(self.run_dir / "keys/owner.pub", self.owner.public.to_json())
         atomic_write_text(self.run_dir / "keys/functionary.pub", self.functionary.public.to_json())
-        write_signed_layout(self.config, self.owner, self.functionary, self.layout_path)
+        write_signed_layout(
+            self.config,
+            self.owner,
+            self.functionary,
+            self.layout_path,
+            self.ws.keys,
+            extra_checks=(CANDIDATE,) if self.candidate else (),
+        )
         write_signed_statement(self.run_dir / DEPENDENCIES, gate.statement, self.functionary.signer)
         self._record(status="running", dependency_scan=gate.summary)
         atomic_symlink(self.run_id, self.ws.runs / "latest")
@@ -298,6 +333,7 @@ class Runner:
             extra["checks"] = {
                 "dependencies": f"../{DEPENDENCIES}",
                 "models": f"../{MODELS}",
+                **({"candidate": f"../{CANDIDATE}"} if self.candidate else {}),
                 "dependencies_required": self.config.security["dependencies"]["required"],
                 "functionary_key": str(self.run_dir / "keys/functionary.pub"),
             }
@@ -331,14 +367,38 @@ class Runner:
         python, fingerprint = self.environment_for(stage)
         timings["env_check"] = time.perf_counter() - t0
 
+        base = None
+        if stage.params.get("base_model"):
+            base = basemodel.prepare(
+                stage.name, stage.params["base_model"], self.config.base_dir, self.run_dir
+            )
+            self.model_scans.append(
+                {
+                    "stage": stage.name,
+                    "path": basemodel.base_model_name(stage.name),
+                    "files": [{"path": basemodel.BASE_MODEL, "sha256": base.sha256}],
+                    "findings": [],
+                    "max_severity": "none",
+                }
+            )
+            self.say(f"[{stage.name}] base model {base.origin['location']} verified and scanned")
         workdir = self.run_dir / stage.name
         workdir.mkdir()
         spec_path = self.run_dir / spec_name(stage.name)
-        atomic_write_text(spec_path, json.dumps(self._spec(stage), indent=2, sort_keys=True))
+        spec = self._spec(stage)
+        if base is not None:
+            spec["extra"]["base_model"] = {
+                "path": f"../{basemodel.base_model_name(stage.name)}",
+                "sha256": base.sha256,
+            }
+        atomic_write_text(spec_path, json.dumps(spec, indent=2, sort_keys=True))
 
         t0 = time.perf_counter()
         named = {spec_name(stage.name): spec_path}
         named.update(list_tree(self.run_dir / "locks", prefix="locks/"))
+        named.update(
+            list_tree(self.run_dir / "inputs" / stage.name, prefix=f"inputs/{stage.name}/")
+        )
         for dep in stage.needs:
             named.update(list_tree(self.run_dir / dep, prefix=f"{dep}/"))
         if getattr(stage_class(stage.kind), "gate", False):
@@ -404,6 +464,7 @@ class Runner:
         environment = {
             **fingerprint.as_dict(),
             "determinism": self._determinism(stage),
+            **({"base_model": base.origin} if base is not None else {}),
             "stage_environment": "own lock" if stage.lock else "pipeline lock",
             "run_id": self.run_id,
             "config_sha256": self.config.sha256,
@@ -426,6 +487,15 @@ class Runner:
             f"link {link.name}"
         )
         return link
+
+    @staticmethod
+    def is_gate(stage: StageConfig) -> bool:
+        return bool(getattr(stage_class(stage.kind), "gate", False))
+
+    def chain_links(self) -> dict[str, Any]:
+        """The links written so far, by stage (unverified payloads, for the runner's own use)."""
+        kid = self.functionary.public.keyid
+        return {s: read_link(self.links_dir / link_filename(s, kid)) for s in self.done}
 
     def _scan_products(self, stage: StageConfig, workdir: Path, logs) -> list[dict[str, Any]]:
         """Model files a stage produced are scanned before any link calls them good."""
@@ -568,8 +638,18 @@ class Runner:
                             },
                         }
                     )
-                if "/base_model" in name:
-                    deps.append({"name": "base_model", "uri": name, "digest": d})
+            origin = link.environment.get("base_model")
+            if origin:
+                deps.append(
+                    {
+                        "name": f"base_model:{step}",
+                        "uri": origin["location"],
+                        "digest": {"sha256": origin["sha256"]},
+                        "annotations": {
+                            k: v for k, v in origin.items() if k not in ("location", "sha256")
+                        },
+                    }
+                )
         commit = json.loads((self.run_dir / RUN_RECORD).read_text()).get("source_commit")
         if commit and commit != "unknown":
             deps.append(
@@ -632,16 +712,28 @@ class Runner:
             shutil.copyfile(self.links_dir / PROVENANCE, staging / "attestations" / PROVENANCE)
             shutil.copytree(self.run_dir / CHECKS_DIR, staging / "attestations" / CHECKS_DIR)
             shutil.copytree(self.run_dir / "locks", staging / "locks")
+            if (self.run_dir / basemodel.UPSTREAM).is_dir():
+                shutil.copytree(self.run_dir / basemodel.UPSTREAM, staging / basemodel.UPSTREAM)
             (staging / "keys").mkdir()
             for role in keymod.ROLES:
                 shutil.copyfile(self.run_dir / f"keys/{role}.pub", staging / f"keys/{role}.pub")
-            for step in released_steps(self.layout_path, self.owner.public):
+            released = released_steps(self.layout_path, self.owner.public)
+            for step in released:
                 for name, path in list_tree(self.run_dir / step, prefix=f"{step}/").items():
                     dest = staging / "artifacts" / name
                     dest.parent.mkdir(parents=True, exist_ok=True)
                     shutil.copyfile(path, dest)
+            release = release_key_paths(self.ws.keys)
+            if release:
+                shutil.copyfile(release[1], staging / "keys" / keymod.RELEASE_PUB)
+                sign_model_dir(
+                    staging / "artifacts" / released[0],
+                    staging / "attestations" / MODEL_SIGNATURE,
+                    release[0],
+                )
             (staging / "VERIFY.md").write_text(_verify_md(self, final))
             verify_bundle(staging, owner_key=self.owner.public.keyid)
+        atomic_symlink(final.name, final.parent / "latest")
         self.say(f"released {final}")
         return final
 
@@ -651,6 +743,7 @@ PROVENANCE = "provenance.intoto.json"
 
 def _verify_md(runner: Runner, final: Path) -> str:
     kid = runner.owner.public.keyid
+    model_dir = released_steps(runner.layout_path, runner.owner.public)[0]
     return f"""# Verifying this release
 
 Release `{runner.config.name}` version `{final.name}`, built by chainproof run `{runner.run_id}`.
@@ -659,6 +752,11 @@ Trust comes from the owner's key fingerprint, which you must get from the owner 
 channel other than this bundle:
 
     owner key fingerprint (sha256 keyid): {kid}
+
+The model directory is also signed in the OpenSSF Model Signing format; its own CLI checks it:
+
+    model_signing verify key artifacts/{model_dir} --signature attestations/model.sig \\
+        --public_key keys/release-ec.pub.pem
 
 Check the whole chain offline, with only this directory:
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.basemodel import verify_upstreams
 from pipeline.errors import InputError, VerificationError
 from pipeline.hashing import sha256_file
 from pipeline.provenance.keys import PublicKey, public_key_from_dict, resolve_trusted_owner
@@ -96,6 +97,34 @@ def check_provenance(path: Path, report: VerifyReport, artifacts: Path, links: P
     )
 
 
+def check_model_signature(bundle: Path, report: VerifyReport, released: list[str]) -> None:
+    """The OpenSSF model signature, with a release key the owner-signed layout names."""
+    from pipeline.provenance.keys import RELEASE_PUB, release_public_key
+    from pipeline.provenance.openssf import SIGNATURE, verify_model_dir
+
+    signature = bundle / "attestations" / SIGNATURE
+    if not signature.is_file():
+        return
+    pub = bundle / "keys" / RELEASE_PUB
+    if not pub.is_file() or report.layout is None:
+        raise VerificationError(
+            "the model signature's public key is missing",
+            check="model signature",
+            artifact=str(pub),
+        )
+    key = release_public_key(pub.read_bytes())
+    if key.keyid not in report.layout.keys:
+        raise VerificationError(
+            "the bundle's release key is not the one the owner-signed layout names",
+            check="model signature",
+            artifact=str(pub),
+        )
+    verify_model_dir(bundle / "artifacts" / released[0], signature, pub)
+    report.passed(
+        "model signature", f"OpenSSF model-signing signature over artifacts/{released[0]}"
+    )
+
+
 def check_locks(directory: Path, report: VerifyReport) -> None:
     """Each lock shipped beside the chain must be one some link says its stage ran under."""
     recorded = {str(link.environment.get("lock_sha256")) for link in report.links.values()}
@@ -129,6 +158,8 @@ def verify_run(run_dir: Path, *, owner_key: str | None = None) -> VerifyReport:
     )
     check_statements([(run_dir / CHECKS_DIR, f"{CHECKS_DIR}/"), (links, "")], report)
     check_provenance(links / PROVENANCE, report, run_dir, links)
+    for line in verify_upstreams(run_dir, report.links, verify_bundle):
+        report.passed("upstream", line)
     check_locks(run_dir / "locks", report)
     return report
 
@@ -163,6 +194,9 @@ def verify_bundle(
     attestations = bundle / "attestations"
     check_statements([(attestations / CHECKS_DIR, f"{CHECKS_DIR}/"), (attestations, "")], report)
     check_provenance(attestations / PROVENANCE, report, bundle / "artifacts", attestations)
+    check_model_signature(bundle, report, released_steps(layout, owner))
+    for line in verify_upstreams(bundle, report.links, verify_bundle):
+        report.passed("upstream", line)
     check_locks(bundle / "locks", report)
     return report
 

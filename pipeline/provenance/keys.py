@@ -90,7 +90,47 @@ def init_dev_keys(keys_dir: Path, *, force: bool = False) -> dict[str, Path]:
         os.chmod(priv, 0o600)
         atomic_write_text(pub, PublicKey(signer.public_key).to_json())
         written[role] = pub
+    init_release_key(keys_dir)
     return written
+
+
+# The OpenSSF model-signing key: its key-based method wants an elliptic-curve key (ECDSA
+# P-256), so releases get one beside the ed25519 roles. The owner binds it by naming its
+# public key in the signed layout.
+RELEASE_KEY, RELEASE_PUB = "release-ec.pem", "release-ec.pub.pem"
+
+
+def init_release_key(keys_dir: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    priv, pub = keys_dir / RELEASE_KEY, keys_dir / RELEASE_PUB
+    if priv.exists() and pub.exists():
+        return
+    key = ec.generate_private_key(ec.SECP256R1())
+    atomic_write_bytes(
+        priv,
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ),
+        mode=0o600,
+    )
+    atomic_write_bytes(
+        pub,
+        key.public_key().public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+    )
+
+
+def release_public_key(pem: bytes) -> PublicKey:
+    """The sslib form of the release key's PEM, as the layout names it."""
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    key = SSlibKey.from_crypto(load_pem_public_key(pem))
+    return PublicKey(key)
 
 
 def load_signer(role: str, keys_dir: Path) -> KeyPair:

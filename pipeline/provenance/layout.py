@@ -49,6 +49,9 @@ def _material_rules(stage: StageConfig, config: PipelineConfig, gate: bool) -> l
         rules.append(["MATCH", f"{dep}/*", "WITH", "PRODUCTS", "FROM", dep])
     rules.append(["ALLOW", spec_name(stage.name)])
     rules.append(["ALLOW", "locks/*"])  # the exact locks every step ran under
+    if stage.params.get("base_model"):  # fetched, verified and scanned by the runner
+        rules.insert(0, ["REQUIRE", f"inputs/{stage.name}/base_model.keras"])
+        rules.append(["ALLOW", f"inputs/{stage.name}/*"])
     if gate:
         rules.append(["ALLOW", f"{CHECKS_DIR}/*"])
     rules.append(["DISALLOW", "*"])
@@ -71,6 +74,8 @@ def compile_layout(
     functionary: PublicKey,
     modules: dict[str, str],
     gates: frozenset[str] = frozenset(),
+    release_key: PublicKey | None = None,
+    extra_checks: tuple[str, ...] = (),
     now: datetime | None = None,
 ) -> Layout:
     """`modules` maps each stage kind to the module run for it (from the registry);
@@ -79,7 +84,9 @@ def compile_layout(
         Step(
             name=s.name,
             expected_command=stage_command(modules[s.kind], s.name),
-            expected_materials=_material_rules(s, config, s.kind in gates),
+            expected_materials=_material_rules(
+                s, config, GATE_CHECKS + extra_checks if s.kind in gates else ()
+            ),
             expected_products=_product_rules(s),
             pubkeys=[functionary.keyid],
             threshold=1,
@@ -87,10 +94,13 @@ def compile_layout(
         for s in config.stages
     ]
     expires = (now or datetime.now(UTC)) + timedelta(days=config.layout_expires_days)
+    keys = {functionary.keyid: functionary.legacy_dict()}
+    if release_key is not None:  # named, not authorised for any step: binds the OpenSSF key
+        keys[release_key.keyid] = release_key.legacy_dict()
     layout = Layout(
         steps=steps,
         inspect=[],
-        keys={functionary.keyid: functionary.legacy_dict()},
+        keys=keys,
         expires=expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
         readme=f"chainproof layout for pipeline '{config.name}' (config sha256 {config.sha256})",
     )

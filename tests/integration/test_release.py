@@ -21,7 +21,7 @@ pytestmark = [pytest.mark.slow, pytest.mark.tensorflow]
 
 
 def bundle_of(ws: Path) -> Path:
-    (found,) = (ws / "releases" / "digits-fast").iterdir()
+    (found,) = [p for p in (ws / "releases" / "digits-fast").iterdir() if not p.is_symlink()]
     return found
 
 
@@ -292,7 +292,58 @@ def test_refused_deploy_publishes_nothing_and_leaves_the_alias(
     with pytest.raises(StageFailed) as info:
         runner.run()
     assert "refusing to deploy" in info.value.log_tail
-    releases = sorted(p.name for p in (ws / "releases" / "digits-fast").iterdir())
+    releases = sorted(
+        p.name for p in (ws / "releases" / "digits-fast").iterdir() if not p.is_symlink()
+    )
     assert releases == [bundle_of(completed_workspace).name], "nothing new, nothing half-made"
     after = client.get_model_version_by_alias("digits-fast", "production").version
     assert after == before
+
+
+MODEL_SIGNING = str(Path(sys.executable).parent / "model_signing")
+
+
+def their_verify(bundle: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            MODEL_SIGNING,
+            "verify",
+            "key",
+            "artifacts/package",
+            "--signature",
+            "attestations/model.sig",
+            "--public_key",
+            "keys/release-ec.pub.pem",
+        ],
+        cwd=bundle,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_openssf_model_signing_cli_accepts_the_release(lone_bundle):
+    bundle, _ = lone_bundle
+    proc = their_verify(bundle)
+    assert proc.returncode == 0, proc.stderr
+    assert "Verification succeeded" in proc.stdout + proc.stderr
+    card = bundle / "artifacts/package/model_card.md"
+    card.write_text(card.read_text() + "\nedited\n")
+    assert their_verify(bundle).returncode != 0, "their verifier rejects a changed file too"
+
+
+def test_a_release_key_the_layout_does_not_name_is_refused(lone_bundle, tmp_path):
+    from pipeline.provenance.keys import RELEASE_KEY, RELEASE_PUB, init_release_key
+    from pipeline.provenance.openssf import sign_model_dir
+
+    bundle, fp = lone_bundle
+    other = tmp_path / "other-keys"
+    other.mkdir()
+    init_release_key(other)
+    shutil.copyfile(other / RELEASE_PUB, bundle / "keys" / RELEASE_PUB)
+    sign_model_dir(
+        bundle / "artifacts/package", bundle / "attestations/model.sig", other / RELEASE_KEY
+    )
+    assert their_verify(bundle).returncode == 0, "on its own, a re-signed bundle looks fine..."
+    err = fails(bundle, fp)
+    assert err.check == "model signature" and "layout names" in err.message  # ...but not to us

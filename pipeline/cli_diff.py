@@ -1,0 +1,50 @@
+"""CLI for `chainproof diff A B`: what changed between two runs or release bundles.
+
+A report, not a gate: exit 0 whenever the diff was computed, whatever it found; 2 on bad input
+(a path that is neither a run nor a bundle, an unusable --db). Register on the main group in
+pipeline/cli.py, inside `_register_extensions()`:
+
+    from pipeline.cli_diff import diff
+    cli.add_command(diff)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+# The store `chainproof vulndb import` writes by default; used when present in the cwd.
+DEFAULT_DB = Path(".chainproof/vulndb.sqlite")
+
+
+@click.command("diff")
+@click.argument("a", type=click.Path(path_type=Path))
+@click.argument("b", type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+)
+@click.option(
+    "--db",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="CHAINPROOF_VULNDB",
+    help="Rescan both sides' locks against this OSV store, so new and fixed vulnerabilities "
+    f"come from one database. [default: {DEFAULT_DB} if it exists, else each side's signed "
+    "scan statement]",
+)
+def diff(a: Path, b: Path, fmt: str, db: Path | None) -> None:
+    """Compare A (baseline) with B: each a run (runs/<id>, runs/latest) or a release bundle.
+
+    Dependencies, vulnerabilities, data, base model, config, environment, metrics and the
+    model, read as recorded: run `chainproof verify` on each side to trust them.
+    """
+    from pipeline.diff import diff as compare
+    from pipeline.diff import load_lineage, render
+
+    if db is None and DEFAULT_DB.is_file():
+        db = DEFAULT_DB
+    click.echo(render(compare(load_lineage(a), load_lineage(b), db=db), fmt))

@@ -1,0 +1,578 @@
+"""`chainproof diff`: hand-made runs and release bundles, compared group by group.
+
+Each side is written the way the runner writes it (real DSSE-signed links and scan Statements,
+from a throwaway ed25519 key) but with tiny files in place of TensorFlow's: no stage runs.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from securesystemslib.signer import CryptoSigner
+
+from pipeline.cli_diff import diff as diff_command
+from pipeline.diff import (
+    DependencyChange,
+    EnvChange,
+    ParamChange,
+    diff,
+    load_lineage,
+    render_json,
+    render_table,
+)
+from pipeline.errors import InputError
+from pipeline.provenance.links import write_link
+from pipeline.provenance.statements import statement, write_signed_statement
+from pipeline.security import VULNS_PREDICATE
+from pipeline.vulndb import import_osv
+
+MAIN_IN = "requirements/main.in"
+LOCK_A = f"""\
+certifi==2024.2.2
+    # via requests
+click==8.1.0
+    # via -r {MAIN_IN}
+requests==2.31.0
+    # via -r {MAIN_IN}
+six==1.16.0
+    # via -r {MAIN_IN}
+urllib3==1.26.0
+    # via requests
+"""
+# click up, six down, requests up (direct); urllib3 gone, idna new (both via requests).
+LOCK_B = f"""\
+certifi==2024.2.2
+    # via requests
+click==8.2.0
+    # via -r {MAIN_IN}
+idna==3.7
+    # via requests
+requests==2.32.0
+    # via -r {MAIN_IN}
+six==1.15.0
+    # via -r {MAIN_IN}
+"""
+DATASET = b"the dataset bytes"
+PER_CLASS = {
+    "0": {"precision": 1.0, "recall": 0.9, "f1": 0.947, "support": 10},
+    "1": {"precision": 0.8, "recall": 1.0, "f1": 0.889, "support": 8},
+}
+TRAIN_PARAMS = {"learning_rate": 0.001, "epochs": 5, "optimizer": "adam", "layers": [{"units": 8}]}
+ENV = {
+    "python": "3.11.7",
+    "implementation": "cpython",
+    "platform": "Linux-6.1-x86_64-with-glibc2.36",
+    "machine": "x86_64",
+    "lock": "main.txt",
+    "distributions_sha256": "e" * 64,
+    "stage_environment": "pipeline lock",
+}
+STAGES = (
+    ("source", "source", ()),
+    ("train", "train", ("source",)),
+    ("package", "package", ("train",)),
+)
+DB_SHA = "d" * 64
+
+
+def sha(data: bytes | str) -> str:
+    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def signer() -> CryptoSigner:
+    return CryptoSigner.generate_ed25519()
+
+
+def side(**changes: Any) -> dict[str, Any]:
+    """What one hand-made run or bundle records; keyword arguments replace the defaults."""
+    base = {
+        "lock": LOCK_A,
+        "train_params": TRAIN_PARAMS,
+        "accuracy": 0.9,
+        "loss": 0.3,
+        "per_class": PER_CLASS,
+        "env": {},  # stage -> environment overrides ("*": every stage)
+        "framework": {"tensorflow": "2.21.0", "keras": "3.15.1"},
+        "findings": [],  # None: the Statement says "not scanned"
+        "db": DB_SHA,
+        "timeout": 600,
+        "ship_lock": True,  # False: an older release without locks/
+    }
+    unknown = set(changes) - set(base)
+    assert not unknown, unknown
+    return copy.deepcopy({**base, **changes})
+
+
+def _files(s: dict[str, Any]) -> tuple[str, dict[str, bytes]]:
+    """The config text and every stage product, by run-relative name."""
+    config = yaml.safe_dump(
+        {
+            "schema": 1,
+            "name": "digits",
+            "lock": "../main.txt",
+            "stages": [
+                {"name": n, "kind": k, "needs": list(up), "timeout": s["timeout"]}
+                | ({"params": s["train_params"]} if k == "train" else {})
+                for n, k, up in STAGES
+            ],
+        },
+        sort_keys=True,
+    )
+    metrics = {
+        "dataset": {
+            "name": "digits",
+            "sha256": sha(DATASET),
+            "source": {"location": "sklearn", "sha256": "f" * 64},
+            "split": {"train": 80, "test": 20, "test_fraction": 0.2, "seed": 42},
+        },
+        "framework": s["framework"],
+        "model": {"layers": ["Dense"], "parameters": 650},
+        "params": s["train_params"],
+        "test": {"accuracy": s["accuracy"], "loss": s["loss"], "per_class": s["per_class"]},
+    }
+    metrics_bytes = json.dumps(metrics, sort_keys=True).encode()
+    model = json.dumps(["weights", s["train_params"], s["accuracy"]]).encode()
+    files = {
+        "source/dataset.npz": DATASET,
+        "source/manifest.json": b"{}",
+        "train/model.keras": model,
+        "train/metrics.json": metrics_bytes,
+        "package/model.keras": model,
+        "package/metrics.json": metrics_bytes,
+        "package/model_card.json": json.dumps({"training_data": metrics["dataset"]}).encode(),
+    }
+    return config, files
+
+
+def _links(
+    directory: Path, s: dict[str, Any], config: str, files: dict[str, bytes], signer
+) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    digest = lambda names: {n: {"sha256": sha(files[n])} for n in names}  # noqa: E731
+    for name, kind, up in STAGES:
+        env = {**ENV, "lock_sha256": sha(s["lock"]), "config_sha256": sha(config)}
+        env.update(s["env"].get("*", {}))
+        env.update(s["env"].get(name, {}))
+        write_link(
+            directory,
+            name=name,
+            materials={
+                f"specs/{name}.json": {"sha256": "0" * 64},
+                **digest(f for f in files if f.split("/")[0] in up),
+            },
+            products=digest(f for f in files if f.startswith(f"{name}/")),
+            command=["python", "-I", "-m", f"stages.{kind}", f"../specs/{name}.json"],
+            byproducts={"return-value": 0},
+            environment=env,
+            signer=signer,
+        )
+
+
+def _scan_statement(path: Path, s: dict[str, Any], signer) -> None:
+    if s["findings"] is None:
+        cp = {"scanned": False, "verdict": "not scanned", "reason": "no database at x.sqlite"}
+    else:
+        lock = {"lock": "main.txt", "sha256": sha(s["lock"]), "findings": s["findings"]}
+        cp = {"scanned": True, "verdict": "pass", "database": {"sha256": s["db"]}, "locks": [lock]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stmt = statement({"main.txt": sha(s["lock"])}, VULNS_PREDICATE, {"chainproof": cp})
+    write_signed_statement(path, stmt, signer)
+
+
+def make_run(ws: Path, run_id: str, s: dict[str, Any], signer) -> Path:
+    """`<ws>/runs/<id>` with its links in `<ws>/attestations/runs/<id>`, as the runner lays out."""
+    run_dir, links = ws / "runs" / run_id, ws / "attestations" / "runs" / run_id
+    config, files = _files(s)
+    for name, data in files.items():
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        (run_dir / name).write_bytes(data)
+    (run_dir / "specs").mkdir()
+    for name, kind, _ in STAGES:
+        params = s["train_params"] if kind == "train" else {"seed": 42}
+        (run_dir / "specs" / f"{name}.json").write_text(
+            json.dumps({"kind": kind, "params": params})
+        )
+    (run_dir / "config.yaml").write_text(config)
+    (run_dir / "locks").mkdir()
+    (run_dir / "locks" / "main.txt").write_text(s["lock"])
+    _scan_statement(run_dir / "checks" / "dependencies.intoto.json", s, signer)
+    _links(links, s, config, files, signer)
+    record = {
+        "run_id": run_id,
+        "pipeline": "digits",
+        "config_sha256": sha(config),
+        "links": os.path.relpath(links, run_dir),
+        "layout": os.path.relpath(links / "root.layout", run_dir),
+        "stages": [n for n, _, _ in STAGES],
+        "source_commit": "c0ffee",
+        "status": "succeeded",
+    }
+    (run_dir / "run.json").write_text(json.dumps(record))
+    return run_dir
+
+
+def make_bundle(ws: Path, version: str, s: dict[str, Any], signer) -> Path:
+    """`<ws>/releases/digits/<version>`: the last stage's products and the whole chain."""
+    bundle = ws / "releases" / "digits" / version
+    config, files = _files(s)
+    for name, data in files.items():
+        if name.startswith("package/"):
+            (bundle / "artifacts" / name).parent.mkdir(parents=True, exist_ok=True)
+            (bundle / "artifacts" / name).write_bytes(data)
+    _links(bundle / "attestations", s, config, files, signer)
+    (bundle / "attestations" / "root.layout").write_text("{}")  # read by verify, not by diff
+    _scan_statement(bundle / "attestations" / "checks" / "dependencies.intoto.json", s, signer)
+    if s["ship_lock"]:
+        (bundle / "locks").mkdir()
+        (bundle / "locks" / "main.txt").write_text(s["lock"])
+    return bundle
+
+
+def finding(id_: str, package: str, version: str, *aliases: str, via: str = "") -> dict:
+    path = f"{package} {version}" + (f" <- {via}" if via else "") + f" <- {MAIN_IN}"
+    return {
+        "id": id_,
+        "aliases": list(aliases),
+        "package": package,
+        "version": version,
+        "severity": "high",
+        "paths": [path],
+    }
+
+
+# --------------------------------------------------------------------------- dependencies
+
+
+def test_two_releases_from_different_locks_list_exactly_the_changed_distributions(
+    tmp_path: Path, signer
+) -> None:
+    a = make_bundle(tmp_path, "1.0", side(lock=LOCK_A), signer)
+    b = make_bundle(tmp_path, "1.1", side(lock=LOCK_B), signer)
+
+    d = diff(load_lineage(a), load_lineage(b))
+
+    (lock,) = d.dependencies.locks
+    assert lock.name == "main.txt" and lock.a_sha256 == sha(LOCK_A) and lock.b_sha256 == sha(LOCK_B)
+    assert set(lock.changes) == {
+        DependencyChange(
+            "click", "upgraded", "8.1.0", "8.2.0", True, (f"click 8.2.0 <- {MAIN_IN}",)
+        ),
+        DependencyChange(
+            "requests", "upgraded", "2.31.0", "2.32.0", True, (f"requests 2.32.0 <- {MAIN_IN}",)
+        ),
+        DependencyChange(
+            "six", "downgraded", "1.16.0", "1.15.0", True, (f"six 1.15.0 <- {MAIN_IN}",)
+        ),
+        DependencyChange(
+            "idna", "added", None, "3.7", False, (f"idna 3.7 <- requests 2.32.0 <- {MAIN_IN}",)
+        ),
+        # A removal's path is the one it had in A's lock.
+        DependencyChange(
+            "urllib3",
+            "removed",
+            "1.26.0",
+            None,
+            False,
+            (f"urllib3 1.26.0 <- requests 2.31.0 <- {MAIN_IN}",),
+        ),
+    }
+    assert "certifi" not in {c.package for c in lock.changes}  # same pin on both sides
+    # The rest of the two releases is identical, but for the lock digest each link recorded.
+    assert d.changed == ("dependencies", "environment")
+    assert [(c.field, c.stages) for c in d.environment.changes] == [("lock_sha256", ())]
+
+    table = render_table(d)
+    assert (
+        "dependencies     CHANGED: main.txt: 1 added, 1 removed, 2 upgraded, 1 downgraded" in table
+    )
+    assert any(
+        line.split()[:5] == ["removed", "urllib3", "1.26.0", "(gone)", "transitive"]
+        for line in table.splitlines()
+    )
+
+
+def test_pep440_ordering_not_string_ordering(tmp_path: Path, signer) -> None:
+    a = make_bundle(tmp_path, "1", side(lock=f"click==8.9.0\n    # via -r {MAIN_IN}\n"), signer)
+    b = make_bundle(tmp_path, "2", side(lock=f"click==8.10.0\n    # via -r {MAIN_IN}\n"), signer)
+    (lock,) = diff(load_lineage(a), load_lineage(b)).dependencies.locks
+    assert [(c.package, c.change) for c in lock.changes] == [("click", "upgraded")]
+
+
+def test_same_version_with_other_hashes_is_reported(tmp_path: Path, signer) -> None:
+    pin = "click==8.1.0 \\\n    --hash=sha256:{h}\n    # via -r " + MAIN_IN + "\n"
+    a = make_bundle(tmp_path, "1", side(lock=pin.format(h="a" * 64)), signer)
+    b = make_bundle(tmp_path, "2", side(lock=pin.format(h="b" * 64)), signer)
+    (lock,) = diff(load_lineage(a), load_lineage(b)).dependencies.locks
+    assert [(c.package, c.change, c.a_version, c.b_version) for c in lock.changes] == [
+        ("click", "rehashed", "8.1.0", "8.1.0")
+    ]
+
+
+# --------------------------------------------------------------------------- vulnerabilities
+
+
+def test_vulnerabilities_new_fixed_and_still_present_from_the_signed_statements(
+    tmp_path: Path, signer
+) -> None:
+    a_findings = [
+        finding("PYSEC-2023-1", "urllib3", "1.26.0", via="requests 2.31.0"),
+        finding("PYSEC-2023-2", "requests", "2.31.0", "GHSA-rrrr"),
+    ]
+    b_findings = [
+        # The same advisory under another id (the database re-keyed it): still present.
+        finding("GHSA-rrrr", "requests", "2.32.0", "PYSEC-2023-2"),
+        finding("PYSEC-2024-9", "idna", "3.7", via="requests 2.32.0"),
+    ]
+    a = make_bundle(tmp_path, "1", side(lock=LOCK_A, findings=a_findings), signer)
+    b = make_bundle(tmp_path, "2", side(lock=LOCK_B, findings=b_findings), signer)
+
+    v = diff(load_lineage(a), load_lineage(b)).vulnerabilities
+
+    assert v.compared
+    assert [(x.id, x.package, x.b_version) for x in v.new] == [("PYSEC-2024-9", "idna", "3.7")]
+    assert [(x.id, x.package, x.a_version) for x in v.fixed] == [
+        ("PYSEC-2023-1", "urllib3", "1.26.0")
+    ]
+    assert [(x.id, x.package, x.a_version, x.b_version) for x in v.still] == [
+        ("GHSA-rrrr", "requests", "2.31.0", "2.32.0")
+    ]
+    assert v.still[0].aliases == ("PYSEC-2023-2",)
+    assert v.new[0].paths == (f"idna 3.7 <- requests 2.32.0 <- {MAIN_IN}",)
+    assert v.notes == ()  # both scanned against the same database
+
+
+def test_a_side_that_was_not_scanned_is_said_and_nothing_is_called_new(
+    tmp_path: Path, signer
+) -> None:
+    a = make_bundle(tmp_path, "1", side(findings=None), signer)
+    b = make_bundle(tmp_path, "2", side(findings=[finding("PYSEC-2024-9", "idna", "3.7")]), signer)
+
+    d = diff(load_lineage(a), load_lineage(b))
+
+    v = d.vulnerabilities
+    assert not v.compared and v.new == () and v.fixed == ()
+    assert [x.id for x in v.unknown] == ["PYSEC-2024-9"]
+    assert "NOT SCANNED (no database at x.sqlite)" in v.a_scan
+    table = render_table(d)
+    assert "vulnerabilities  CHANGED: not comparable: A NOT SCANNED" in table
+    assert any(
+        line.split()[:4] == ["in", "B", "PYSEC-2024-9", "idna"] for line in table.splitlines()
+    )
+
+
+def test_different_databases_are_pointed_out(tmp_path: Path, signer) -> None:
+    a = make_bundle(tmp_path, "1", side(db="1" * 64), signer)
+    b = make_bundle(tmp_path, "2", side(db="2" * 64), signer)
+    (note,) = diff(load_lineage(a), load_lineage(b)).vulnerabilities.notes
+    assert "pass --db PATH" in note
+
+
+def test_db_rescans_both_locks_against_one_database(tmp_path: Path, signer) -> None:
+    osv = tmp_path / "osv"
+    osv.mkdir()
+    for id_, pkg, fixed in (("OSV-U", "urllib3", "1.26.5"), ("OSV-I", "idna", "3.8")):
+        record = {
+            "id": id_,
+            "modified": "2024-01-01T00:00:00Z",
+            "affected": [
+                {
+                    "package": {"ecosystem": "PyPI", "name": pkg},
+                    "ranges": [
+                        {"type": "ECOSYSTEM", "events": [{"introduced": "0"}, {"fixed": fixed}]}
+                    ],
+                }
+            ],
+        }
+        (osv / f"{id_}.json").write_text(json.dumps(record))
+    store = tmp_path / "vulndb.sqlite"
+    info = import_osv(osv, store)
+    # Both signed statements claim a clean scan (an older database): the rescan knows better.
+    a = make_bundle(tmp_path, "1", side(lock=LOCK_A), signer)
+    b = make_bundle(tmp_path, "2", side(lock=LOCK_B, findings=None), signer)
+
+    v = diff(load_lineage(a), load_lineage(b), db=store).vulnerabilities
+
+    assert v.compared and str(store) in v.basis and info.digest[:12] in v.basis
+    assert [(x.id, x.package) for x in v.fixed] == [("OSV-U", "urllib3")]
+    assert [(x.id, x.package, x.paths) for x in v.new] == [
+        ("OSV-I", "idna", (f"idna 3.7 <- requests 2.32.0 <- {MAIN_IN}",))
+    ]
+    assert "B NOT SCANNED" in v.notes[0]  # what the signed statements said is kept
+
+
+def test_an_unusable_db_is_bad_input(tmp_path: Path, signer) -> None:
+    a = load_lineage(make_bundle(tmp_path, "1", side(), signer))
+    with pytest.raises(InputError) as e:
+        diff(a, a, db=tmp_path / "missing.sqlite")
+    assert e.value.exit_code == 2 and "omit --db" in (e.value.hint or "")
+
+
+# --------------------------------------------------------------------------- config, env, metrics
+
+
+def test_config_hyperparameter_changes_per_stage(tmp_path: Path, signer) -> None:
+    params = {**TRAIN_PARAMS, "learning_rate": 0.01, "dropout": 0.5, "layers": [{"units": 16}]}
+    del params["optimizer"]
+    a = make_run(tmp_path, "a", side(), signer)
+    b = make_run(tmp_path, "b", side(train_params=params, timeout=900), signer)
+
+    c = diff(load_lineage(a), load_lineage(b)).config
+
+    assert c.a_sha256 != c.b_sha256 and c.stages_added == () and c.kinds == ()
+    assert c.params == (
+        ParamChange("train", "dropout", "added", None, 0.5),
+        ParamChange("train", "layers[0].units", "changed", 8, 16),
+        ParamChange("train", "learning_rate", "changed", 0.001, 0.01),
+        ParamChange("train", "optimizer", "removed", "adam", None),
+    )
+    # Outside the params, the recorded config.yaml: every stage's timeout went up.
+    assert {(p.scope, p.key, p.a, p.b) for p in c.settings} == {
+        (stage, "timeout", 600, 900) for stage in ("source", "train", "package")
+    }
+
+
+def test_environment_changes_name_the_stages_they_touch(tmp_path: Path, signer) -> None:
+    a = make_run(tmp_path, "a", side(), signer)
+    b_side = side(
+        env={"*": {"python": "3.11.9"}, "train": {"lock_sha256": "9" * 64}},
+        framework={"tensorflow": "2.22.0", "keras": "3.15.1"},
+    )
+    b = make_run(tmp_path, "b", b_side, signer)
+
+    e = diff(load_lineage(a), load_lineage(b)).environment
+
+    assert set(e.changes) == {
+        EnvChange("python", (), "3.11.7", "3.11.9"),  # every stage
+        EnvChange("lock_sha256", ("train",), sha(LOCK_A), "9" * 64),
+        EnvChange("tensorflow", (), "2.21.0", "2.22.0"),
+    }
+
+
+def test_metrics_deltas_overall_and_per_class(tmp_path: Path, signer) -> None:
+    per_class = copy.deepcopy(PER_CLASS)
+    per_class["1"].update(precision=0.9, recall=0.875)
+    a = make_run(tmp_path, "a", side(), signer)
+    b = make_run(tmp_path, "b", side(accuracy=0.95, loss=0.2, per_class=per_class), signer)
+
+    d = diff(load_lineage(a), load_lineage(b))
+
+    m = d.metrics
+    assert m.accuracy.delta == pytest.approx(0.05) and m.loss.delta == pytest.approx(-0.1)
+    by_class = {c.label: c for c in m.per_class}
+    assert not by_class["0"].changed
+    assert by_class["1"].precision.delta == pytest.approx(0.1)
+    assert by_class["1"].recall.delta == pytest.approx(-0.125)
+    table = render_table(d)
+    assert "metrics          CHANGED: accuracy 0.9000 -> 0.9500 (+0.0500), loss 0.3000" in table
+    rows = [line.split() for line in table.splitlines() if line.startswith("    ")]
+    assert [
+        "1",
+        "0.8000",
+        "->",
+        "0.9000",
+        "(+0.1000)",
+        "1.0000",
+        "->",
+        "0.8750",
+        "(-0.1250)",
+    ] in rows
+    assert not any(row[0] == "0" for row in rows)  # an unchanged class is not listed
+    assert "model            CHANGED" in table  # other weights, since the model file differs
+
+
+# --------------------------------------------------------------------------- both shapes
+
+
+def test_a_run_against_its_own_release_shows_no_change(tmp_path: Path, signer) -> None:
+    s = side(findings=[finding("PYSEC-2023-1", "urllib3", "1.26.0")])
+    run = load_lineage(make_run(tmp_path, "r1", s, signer))
+    bundle = load_lineage(make_bundle(tmp_path, "r1", s, signer))
+
+    d = diff(run, bundle)
+
+    assert d.changed == ()
+    assert bundle.kind == "bundle" and bundle.label == "release digits r1"
+    assert bundle.stage("train").params == TRAIN_PARAMS  # from the shipped metrics.json
+    assert bundle.stage("source").params is None and bundle.dataset["bytes"] is None
+    assert run.dataset["bytes"] == len(DATASET)
+    assert d.config.notes[0] == "parameters of source, package not recorded in B"
+    assert [v.id for v in d.vulnerabilities.still] == ["PYSEC-2023-1"]
+    lines = render_table(d).splitlines()
+    assert "unchanged: none on either side" in lines[lines.index("") + 4]
+    # Unchanged groups take one line each: nothing is expanded below them.
+    groups = lines[4:12]
+    assert len(groups) == 8 and all("unchanged:" in line for line in groups)
+    assert lines[12:] == ["", "0 of 8 groups changed"]
+
+
+def test_an_older_bundle_without_lock_files_or_per_class_metrics(tmp_path: Path, signer) -> None:
+    a = make_bundle(tmp_path, "1", side(ship_lock=False, per_class=None), signer)
+    b = make_bundle(tmp_path, "2", side(), signer)
+
+    d = diff(load_lineage(a), load_lineage(b))
+
+    # A's links still record the lock digest it ran under: the same lock, so no change.
+    (lock,) = d.dependencies.locks
+    assert not lock.changed and lock.digest_only == "A"
+    assert d.dependencies.notes == ("A ships no lock files",)
+    assert d.metrics.per_class == () and d.metrics.notes == ("A records no per-class metrics",)
+    assert d.changed == ()
+
+
+def test_a_base_model_is_found_in_params(tmp_path: Path, signer) -> None:
+    a = make_bundle(tmp_path, "1", side(), signer)
+    b = make_bundle(
+        tmp_path, "2", side(train_params={**TRAIN_PARAMS, "base_model": "mnv2"}), signer
+    )
+    d = diff(load_lineage(a), load_lineage(b))
+    assert [(c.key, c.a, c.b) for c in d.base_model.changes] == [
+        ("train param base_model", None, "mnv2")
+    ]
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture
+def elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A cwd without .chainproof/vulndb.sqlite, so the CLI compares the statements."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CHAINPROOF_VULNDB", raising=False)
+    return tmp_path
+
+
+def test_cli_reports_with_exit_0_in_table_and_sorted_json(elsewhere: Path, signer) -> None:
+    a = make_run(elsewhere, "a", side(lock=LOCK_A), signer)
+    b = make_bundle(elsewhere, "2", side(lock=LOCK_B), signer)
+
+    table = CliRunner().invoke(diff_command, [str(a), str(b)])
+    out = CliRunner().invoke(diff_command, [str(a), str(b), "--format", "json"])
+
+    assert table.exit_code == 0 and "dependencies     CHANGED" in table.output
+    assert out.exit_code == 0
+    doc = json.loads(out.output)
+    assert out.output.rstrip("\n") == json.dumps(doc, indent=2, sort_keys=True)
+    assert doc["changed"] == ["dependencies", "environment"] and doc["verified"] is False
+    assert doc["a"]["kind"] == "run" and doc["b"]["kind"] == "bundle"
+    assert doc["dependencies"]["locks"][0]["changed"] is True
+    assert "each side's signed" in doc["vulnerabilities"]["basis"]
+    assert out.output == render_json(diff(load_lineage(a), load_lineage(b))) + "\n"
+
+
+def test_cli_bad_input_is_an_input_error_with_a_hint(elsewhere: Path, signer) -> None:
+    b = make_bundle(elsewhere, "2", side(), signer)
+    (elsewhere / "not-a-run").mkdir()
+    for bad in (elsewhere / "missing", elsewhere / "not-a-run"):
+        result = CliRunner().invoke(diff_command, [str(bad), str(b)])
+        assert isinstance(result.exception, InputError), result.output
+        assert result.exception.exit_code == 2
+        assert "runs/<run-id>" in (result.exception.hint or "")
