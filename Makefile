@@ -9,7 +9,7 @@ export TF_CPP_MIN_LOG_LEVEL := 2
 
 UI_PORT ?= 5000
 
-.PHONY: setup lock train verify test test-fast bench ui serve lint clean
+.PHONY: setup lock train verify test test-fast bench ui serve upgrade lint clean
 
 ## setup: build .venv from the hash-pinned lock (skipped when the lock and pyproject are unchanged)
 setup:
@@ -56,6 +56,15 @@ serve: setup
 	@release=$$($(PY) -c "import json; print(json.load(open('runs/latest/run.json')).get('release') or '')"); \
 	  test -n "$$release" || { echo "no release yet: run make train first" >&2; exit 2; }; \
 	  $(CP) serve "$$release" --port $(SERVE_PORT)
+
+## upgrade: compile a candidate lock (pip-compile --upgrade, or PACKAGE=x for one) and gate it
+upgrade: setup
+	cp requirements/main.txt requirements/candidate.txt  # start from today's pins
+	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+	  --no-emit-index-url --no-emit-find-links --pip-args "--isolated" \
+	  $(if $(PACKAGE),--upgrade-package $(PACKAGE),--upgrade) \
+	  -o requirements/candidate.txt requirements/main.in
+	$(CP) candidate $(CONFIG) --lock requirements/candidate.txt
 
 lint: setup
 	$(VENV)/bin/ruff check pipeline stages tests bench tools

@@ -94,7 +94,7 @@ def layout(config: Path, output: Path | None, workspace: Path) -> None:
     ws = Workspace(workspace.resolve())
     owner, functionary = ensure_keys(ws)
     dest = output or ws.layouts / f"{cfg.name}.layout"
-    write_signed_layout(cfg, owner, functionary, dest)
+    write_signed_layout(cfg, owner, functionary, dest, ws.keys)
     click.echo(
         f"wrote {dest} ({len(cfg.stages)} steps, signed by owner {owner.public.keyid[:16]}…)"
     )
@@ -220,6 +220,47 @@ def serve(bundle: Path, owner_key: str | None, port: int, workspace: Path) -> No
     do_serve(bundle.resolve(), owner_key=key, port=port, on_ready=_echo)
 
 
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--lock",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A candidate lock: every stage runs in an environment built from it.",
+)
+@click.option(
+    "--against",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The production release (default: MLflow's production alias, else the newest).",
+)
+@click.option("--owner-key", help="Owner key trusted for the production release.")
+@click.option("--deploy", is_flag=True, help="Deploy the candidate if (and only if) it passes.")
+@workspace_option
+def candidate(
+    config: Path,
+    lock: Path | None,
+    against: Path | None,
+    owner_key: str | None,
+    deploy: bool,
+    workspace: Path,
+) -> None:
+    """Run CONFIG as a candidate and gate it against production: exit 0 passed, 1 blocked."""
+    from pipeline.candidate import render, run_candidate
+    from pipeline.workspace import Workspace
+
+    result = run_candidate(
+        config,
+        Workspace(workspace.resolve()),
+        lock=lock,
+        against=against,
+        owner_key=owner_key,
+        deploy=deploy,
+        on_event=_echo,
+    )
+    click.echo(render(result))
+    if not result.passed:
+        sys.exit(1)
+
+
 @cli.group()
 def scan() -> None:
     """Security scans: dependencies against an offline OSV database, model files."""
@@ -227,9 +268,11 @@ def scan() -> None:
 
 def _register_extensions() -> None:
     from pipeline.cli_deps import deps, scan_deps, vulndb
+    from pipeline.cli_diff import diff
     from pipeline.cli_modelscan import scan_model
 
     cli.add_command(deps)
+    cli.add_command(diff)
     cli.add_command(vulndb)
     scan.add_command(scan_deps, name="deps")
     scan.add_command(scan_model, name="model")

@@ -76,6 +76,13 @@ class SecuritySpec(_Strict):
     models: ModelPolicySpec = ModelPolicySpec()
 
 
+class CandidateSpec(_Strict):
+    accuracy_drop: float = Field(0.02, ge=0, le=1)
+    recall_drop: float = Field(0.05, ge=0, le=1)
+    agreement: float = Field(0.9, ge=0, le=1)
+    severity: Literal["low", "medium", "high", "critical"] | None = None
+
+
 class _PipelineSchema(_Strict):
     schema_: Literal[1] = Field(alias="schema")
     name: StrictStr = Field(pattern=NAME_PATTERN)
@@ -85,6 +92,7 @@ class _PipelineSchema(_Strict):
     release: ReleaseSpec = ReleaseSpec()
     lineage: LineageSpec = LineageSpec()
     security: SecuritySpec = SecuritySpec()
+    candidate: CandidateSpec = CandidateSpec()
     stages: tuple[StageSpec, ...] = Field(min_length=1)
 
 
@@ -114,6 +122,7 @@ class PipelineConfig:
     release_version: str | None
     lineage: Mapping[str, Any]
     security: Mapping[str, Any]
+    candidate: Mapping[str, Any]
     stages: tuple[StageConfig, ...]
 
     def stage(self, name: str) -> StageConfig:
@@ -385,5 +394,6 @@ def load_config(path: str | Path, *, base_dir: Path | None = None) -> PipelineCo
         release_version=raw.release.version,
         lineage=MappingProxyType(raw.lineage.model_dump()),
         security=MappingProxyType(raw.security.model_dump()),
+        candidate=MappingProxyType(raw.candidate.model_dump(exclude_none=True)),
         stages=tuple(by_name[n] for n in order),  # type: ignore[union-attr]
     )

@@ -24,6 +24,7 @@ from pipeline.vulndb import ScanUnavailable
 
 CHECKS_DIR = "checks"
 DEPENDENCIES = f"{CHECKS_DIR}/dependencies.intoto.json"
+CANDIDATE = f"{CHECKS_DIR}/candidate.intoto.json"  # the candidate gate's comparison
 VULNS_PREDICATE = "https://in-toto.io/attestation/vulns/v0.2"
 SCANNER_URI = "https://github.com/chainproof/chainproof#scan-deps"
 

@@ -56,6 +56,9 @@ class DeployStage(Stage):
         print(f"gate: {dependency_verdict}")
         model_verdict = self._recheck_models(ctx)
         print(f"gate: {model_verdict}")
+        candidate_verdict = self._recheck_candidate(ctx)
+        if candidate_verdict:
+            print(f"gate: {candidate_verdict}")
         released = {}
         for dep, path in ctx.inputs.items():
             released.update(hash_artifacts(list_tree(path, prefix=f"{dep}/")))
@@ -70,6 +73,7 @@ class DeployStage(Stage):
                 "gate": {
                     "dependencies": dependency_verdict,
                     "models": model_verdict,
+                    **({"candidate": candidate_verdict} if candidate_verdict else {}),
                     "verified_steps": gate["steps"],
                     "owner_keyid": owner.keyid,
                     "checks": [c for c, _ in report.checks],
@@ -108,6 +112,23 @@ class DeployStage(Stage):
         if pred.get("verdict") != "pass":
             raise StageError(f"refusing to deploy: model scan verdict {pred.get('verdict')}")
         return f"models scanned and clean at fail_on={pred['policy']['fail_on']}: {len(scanned)}"
+
+    @staticmethod
+    def _recheck_candidate(ctx: StageContext) -> str | None:
+        """A candidate deploys only with a passing, signed comparison against production."""
+        checks = ctx.extra.get("checks") or {}
+        if "candidate" not in checks:
+            return None
+        functionary = load_public_key(Path(checks["functionary_key"]))
+        try:
+            stmt = read_verified_statement(ctx.workdir / checks["candidate"], [functionary])
+        except VerificationError as e:
+            raise StageError("refusing to deploy the candidate: " + e.diagnostics()) from e
+        result = stmt["predicate"].get("result")
+        if result != "PASSED":
+            failed = "; ".join(stmt["predicate"].get("failedTests", []))
+            raise StageError(f"refusing to deploy the candidate: the gate says {result}: {failed}")
+        return "candidate gate PASSED against production"
 
 
 if __name__ == "__main__":

@@ -114,7 +114,31 @@ class EarlyStopping(Params):
     restore_best_weights: bool = True
 
 
+class BaseModelSpec(Params):
+    """Where a fine-tune starts: a release bundle (verified against its owner key), or a
+    file/URL pinned by sha256. The runner fetches, verifies and scans it; see basemodel.py."""
+
+    bundle: str | None = None
+    owner_key: str | None = Field(None, description="fingerprint or owner.pub path")
+    file: str | None = Field(None, description="model file in the bundle's artifacts/")
+    path: str | None = None
+    url: str | None = Field(None, pattern=r"^https?://")
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+
+    @model_validator(mode="after")
+    def _one_origin(self) -> BaseModelSpec:
+        given = [k for k in ("bundle", "path", "url") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of bundle, path, url (got {given or 'none'})")
+        if self.bundle and not self.owner_key:
+            raise ValueError("a bundle needs owner_key: the fingerprint of the key you trust")
+        if not self.bundle and not self.sha256:
+            raise ValueError("a path or url needs a sha256 pin")
+        return self
+
+
 class TrainParams(Params):
+    base_model: BaseModelSpec | None = None
     layers: tuple[LayerSpec, ...] = Field(SEED_CNN, min_length=1)
     augmentation: Augmentation = Augmentation()
     optimizer: Literal["adam", "sgd", "rmsprop"] = "adam"
@@ -308,7 +332,10 @@ class TrainStage(Stage):
         tf.config.experimental.enable_op_determinism()
 
         classes = int(manifest["classes"])
-        model = build_model(keras, x_train.shape[1:], classes, p)
+        if p.base_model is not None:
+            model = self._load_base(ctx, keras, classes)
+        else:
+            model = build_model(keras, x_train.shape[1:], classes, p)
         optimizer = {
             "adam": keras.optimizers.Adam,
             "sgd": keras.optimizers.SGD,
@@ -364,6 +391,28 @@ class TrainStage(Stage):
             },
         )
         print(f"test accuracy {test['accuracy']:.4f}, loss {test['loss']:.4f}")
+
+    @staticmethod
+    def _load_base(ctx: StageContext, keras, classes: int):
+        """The runner-verified base model: digest re-checked on the bytes read, safe_mode."""
+        import hashlib
+        import tempfile
+        from pathlib import Path
+
+        info = ctx.extra.get("base_model") or {}
+        data = (ctx.workdir / info["path"]).read_bytes()
+        if hashlib.sha256(data).hexdigest() != info["sha256"]:
+            raise StageError("the base model changed after the runner verified it; refusing")
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "base_model.keras"
+            path.write_bytes(data)
+            model = keras.models.load_model(path, safe_mode=True)
+        if model.output_shape[-1] != classes:
+            raise StageError(
+                f"the base model predicts {model.output_shape[-1]} classes; the data has {classes}"
+            )
+        print(f"fine-tuning from base model sha256 {info['sha256']}")
+        return model
 
 
 if __name__ == "__main__":

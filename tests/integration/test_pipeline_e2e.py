@@ -30,7 +30,7 @@ def link_path(ws: Path, step: str) -> Path:
 
 
 def release_dir(ws: Path) -> Path:
-    (found,) = (ws / "releases" / "digits-fast").iterdir()
+    (found,) = [p for p in (ws / "releases" / "digits-fast").iterdir() if not p.is_symlink()]
     return found
 
 

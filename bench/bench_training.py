@@ -1,0 +1,455 @@
+"""Training bench: augmentation throughput, and what `make train` costs over a bare script.
+
+    .venv/bin/python bench/bench_training.py [--repeats 3] [--rounds 3] [--no-inprocess]
+
+1. Augmented samples per second, same data, same knobs (the seed's ImageDataGenerator:
+   rotation 20, shifts 0.2, shear 0.2, zoom 0.2, horizontal flip, fill nearest), batch 32:
+   Keras' ImageDataGenerator.flow against tf.data (from_tensor_slices -> shuffle -> batch ->
+   map(augmentation model, AUTOTUNE) -> prefetch), where the augmentation model is
+   `keras.Sequential(stages.train.augmentation_layers(...))` called with training=True: the
+   layers the train stage puts in the model, applied in the input pipeline. `.repeat()` sits
+   after shuffle so both sides run for as many batches as timed. Digits at 8x8x1, and digits
+   upsampled to 64x64x3 (np.kron), nearer the seed's image size. Each round uses a fresh
+   iterator, warmed up, so tf.data's prefetching never runs while ImageDataGenerator is timed.
+   Target: tf.data + layers >= 3x ImageDataGenerator.
+2. `chainproof run configs/digits-cnn.yaml --workspace <tmp>` (the real CLI, lineage to a
+   fresh SQLite store in the tmp workspace, as the default config does) against a bare script
+   that trains the same model (stages.train.build_model and make_datasets, the config's
+   TrainParams, the same split of the same digits, op determinism on) for the same epochs,
+   evaluates it and saves it, in a fresh `python` (its TensorFlow import and data loading
+   included). Alternated, medians of --repeats. Target: (pipeline - bare) / pipeline < 15%.
+   The repeats start from empty workspaces (MLflow creates its SQLite schema each time, as on
+   a fresh clone); one more CLI run in the last workspace shows a later `make train`.
+   Breakdown, two sources, each labelled:
+   - `cli_record`: the timed CLI runs themselves: the links' `duration_ms` (stage execution)
+     and the mtimes of what the runner writes in order (signed layout, each link, the release
+     rename, run.json's last write after MLflow) cut the wall time into consecutive segments.
+   - `runner_inprocess`: one extra run through `pipeline.runner.Runner` in this process:
+     `result.stage_seconds` splits each stage's runner time into its own phases (environment
+     check, hashing, model scan, signing) and times the MLflow sync (`_lineage`).
+
+Results: JSON lines on stdout, and bench/out/training.json; the first line names the commit and a
+digest of uncommitted changes, so figures can be tied to the code they measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script: make `pipeline` and `stages` importable
+
+OUT = ROOT / "bench" / "out"
+CONFIG = ROOT / "configs" / "digits-cnn.yaml"
+BATCH = 32
+SEED_KNOBS = {
+    "rotation_range": 20,
+    "width_shift_range": 0.2,
+    "height_shift_range": 0.2,
+    "shear_range": 0.2,
+    "zoom_range": 0.2,
+    "horizontal_flip": True,
+    "fill_mode": "nearest",
+}
+AUGMENT_RATIO_TARGET = 3.0
+OVERHEAD_SHARE_TARGET = 0.15
+
+# The bare script a user would write without chainproof: same model, data, split and epochs.
+BARE_SCRIPT = r"""
+import json, os, sys, time
+t0 = time.perf_counter()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import numpy as np
+import tensorflow as tf
+from sklearn.datasets import load_digits
+from stages.train import TrainParams, build_model, make_datasets
+t_import = time.perf_counter()
+
+train_params, source_params = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+p = TrainParams(**train_params)
+digits = load_digits()
+x = (digits.data.astype(np.float32) / np.float32(16)).reshape(-1, 8, 8, 1)
+y = digits.target.astype(np.int64)
+order = np.random.default_rng(source_params.get("seed", 42)).permutation(len(x))
+n_test = max(1, int(round(len(x) * source_params.get("test_fraction", 0.2))))
+test, train = order[:n_test], order[n_test:]
+t_data = time.perf_counter()
+
+keras = tf.keras
+keras.utils.set_random_seed(p.seed)
+tf.config.experimental.enable_op_determinism()
+model = build_model(keras, x.shape[1:], 10, p)
+model.compile(
+    optimizer=keras.optimizers.Adam(learning_rate=p.learning_rate),
+    loss="sparse_categorical_crossentropy",
+    metrics=["accuracy"],
+)
+train_ds, val_ds = make_datasets(tf, x[train], y[train], p)
+model.fit(train_ds, validation_data=val_ds, epochs=p.epochs, verbose=2)
+t_fit = time.perf_counter()
+loss, accuracy = model.evaluate(x[test], y[test], verbose=0)
+model.save("model.keras")
+t_end = time.perf_counter()
+print(json.dumps({
+    "import_s": t_import - t0, "data_s": t_data - t_import, "fit_s": t_fit - t_data,
+    "evaluate_save_s": t_end - t_fit, "test_accuracy": float(accuracy),
+}))
+"""
+
+
+def emit(rows: list[dict[str, Any]], **fields: Any) -> None:
+    rows.append(fields)
+    print(json.dumps(fields), flush=True)
+
+
+def r3(value: float) -> float:
+    return round(value, 3)
+
+
+# --------------------------------------------------------------------------- 1. augmentation
+
+
+def image_data_generator(keras):
+    """Keras 3 keeps the legacy class under tf.keras; standalone `keras` only in keras.src."""
+    try:
+        return keras.preprocessing.image.ImageDataGenerator
+    except AttributeError:
+        from keras.src.legacy.preprocessing.image import ImageDataGenerator
+
+        return ImageDataGenerator
+
+
+def digits_images(size: int):
+    import numpy as np
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.data.astype(np.float32) / np.float32(16)).reshape(-1, 8, 8, 1)
+    if size != 8:
+        x = np.kron(x, np.ones((1, size // 8, size // 8, 1), np.float32))
+        x = np.repeat(x, 3, axis=-1)
+    return np.ascontiguousarray(x), digits.target.astype(np.int64)
+
+
+def _time_batches(next_batch, warmup: int, batches: int) -> float:
+    """Samples per second over `batches` batches, after `warmup` untimed ones."""
+    for _ in range(warmup):
+        next_batch()
+    n = 0
+    t0 = time.perf_counter()
+    for _ in range(batches):
+        n += next_batch()
+    return n / (time.perf_counter() - t0)
+
+
+def bench_augmentation(rows: list[dict[str, Any]], size: int, batches: int, rounds: int) -> None:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    from stages.train import Augmentation, augmentation_layers
+
+    keras = tf.keras  # the namespace the train stage uses
+    x, y = digits_images(size)
+    idg = image_data_generator(keras)(**SEED_KNOBS)
+    augment = keras.Sequential(augmentation_layers(keras, Augmentation(**SEED_KNOBS), seed=42))
+    dataset = (
+        tf.data.Dataset.from_tensor_slices((x, y))
+        .shuffle(len(x), seed=42, reshuffle_each_iteration=True)
+        .repeat()
+        .batch(BATCH)
+        .map(lambda xb, yb: (augment(xb, training=True), yb), num_parallel_calls=tf.data.AUTOTUNE)
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    # Same output contract on both sides: float32 batches of the input's shape.
+    xb, _ = next(iter(dataset))
+    xg, _ = next(idg.flow(x, y, batch_size=BATCH, seed=42))
+    assert tuple(xb.shape[1:]) == tuple(xg.shape[1:]) == x.shape[1:], (xb.shape, xg.shape)
+
+    theirs, ours = [], []
+    for r in range(rounds):  # alternate, so load from other work hits both sides alike
+        flow = idg.flow(x, y, batch_size=BATCH, shuffle=True, seed=r)
+        theirs.append(_time_batches(lambda f=flow: len(next(f)[0]), 2, batches))
+        it = iter(dataset)
+        ours.append(_time_batches(lambda i=it: int(next(i)[0].shape[0]), 5, batches))
+        del it  # stop its prefetching before the next ImageDataGenerator round
+    t, o = statistics.median(theirs), statistics.median(ours)
+    emit(
+        rows,
+        bench=f"augment/{'x'.join(map(str, x.shape[1:]))}",
+        samples=len(x),
+        batch_size=BATCH,
+        batches_timed=batches,
+        rounds=rounds,
+        image_data_generator_sps=round(t),
+        tf_data_layers_sps=round(o),
+        ratio=round(o / t, 2),
+        target_ratio=AUGMENT_RATIO_TARGET,
+        target_met=o / t >= AUGMENT_RATIO_TARGET,
+        image_data_generator_rounds=[round(v) for v in theirs],
+        tf_data_layers_rounds=[round(v) for v in ours],
+        layers=[type(layer).__name__ for layer in augment.layers],
+    )
+
+
+# --------------------------------------------------------------------------- 2. pipeline overhead
+
+
+def _stage_params(kind: str) -> dict[str, Any]:
+    config = yaml.safe_load(CONFIG.read_text())
+    return next(s.get("params", {}) for s in config["stages"] if s["kind"] == kind)
+
+
+def run_bare(scratch: Path) -> dict[str, Any]:
+    """Wall time of the bare script in a fresh interpreter, env like the runner gives a stage."""
+    scratch.mkdir(parents=True)
+    script = scratch / "bare_train.py"
+    script.write_text(BARE_SCRIPT)
+    env = {k: os.environ[k] for k in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE") if k in os.environ}
+    env.update(
+        PATH="/usr/local/bin:/usr/bin:/bin",
+        HOME=str(scratch),
+        TMPDIR=str(scratch),
+        PYTHONHASHSEED="0",
+        TF_DETERMINISTIC_OPS="1",
+        TF_CPP_MIN_LOG_LEVEL="2",
+        CUDA_VISIBLE_DEVICES="",
+        MPLBACKEND="Agg",
+    )
+    argv = [
+        sys.executable,
+        str(script),
+        json.dumps(_stage_params("train")),
+        json.dumps(_stage_params("source")),
+    ]
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, cwd=scratch, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"bare script failed:\n{proc.stderr[-3000:]}")
+    return {"wall_s": wall, **json.loads(proc.stdout.strip().splitlines()[-1])}
+
+
+def _mtime(path: Path) -> float:
+    return path.stat().st_mtime_ns / 1e9
+
+
+def run_cli(workspace: Path) -> dict[str, Any]:
+    """Wall time of the real CLI, and its run cut into segments from what it wrote."""
+    from pipeline.provenance.links import read_link
+    from pipeline.workspace import read_run_record
+
+    cli = Path(sys.executable).parent / "chainproof"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")  # as `make train` exports it
+    argv = [str(cli), "run", str(CONFIG), "--workspace", str(workspace)]
+    spawned = time.time()
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    exited = spawned + wall
+    if proc.returncode != 0:
+        raise RuntimeError(f"chainproof run exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+
+    run_dir = (workspace / "runs" / "latest").resolve()
+    record = read_run_record(run_dir)
+    links = (run_dir / record["links"]).resolve()
+    segments: dict[str, float] = {}
+    mark = _mtime(links / "root.layout")
+    segments["cli_start_to_layout"] = mark - spawned
+    execute, runner = {}, {}
+    for stage in record["stages"]:
+        (link_path,) = links.glob(f"{stage}.*.link")
+        end = _mtime(link_path)
+        execute[stage] = read_link(link_path).byproducts["duration_ms"] / 1000
+        runner[stage] = (end - mark) - execute[stage]
+        mark = end
+    released = _mtime(Path(record["release"]).parent)  # the bundle's rename into releases/<name>
+    segments["stages_runner"] = sum(runner.values())
+    segments["stages_execute"] = sum(execute.values())
+    segments["verify_publish"] = released - mark
+    segments["lineage_mlflow"] = _mtime(run_dir / "run.json") - released
+    segments["cli_exit"] = exited - _mtime(run_dir / "run.json")
+    metrics = json.loads((run_dir / "train" / "metrics.json").read_text())
+    return {
+        "wall_s": wall,
+        "segments": segments,
+        "stage_execute": execute,
+        "stage_runner": runner,
+        "lineage_logged": record.get("lineage", {}).get("logged", False),
+        "test_accuracy": metrics["test"]["accuracy"],
+    }
+
+
+def run_inprocess(workspace: Path) -> dict[str, Any]:
+    """One run through the Runner in this process, for its own per-phase timings."""
+    from pipeline.config import load_config
+    from pipeline.runner import Runner
+    from pipeline.workspace import Workspace
+
+    cfg = load_config(CONFIG)
+    t0 = time.perf_counter()
+    result = Runner(cfg, Workspace(workspace)).run()
+    wall = time.perf_counter() - t0
+    return {"wall_s": wall, "stage_seconds": result.stage_seconds}
+
+
+def _median_dicts(dicts: list[dict[str, float]]) -> dict[str, float]:
+    return {k: r3(statistics.median(d[k] for d in dicts)) for k in dicts[0]}
+
+
+def bench_pipeline(rows: list[dict[str, Any]], repeats: int, inprocess: bool) -> None:
+    bare, cli = [], []
+    with tempfile.TemporaryDirectory(prefix="chainproof-bench-training-") as tmp:
+        for i in range(repeats):  # alternate, so load from other work hits both sides alike
+            bare.append(run_bare(Path(tmp) / f"bare-{i}"))
+            cli.append(run_cli(Path(tmp) / f"ws-{i}"))
+            emit(
+                rows,
+                bench="make_train/repeat",
+                repeat=i + 1,
+                pipeline_wall_s=r3(cli[-1]["wall_s"]),
+                bare_wall_s=r3(bare[-1]["wall_s"]),
+                overhead_share=r3(1 - bare[-1]["wall_s"] / cli[-1]["wall_s"]),
+                lineage_logged=cli[-1]["lineage_logged"],
+            )
+            if i < repeats - 1:
+                shutil.rmtree(Path(tmp) / f"ws-{i}")
+        # Every repeat above starts from an empty workspace, so MLflow creates its SQLite
+        # schema each time (a fresh clone's first `make train`). Once more in the last
+        # workspace: what every later `make train` pays, with the store already there.
+        warm = run_cli(Path(tmp) / f"ws-{repeats - 1}")
+        fine = run_inprocess(Path(tmp) / "ws-inprocess") if inprocess else None
+
+    p = statistics.median(c["wall_s"] for c in cli)
+    b = statistics.median(r["wall_s"] for r in bare)
+    share = (p - b) / p
+    emit(
+        rows,
+        bench="make_train/overhead",
+        repeats=repeats,
+        pipeline_wall_s=r3(p),
+        bare_wall_s=r3(b),
+        overhead_s=r3(p - b),
+        overhead_share=r3(share),
+        target_share=OVERHEAD_SHARE_TARGET,
+        target_met=share < OVERHEAD_SHARE_TARGET,
+        test_accuracy_pipeline=[r3(c["test_accuracy"]) for c in cli],
+        test_accuracy_bare=[r3(r["test_accuracy"]) for r in bare],
+    )
+    emit(
+        rows,
+        bench="make_train/warm_store",
+        method="one more CLI run in the last repeat's workspace: mlruns.db already exists",
+        pipeline_wall_s=r3(warm["wall_s"]),
+        bare_wall_s=r3(b),
+        overhead_s=r3(warm["wall_s"] - b),
+        overhead_share=r3(1 - b / warm["wall_s"]),
+        target_met=1 - b / warm["wall_s"] < OVERHEAD_SHARE_TARGET,
+        segments_s={k: r3(v) for k, v in warm["segments"].items()},
+    )
+    emit(
+        rows,
+        bench="make_train/bare_split",
+        method="timestamps inside the bare script; median of repeats",
+        **_median_dicts([{k: v for k, v in r.items() if k.endswith("_s")} for r in bare]),
+    )
+    segments = _median_dicts([c["segments"] for c in cli])
+    execute = _median_dicts([c["stage_execute"] for c in cli])
+    emit(
+        rows,
+        bench="make_train/breakdown_cli_record",
+        method=(
+            "the timed CLI runs: links' byproducts.duration_ms = stage execution; "
+            "consecutive mtimes of root.layout, each link, the release rename and run.json's "
+            "last write = the rest; median of repeats"
+        ),
+        segments_s=segments,
+        stage_execute_s=execute,
+        stage_runner_s=_median_dicts([c["stage_runner"] for c in cli]),
+        # What the pipeline pays beyond the bare script, by where it goes.
+        overhead_s={
+            "cli_start_to_layout": segments["cli_start_to_layout"],
+            "runner_per_stage": segments["stages_runner"],
+            "other_stages_execute": r3(sum(v for k, v in execute.items() if k != "train")),
+            "train_stage_minus_bare_script": r3(execute["train"] - b),
+            "verify_publish": segments["verify_publish"],
+            "lineage_mlflow": segments["lineage_mlflow"],
+            "cli_exit": segments["cli_exit"],
+        },
+    )
+    if fine is not None:
+        stage_seconds = fine["stage_seconds"]
+        per_stage = {
+            s: {k: r3(v) for k, v in t.items()} for s, t in stage_seconds.items() if s != "_lineage"
+        }
+        accounted = sum(sum(t.values()) for t in stage_seconds.values())
+        phases = list(dict.fromkeys(k for t in per_stage.values() for k in t))
+        emit(
+            rows,
+            bench="make_train/breakdown_runner_inprocess",
+            method="one extra run via pipeline.runner.Runner in this process: result.stage_seconds",
+            run_wall_s=r3(fine["wall_s"]),
+            # the Runner's own phase names, summed over stages: env_check, materials (hash),
+            # execute, products (hash + model scan), sign (link)
+            phases_s={k: r3(sum(t.get(k, 0.0) for t in per_stage.values())) for k in phases},
+            lineage_s=r3(stage_seconds.get("_lineage", {}).get("sync", 0.0)),
+            start_verify_publish_rest_s=r3(fine["wall_s"] - accounted),
+            per_stage=per_stage,
+        )
+
+
+def code_state() -> dict[str, Any]:
+    """Which code the figures belong to: the commit, and a digest of uncommitted changes."""
+    import hashlib
+
+    def git(*args: str) -> str:
+        proc = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+        return proc.stdout if proc.returncode == 0 else ""
+
+    diff = git("diff", "HEAD")
+    return {
+        "commit": git("rev-parse", "HEAD").strip() or "unknown",
+        "changed_files": len(git("status", "--porcelain").splitlines()),
+        "diff_sha256": hashlib.sha256(diff.encode()).hexdigest()[:16] if diff else None,
+        "cpus": os.cpu_count(),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="pipeline/bare pairs")
+    parser.add_argument("--rounds", type=int, default=3, help="augmentation rounds per side")
+    parser.add_argument("--no-inprocess", action="store_true", help="skip the in-process run")
+    args = parser.parse_args()
+    rows: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    emit(rows, bench="training/context", **code_state())
+    # The pipeline first: this process has not imported TensorFlow yet.
+    bench_pipeline(rows, args.repeats, not args.no_inprocess)
+    bench_augmentation(rows, 8, batches=200, rounds=args.rounds)
+    bench_augmentation(rows, 64, batches=80, rounds=args.rounds)
+    emit(
+        rows,
+        bench="training/total",
+        bench_wall_s=round(time.perf_counter() - t0, 1),
+        loadavg_1m=round(os.getloadavg()[0], 2),
+    )
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "training.json").write_text(json.dumps(rows, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
