@@ -20,6 +20,15 @@ CHAINPROOF = [sys.executable, "-m", "pipeline.cli"]
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 for a server a test starts."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def write_config(directory: Path, body: str, *, name: str = "pipeline.yaml") -> Path:
     """A config file with the project's main lock filled in."""
     directory.mkdir(parents=True, exist_ok=True)

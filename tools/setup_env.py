@@ -30,6 +30,11 @@ def run(*cmd: str) -> None:
     subprocess.run(cmd, check=True, cwd=ROOT)
 
 
+def install_project(py: str) -> None:
+    """chainproof itself, editable, with the locked setuptools and no dependencies."""
+    run(py, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "-e", str(ROOT))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--venv", default=".venv")
@@ -44,17 +49,7 @@ def main() -> int:
         if have[1:2] == [want_project]:
             return 0
         # Only the project's metadata changed (entry points, scripts): reinstall it alone.
-        run(
-            py,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "-e",
-            str(ROOT),
-        )
+        install_project(py)
         stamp.write_text(f"{want_lock} {want_project}\n")
         return 0
     if sys.version_info[:2] != (3, 11):
@@ -80,7 +75,7 @@ def main() -> int:
         str(lock),
     )
     # The project itself, without dependencies: the lock already supplied every one of them.
-    run(py, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "-e", str(ROOT))
+    install_project(py)
     stamp.write_text(f"{want_lock} {want_project}\n")
     print(f"{venv} is ready", flush=True)
     return 0

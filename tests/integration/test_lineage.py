@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -13,17 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST_PIPELINE, chainproof, write_config
+from tests.conftest import FAST_PIPELINE, chainproof, free_port, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.tensorflow]
 
 MLFLOW = [str(Path(sys.executable).parent / "mlflow")]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:

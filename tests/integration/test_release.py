@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import pytest
 
 from pipeline.errors import VerificationError
 from pipeline.verify import verify_target
-from tests.conftest import CHAINPROOF, MAIN_LOCK, ROOT, chainproof
+from tests.conftest import CHAINPROOF, MAIN_LOCK, ROOT, chainproof, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.tensorflow]
 
@@ -186,12 +185,6 @@ def test_load_verified_refuses_a_tampered_file_without_touching_keras(lone_bundl
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert "refused: artifacts on disk" in out.stdout, out.stderr
     assert "keras imported: False" in out.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_serve_refuses_a_tampered_bundle(lone_bundle):
