@@ -9,6 +9,7 @@ with the traceback).
 from __future__ import annotations
 
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -281,8 +282,16 @@ def _register_extensions() -> None:
 _register_extensions()
 
 
+def _terminate(signum: int, _frame) -> None:
+    # SIGTERM/SIGHUP unwind like Ctrl-C, so runs record "failed", kill their stage and
+    # remove staging directories instead of dying mid-step with "running" on disk.
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 def main() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # only serve imports TensorFlow here
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
     try:
         cli.main(standalone_mode=False)
     except Error as e:

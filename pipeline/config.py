@@ -199,6 +199,8 @@ def _parse(path: Path) -> tuple[Any, _Located]:
         text = path.read_text(encoding="utf-8")
     except OSError as e:
         raise ConfigError(str(path), [ConfigProblem(None, "", f"cannot read: {e.strerror}")]) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(path), [ConfigProblem(None, "", f"not UTF-8 text ({e})")]) from e
     loc = _Located()
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)

@@ -328,7 +328,13 @@ def sync_run_dir(run_dir: Path) -> str:
     from pipeline.workspace import workspace_of_run
 
     run_dir = run_dir.resolve()
-    read_run_record(run_dir)
+    if read_run_record(run_dir).get("status") == "running":
+        from pipeline.errors import InputError
+
+        raise InputError(
+            f"{run_dir} is still running (or was killed without a trace)",
+            hint="sync it once it has finished",
+        )
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     sink = sink_for(config.get("lineage"), workspace_of_run(run_dir).root, config["name"])
     result = sink.sync(run_dir)

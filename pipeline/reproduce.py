@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import load_config
-from pipeline.errors import InputError
+from pipeline.errors import InputError, VerificationError
 from pipeline.hashing import sha256_file
 from pipeline.provenance.links import read_link
 from pipeline.provenance.statements import TEST_RESULT, statement, write_signed_statement
@@ -154,9 +154,18 @@ def reproduce(
             f"run {record['run_id']} did not succeed (status {record.get('status')!r})",
             hint="reproduce a completed run",
         )
+    # Reproduce only what verifies: a tampered original must not be declared reproducible.
+    from pipeline.verify import verify_run
+
+    report = verify_run(run_dir)
     recorded = run_dir / "config.yaml"
-    if sha256_file(recorded) != record["config_sha256"]:
-        raise InputError(f"{recorded} no longer has the sha256 the run recorded")
+    signed_config = {link.environment.get("config_sha256") for link in report.links.values()}
+    if signed_config != {sha256_file(recorded)}:
+        raise VerificationError(
+            f"{recorded} is not the config the signed links name",
+            check="reproduce",
+            artifact=str(recorded),
+        )
     base = Path(record.get("config_dir") or Path(record["config"]).parent)
     config = load_config(recorded, base_dir=base)
     links_dir = (run_dir / record["links"]).resolve()

@@ -241,13 +241,15 @@ class Runner:
         atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
 
     def run(self, *, publish: bool = True) -> RunResult:
-        self.start()
         try:
+            self.start()
             for stage in self.config.stages:
                 self.run_stage(stage)
             report = self.verify_run()
             release = self.publish_release() if publish else None
         except BaseException as e:
+            if not self.run_dir.is_dir():  # refused before the run existed: nothing to record
+                raise
             self._record(status="failed", error=getattr(e, "message", repr(e)))
             if not isinstance(e, KeyboardInterrupt):
                 self.log_lineage()
@@ -562,9 +564,10 @@ class Runner:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
                 raise
-        shutil.rmtree(tmp, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            tmp.parent.rmdir()  # only when no other stage's scratch is left
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+                with contextlib.suppress(OSError):
+                    tmp.parent.rmdir()  # only when no other stage's scratch is left
         return rc, logs
 
     @staticmethod

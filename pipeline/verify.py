@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pipeline.basemodel import verify_upstreams
@@ -41,12 +42,23 @@ def _summary(stmt: dict) -> str:
     return f"{kind}: {verdict}"
 
 
-def check_statements(directories: list[tuple[Path, str]], report: VerifyReport) -> None:
+def _bound(name: str, stmt: dict, recorded: dict[str, str], run_id: str | None) -> bool:
+    """Is this statement about *this* chain? Recorded by a link, or naming this run."""
+    if name in recorded or name == PROVENANCE:  # provenance: bound by check_provenance
+        return True
+    url = str(stmt.get("predicate", {}).get("url", ""))
+    return bool(run_id) and url.startswith("chainproof:reproduce/") and url.endswith(f"/{run_id}")
+
+
+def check_statements(
+    directories: list[tuple[Path, str]], report: VerifyReport, *, run_id: str | None = None
+) -> None:
     """Verify every signed Statement in `directories` with the layout's functionary keys.
 
     Each (directory, prefix) pair: a statement named `<prefix><file>` that a link records as a
-    material must also have that exact digest (so a release proves which scan it passed).
-    A statement that does not verify fails the whole verification; one that does is shown.
+    material must be present with exactly that digest (so a release proves which scans it
+    passed); a signed statement that binds to nothing in this chain (one copied from another
+    run) is refused rather than shown. One that does not verify fails the whole verification.
     """
     if report.layout is None:
         return
@@ -55,10 +67,13 @@ def check_statements(directories: list[tuple[Path, str]], report: VerifyReport) 
         name: digest["sha256"]
         for link in report.links.values()
         for name, digest in link.materials.items()
+        if name.startswith(f"{CHECKS_DIR}/")
     }
+    seen = set()
     for directory, prefix in directories:
         for path in sorted(directory.glob("*.intoto.json")):
             name = f"{prefix}{path.name}"
+            seen.add(name)
             stmt = read_verified_statement(path, keys)
             if name in recorded and sha256_file(path) != recorded[name]:
                 raise VerificationError(
@@ -66,12 +81,36 @@ def check_statements(directories: list[tuple[Path, str]], report: VerifyReport) 
                     check="attestations",
                     artifact=str(path),
                 )
+            if not _bound(name, stmt, recorded, run_id):
+                raise VerificationError(
+                    f"{name} is signed, but binds to nothing in this chain (copied from "
+                    "another run?)",
+                    check="attestations",
+                    artifact=str(path),
+                    hint="remove it; only statements the chain records or names are trusted",
+                )
             report.passed("attestation", f"{name}: {_summary(stmt)} (signed)")
+    for name in sorted(set(recorded) - seen):
+        raise VerificationError(
+            f"{name}, which the deploy step consumed, is missing",
+            check="attestations",
+            artifact=name,
+            hint="the release was stripped of its gate evidence; do not use it",
+        )
 
 
-def check_provenance(path: Path, report: VerifyReport, artifacts: Path, links: Path) -> None:
+def check_provenance(
+    path: Path, report: VerifyReport, artifacts: Path, links: Path, *, required: bool
+) -> None:
     """The SLSA provenance's subjects are the released files and its byproducts the links."""
     if not path.is_file():
+        if required:
+            raise VerificationError(
+                "the release's SLSA provenance is missing",
+                check="provenance",
+                artifact=str(path),
+                hint="a published release always carries attestations/provenance.intoto.json",
+            )
         return
     stmt = payload_of(path)  # its signature was verified by check_statements
     for subject in stmt.get("subject", []):
@@ -103,17 +142,32 @@ def check_model_signature(bundle: Path, report: VerifyReport, released: list[str
     from pipeline.provenance.openssf import SIGNATURE, verify_model_dir
 
     signature = bundle / "attestations" / SIGNATURE
+    if report.layout is None:
+        return
+    functionaries = {k for step in report.layout.steps for k in step.pubkeys}
+    release_keys = set(report.layout.keys) - functionaries
     if not signature.is_file():
+        if release_keys:  # the owner named a release key, so a signature must be there
+            raise VerificationError(
+                "the OpenSSF model signature is missing",
+                check="model signature",
+                artifact=str(signature),
+            )
         return
     pub = bundle / "keys" / RELEASE_PUB
-    if not pub.is_file() or report.layout is None:
+    if not pub.is_file():
         raise VerificationError(
             "the model signature's public key is missing",
             check="model signature",
             artifact=str(pub),
         )
-    key = release_public_key(pub.read_bytes())
-    if key.keyid not in report.layout.keys:
+    try:
+        key = release_public_key(pub.read_bytes())
+    except ValueError as e:
+        raise VerificationError(
+            f"{pub.name} is not a PEM public key ({e})", check="model signature", artifact=str(pub)
+        ) from e
+    if key.keyid not in release_keys:
         raise VerificationError(
             "the bundle's release key is not the one the owner-signed layout names",
             check="model signature",
@@ -126,10 +180,17 @@ def check_model_signature(bundle: Path, report: VerifyReport, released: list[str
 
 
 def check_locks(directory: Path, report: VerifyReport) -> None:
-    """Each lock shipped beside the chain must be one some link says its stage ran under."""
+    """The locks shipped beside the chain are exactly the ones its steps ran under."""
     recorded = {str(link.environment.get("lock_sha256")) for link in report.links.values()}
-    for path in sorted(directory.glob("*")) if directory.is_dir() else []:
-        if sha256_file(path) not in recorded:
+    shipped = set()
+    for path in sorted(directory.iterdir()) if directory.is_dir() else []:
+        if path.is_symlink() or not path.is_file():
+            raise VerificationError(
+                f"locks/{path.name} is not a regular file", check="locks", artifact=str(path)
+            )
+        digest = sha256_file(path)
+        shipped.add(digest)
+        if digest not in recorded:
             raise VerificationError(
                 f"lock {path.name} is not the lock any step ran under",
                 check="locks",
@@ -137,6 +198,59 @@ def check_locks(directory: Path, report: VerifyReport) -> None:
                 hint="the lock file was edited after the run",
             )
         report.passed("locks", f"{path.name} is the lock the steps ran under")
+    missing = recorded - shipped
+    if missing:
+        raise VerificationError(
+            f"the lock(s) the steps ran under are missing (sha256 {sorted(missing)[0][:16]}…)",
+            check="locks",
+            artifact=str(directory),
+        )
+
+
+def refuse_symlinks(root: Path) -> None:
+    """A verified tree must be what it says: no link may point anywhere else."""
+    if root.is_symlink():
+        raise VerificationError(f"{root} is a symlink", check="layout of files", artifact=str(root))
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        for name in dirnames + filenames:
+            path = Path(dirpath) / name
+            if path.is_symlink():
+                raise VerificationError(
+                    f"{path.relative_to(root)} is a symlink; a verified tree holds only real files",
+                    check="layout of files",
+                    artifact=str(path),
+                )
+
+
+def refuse_stray_links(link_dir: Path, report: VerifyReport) -> None:
+    expected = {
+        f"{step.name}.{kid[:8]}.link"
+        for step in (report.layout.steps if report.layout else [])
+        for kid in step.pubkeys
+    }
+    for path in sorted(link_dir.glob("*.link")):
+        if path.name not in expected:
+            raise VerificationError(
+                f"{path.name} is a link for no step and key of the layout",
+                check="links present",
+                artifact=str(path),
+            )
+
+
+def refuse_unattested(run_dir: Path, report: VerifyReport) -> None:
+    """In a run, every file in a step's directory must be one of its recorded products."""
+    products = {n for link in report.links.values() for n in link.products}
+    for step in report.links:
+        directory = run_dir / step
+        for path in sorted(directory.rglob("*")) if directory.is_dir() else []:
+            name = path.relative_to(run_dir).as_posix()
+            if path.is_file() and name not in products:
+                raise VerificationError(
+                    f"{name} is in step '{step}' but its link does not record it",
+                    check="artifacts on disk",
+                    step=step,
+                    artifact=str(path),
+                )
 
 
 def verify_run(run_dir: Path, *, owner_key: str | None = None) -> VerifyReport:
@@ -156,8 +270,14 @@ def verify_run(run_dir: Path, *, owner_key: str | None = None) -> VerifyReport:
         disk=DiskArtifacts(run_dir),
         target=str(run_dir),
     )
-    check_statements([(run_dir / CHECKS_DIR, f"{CHECKS_DIR}/"), (links, "")], report)
-    check_provenance(links / PROVENANCE, report, run_dir, links)
+    refuse_symlinks(run_dir)
+    refuse_unattested(run_dir, report)
+    refuse_stray_links(links, report)
+    check_statements(
+        [(run_dir / CHECKS_DIR, f"{CHECKS_DIR}/"), (links, "")], report, run_id=record["run_id"]
+    )
+    published = bool(record.get("release"))
+    check_provenance(links / PROVENANCE, report, run_dir, links, required=published)
     for line in verify_upstreams(run_dir, report.links, verify_bundle):
         report.passed("upstream", line)
     check_locks(run_dir / "locks", report)
@@ -176,7 +296,8 @@ def verify_bundle(
     The bundle's own keys/owner.pub is used only when its fingerprint equals --owner-key
     (or it is the same key as the local workspace's owner key).
     """
-    bundle = bundle.resolve()
+    bundle = bundle.resolve()  # the path you chose (e.g. releases/<name>/latest); inside, no links
+    refuse_symlinks(bundle)
     shipped = bundle / "keys" / "owner.pub"
     owner = resolve_trusted_owner(owner_key, candidate=shipped, local=local_owner)
     layout = bundle / "attestations" / LAYOUT
@@ -192,8 +313,11 @@ def verify_bundle(
         target=str(bundle),
     )
     attestations = bundle / "attestations"
+    refuse_stray_links(attestations, report)
     check_statements([(attestations / CHECKS_DIR, f"{CHECKS_DIR}/"), (attestations, "")], report)
-    check_provenance(attestations / PROVENANCE, report, bundle / "artifacts", attestations)
+    check_provenance(
+        attestations / PROVENANCE, report, bundle / "artifacts", attestations, required=True
+    )
     check_model_signature(bundle, report, released_steps(layout, owner))
     for line in verify_upstreams(bundle, report.links, verify_bundle):
         report.passed("upstream", line)

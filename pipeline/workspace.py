@@ -39,7 +39,7 @@ RUN_RECORD = "run.json"
 
 def read_run_record(run_dir: Path) -> dict[str, Any]:
     try:
-        return json.loads((run_dir / RUN_RECORD).read_text(encoding="utf-8"))
+        record = json.loads((run_dir / RUN_RECORD).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise InputError(
             f"{run_dir} is not a chainproof run (no {RUN_RECORD})",
@@ -47,6 +47,13 @@ def read_run_record(run_dir: Path) -> dict[str, Any]:
         ) from None
     except (OSError, ValueError) as e:
         raise InputError(f"cannot read {run_dir / RUN_RECORD}: {e}") from e
+    required = ("run_id", "links", "layout", "pipeline", "stages")
+    if not isinstance(record, dict) or any(k not in record for k in required):
+        raise InputError(
+            f"{run_dir / RUN_RECORD} is not a chainproof run record (needs {', '.join(required)})",
+            hint="it was edited or truncated; the links and artifacts are the source of truth",
+        )
+    return record
 
 
 def workspace_of_run(run_dir: Path) -> Workspace:

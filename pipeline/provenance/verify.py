@@ -15,7 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from in_toto import verifylib
-from in_toto.exceptions import LayoutExpiredError, RuleVerificationError, SignatureVerificationError
+from in_toto.exceptions import (
+    InvalidMetadata,
+    LayoutExpiredError,
+    RuleVerificationError,
+    SignatureVerificationError,
+)
 from in_toto.models.layout import Layout
 from in_toto.models.link import Link
 from in_toto.models.metadata import Metadata
@@ -61,7 +66,7 @@ def load_layout(path: Path, owner: PublicKey, report: VerifyReport) -> Layout:
         metadata = Metadata.load(str(path))
     except FileNotFoundError:
         raise _fail(f"layout {path} is missing", "layout signature", artifact=str(path)) from None
-    except (ValueError, KeyError, FormatError) as e:
+    except (ValueError, KeyError, TypeError, FormatError, InvalidMetadata, OSError) as e:
         raise _fail(
             f"layout {path} is not valid in-toto metadata ({e})",
             "layout signature",
@@ -104,7 +109,7 @@ def _load_links(layout: Layout, link_dir: Path) -> dict[str, dict[str, Metadata]
                 continue
             try:
                 found[keyid] = Metadata.load(str(path))
-            except (ValueError, KeyError, FormatError) as e:
+            except (ValueError, KeyError, TypeError, FormatError, InvalidMetadata, OSError) as e:
                 raise _fail(
                     f"link {path.name} is not valid in-toto metadata ({e})",
                     "link format",

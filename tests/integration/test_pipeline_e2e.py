@@ -229,3 +229,15 @@ def test_run_directory_is_complete_with_no_temp_files(completed_workspace):
     assert leftovers == []
     assert not (run_dir(completed_workspace) / "tmp").exists()
     assert os.readlink(completed_workspace / "runs" / "latest") == run_dir(completed_workspace).name
+
+
+def test_an_unattested_file_in_a_step_directory_fails(workspace_copy):
+    (run_dir(workspace_copy) / "package" / "evil.py").write_text("import os\n")
+    err = failure(workspace_copy)
+    assert err.check == "artifacts on disk" and err.step == "package"
+
+
+def test_a_truncated_run_record_is_an_input_error(workspace_copy):
+    (run_dir(workspace_copy) / "run.json").write_text("[]")
+    proc = chainproof("verify", run_dir(workspace_copy), "--workspace", workspace_copy)
+    assert proc.returncode == 2 and "not a chainproof run record" in proc.stderr

@@ -340,3 +340,58 @@ def test_a_release_key_the_layout_does_not_name_is_refused(lone_bundle, tmp_path
     assert their_verify(bundle).returncode == 0, "on its own, a re-signed bundle looks fine..."
     err = fails(bundle, fp)
     assert err.check == "model signature" and "layout names" in err.message  # ...but not to us
+
+
+@pytest.mark.parametrize(
+    "removed",
+    [
+        "attestations/checks/models.intoto.json",
+        "attestations/checks/dependencies.intoto.json",
+        "attestations/provenance.intoto.json",
+        "attestations/model.sig",
+        "locks/main.txt",
+    ],
+)
+def test_a_bundle_stripped_of_its_evidence_fails(lone_bundle, removed):
+    bundle, fp = lone_bundle
+    (bundle / removed).unlink()
+    err = fails(bundle, fp)
+    assert err.check in ("attestations", "provenance", "model signature", "locks"), err
+
+
+def test_a_signed_statement_copied_from_another_chain_is_refused(lone_bundle, completed_workspace):
+    bundle, fp = lone_bundle
+    from pipeline.provenance.keys import load_signer
+    from pipeline.provenance.statements import TEST_RESULT, statement, write_signed_statement
+
+    functionary = load_signer("functionary", completed_workspace / "attestations" / "keys")
+    stmt = statement({"x": "0" * 64}, TEST_RESULT, {"result": "PASSED", "url": "elsewhere"})
+    write_signed_statement(bundle / "attestations/extra.intoto.json", stmt, functionary.signer)
+    err = fails(bundle, fp)
+    assert err.check == "attestations" and "binds to nothing" in err.message
+
+
+def test_symlinks_and_stray_links_in_a_bundle_are_refused(lone_bundle, tmp_path):
+    bundle, fp = lone_bundle
+    (bundle / "artifacts/deploy/etc").symlink_to("/etc")
+    assert fails(bundle, fp).check == "layout of files"
+    (bundle / "artifacts/deploy/etc").unlink()
+    link = next((bundle / "attestations").glob("train.*.link"))
+    shutil.copyfile(link, bundle / "attestations" / "train.deadbeef.link")
+    assert fails(bundle, fp).check == "links present"
+
+
+@pytest.mark.parametrize(
+    ("target", "content"),
+    [("attestations/root.layout", "{}"), ("keys/release-ec.pub.pem", "junk"), ("locks/sub", None)],
+)
+def test_malformed_bundle_files_are_errors_not_crashes(lone_bundle, target, content):
+    bundle, fp = lone_bundle
+    path = bundle / target
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_text(content)
+    proc = chainproof("verify", bundle, "--owner-key", fp)
+    assert proc.returncode == 1, proc.stderr
+    assert "internal error" not in proc.stderr

@@ -63,21 +63,27 @@ def test_a_changed_hyperparameter_is_reported_as_different(completed_workspace, 
     assert "params" in train["train/metrics.json"].detail
 
 
-def test_reproduce_refuses_when_the_lock_changed(workspace_copy, tmp_path):
-    run = (workspace_copy / "runs" / "latest").resolve()
-    record = json.loads((run / "run.json").read_text())
-    cfg = (run / "config.yaml").read_text()
-    # Point the recorded run at a copy of its config whose lock is a different file.
-    other = tmp_path / "cfgdir"
-    other.mkdir()
+def test_reproduce_refuses_when_the_lock_changed(tmp_path):
     from tests.conftest import MAIN_LOCK
 
-    (other / "lock.txt").write_text(MAIN_LOCK.read_text() + "\n# changed\n")
-    (run / "config.yaml").write_text(cfg.replace(str(MAIN_LOCK), "lock.txt"))
-    record["config_dir"] = str(other)
-    import hashlib
-
-    record["config_sha256"] = hashlib.sha256((run / "config.yaml").read_bytes()).hexdigest()
-    (run / "run.json").write_text(json.dumps(record))
-    proc = chainproof("reproduce", run)
+    lock = tmp_path / "lock.txt"
+    lock.write_bytes(MAIN_LOCK.read_bytes())  # the same pins, in a file the test may change
+    body = (
+        FAST_PIPELINE.replace("lock: @MAIN_LOCK@", f"lock: {lock}") + "lineage: {enabled: false}\n"
+    )
+    ws = tmp_path / "ws"
+    assert chainproof("run", write_config(tmp_path, body), "--workspace", ws).returncode == 0
+    lock.write_text(lock.read_text() + "\n# changed after the run\n")
+    proc = chainproof("reproduce", ws / "runs" / "latest")
     assert proc.returncode == 2 and "the lock changed" in proc.stderr
+
+
+def test_reproduce_refuses_a_run_that_does_not_verify(workspace_copy):
+    run = (workspace_copy / "runs" / "latest").resolve()
+    model = run / "package" / "model.keras"
+    data = bytearray(model.read_bytes())
+    data[-100] ^= 1
+    model.write_bytes(bytes(data))
+    proc = chainproof("reproduce", run)
+    assert proc.returncode == 1 and "package/model.keras" in proc.stderr
+    assert "reproduced" not in proc.stdout

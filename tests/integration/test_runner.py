@@ -179,3 +179,33 @@ def test_stage_with_its_own_small_lock_runs_in_its_own_environment(tmp_path):
     proc = chainproof("run", cfg, "--workspace", ws)
     assert proc.returncode == 3, proc.stderr
     assert "numpy/version.py: sha256 differs" in proc.stderr
+
+
+@pytest.mark.tensorflow
+def test_sigterm_records_a_failed_run_and_cleans_up(tmp_path):
+    from tests.conftest import FAST_PIPELINE
+
+    cfg = write_config(tmp_path, FAST_PIPELINE.replace("epochs: 2", "epochs: 200"))
+    ws = tmp_path / "ws"
+    proc = subprocess.Popen(
+        [*CHAINPROOF, "run", cfg, "--workspace", ws],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        logs = list(ws.glob("runs/*/logs/train.stdout"))
+        if logs and "Epoch" in logs[0].read_text():
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+    assert proc.returncode != 0
+    run = logs[0].parent.parent.resolve()
+    assert json.loads((run / "run.json").read_text())["status"] == "failed"
+    assert not (run / "tmp").exists(), "the stage's scratch directory is removed"
+    assert not any(
+        p.name.startswith("train.") for p in (ws / "attestations/runs" / run.name).iterdir()
+    )
