@@ -32,7 +32,7 @@ train: setup
 verify: setup
 	$(CP) verify runs/latest
 
-## test: the whole test suite (unit + integration), about 10 minutes on 2 cores
+## test: the whole test suite (unit + integration), about 7 minutes on 2 cores
 test: setup
 	$(PY) -m pytest -q tests
 
