@@ -904,7 +904,7 @@ def diff_config(a: Lineage, b: Lineage) -> ConfigDiff:
     for name in common:
         sa, sb = a.stage(name), b.stage(name)
         assert sa is not None and sb is not None
-        if sa.kind != sb.kind:
+        if sa.kind != sb.kind and None not in (sa.kind, sb.kind):  # unknown is not a change
             kinds.append(Change(name, sa.kind, sb.kind))
         if sa.params is None or sb.params is None:
             where = (
