@@ -478,9 +478,9 @@ def _scan_zip_member(
     try:
         with zf.open(info) as member:
             _dispatch_member(out, mloc, info.filename, member, kind, depth)
-    # zipfile raises NotImplementedError for compression methods it does not support:
-    # an unreadable member is a finding, never a pass.
-    except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as e:
+    # zipfile raises RuntimeError (and its subclasses) for encrypted members and compression
+    # methods it does not support: an unreadable member is a finding, never a pass.
+    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError) as e:
         out.add(Severity.HIGH, "zip-malformed", f"member cannot be read: {e}", mloc)
 
 

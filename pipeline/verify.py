@@ -8,7 +8,7 @@ from pathlib import Path
 from pipeline.basemodel import verify_upstreams
 from pipeline.errors import InputError, VerificationError
 from pipeline.hashing import sha256_file
-from pipeline.provenance.keys import PublicKey, public_key_from_dict, resolve_trusted_owner
+from pipeline.provenance.keys import public_key_from_dict, resolve_trusted_owner
 from pipeline.provenance.layout import CHECKS_DIR
 from pipeline.provenance.statements import payload_of, read_verified_statement
 from pipeline.provenance.verify import DiskArtifacts, VerifyReport, released_steps, verify_chain
@@ -284,10 +284,6 @@ def verify_run(run_dir: Path, *, owner_key: str | None = None) -> VerifyReport:
     return report
 
 
-def bundle_required_steps(layout_path: Path, owner: PublicKey) -> list[str]:
-    return released_steps(layout_path, owner)
-
-
 def verify_bundle(
     bundle: Path, *, owner_key: str | None = None, local_owner: Path | None = None
 ) -> VerifyReport:
@@ -301,6 +297,7 @@ def verify_bundle(
     shipped = bundle / "keys" / "owner.pub"
     owner = resolve_trusted_owner(owner_key, candidate=shipped, local=local_owner)
     layout = bundle / "attestations" / LAYOUT
+    released = released_steps(layout, owner)  # the steps whose products the bundle carries
     report = verify_chain(
         layout_path=layout,
         link_dir=bundle / "attestations",
@@ -308,7 +305,7 @@ def verify_bundle(
         disk=DiskArtifacts(
             bundle / "artifacts",
             require_all=False,
-            required_steps=tuple(released_steps(layout, owner)),
+            required_steps=tuple(released),
         ),
         target=str(bundle),
     )
@@ -318,7 +315,7 @@ def verify_bundle(
     check_provenance(
         attestations / PROVENANCE, report, bundle / "artifacts", attestations, required=True
     )
-    check_model_signature(bundle, report, released_steps(layout, owner))
+    check_model_signature(bundle, report, released)
     for line in verify_upstreams(bundle, report.links, verify_bundle):
         report.passed("upstream", line)
     check_locks(bundle / "locks", report)
