@@ -186,13 +186,8 @@ def reproduce(run_dir: Path) -> None:
     result = do_reproduce(run_dir, on_event=_echo)
     click.echo(f"reproduced {result.original} as {result.reproduction}")
     for st in result.stages:
-        if st.skipped:
-            click.echo(f"  {st.stage}: not compared ({st.skipped})")
-        if st.exports_differ:
-            click.echo(
-                f"  {st.stage}: {len(st.exports_differ)} SavedModel export file(s) differ"
-                " (not byte-stable; weights compared via model.keras)"
-            )
+        for note in st.notes():
+            click.echo(f"  {note}")
         for f in st.files:
             click.echo(
                 f"  {'identical' if f.identical else 'DIFFERS  '}  {f.name}"

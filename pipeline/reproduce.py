@@ -48,6 +48,18 @@ class StageComparison:
     def identical(self) -> bool:
         return self.skipped != "" or all(f.identical for f in self.files)
 
+    def notes(self) -> list[str]:
+        """What was deliberately not compared, and why (shown and attested alike)."""
+        out = []
+        if self.skipped:
+            out.append(f"{self.stage}: not compared ({self.skipped})")
+        if self.exports_differ:
+            out.append(
+                f"{self.stage}: {len(self.exports_differ)} SavedModel export file(s) differ "
+                "(exports are not byte-stable; the weights are compared via model.keras)"
+            )
+        return out
+
 
 @dataclass
 class ReproduceResult:
@@ -168,9 +180,12 @@ def reproduce(
         )
     base = Path(record.get("config_dir") or Path(record["config"]).parent)
     config = load_config(recorded, base_dir=base)
-    links_dir = (run_dir / record["links"]).resolve()
-    first_link = read_link(next(iter(sorted(links_dir.glob("*.link")))))
-    want_lock = first_link.environment.get("lock_sha256")
+    pipeline_lock = {
+        link.environment.get("lock_sha256")
+        for link in report.links.values()
+        if link.environment.get("stage_environment") == "pipeline lock"
+    }
+    want_lock = next(iter(pipeline_lock), None)
     have_lock = sha256_file(config.lock)
     if want_lock != have_lock:
         raise InputError(
@@ -185,26 +200,25 @@ def reproduce(
     outcome = ReproduceResult(
         record["run_id"], result.run_id, stages, result.links_dir / STATEMENT_NAME
     )
-    _attest(outcome, run_dir, config, runner)
+    _attest(outcome, report, config, have_lock, runner)
     runner._record(
         reproduces=record["run_id"], reproduced="identical" if outcome.identical else "different"
     )
     return outcome
 
 
-def _attest(outcome: ReproduceResult, run_dir: Path, config, runner: Runner) -> None:
+def _attest(outcome: ReproduceResult, original, config, lock_sha256: str, runner: Runner) -> None:
+    """Subjects are the original run's products as its verified links record them."""
     passed, failed, warned = [], [], []
+    verified = {
+        n: d["sha256"] for link in original.links.values() for n, d in link.products.items()
+    }
     subjects: dict[str, str] = {}
     for st in outcome.stages:
-        if st.skipped:
-            warned.append(f"{st.stage}: not compared ({st.skipped})")
-        if st.exports_differ:
-            warned.append(
-                f"{st.stage}: {len(st.exports_differ)} SavedModel export file(s) differ "
-                "(exports are not byte-stable; the weights are compared via model.keras)"
-            )
+        warned += st.notes()
         for f in st.files:
-            subjects[f.name] = sha256_file(run_dir / f.name)
+            if f.name in verified:
+                subjects[f.name] = verified[f.name]
             (passed if f.identical else failed).append(
                 f"{f.name}: identical" if f.identical else f"{f.name}: {f.detail}"
             )
@@ -212,7 +226,7 @@ def _attest(outcome: ReproduceResult, run_dir: Path, config, runner: Runner) -> 
         "result": "PASSED" if outcome.identical else "FAILED",
         "configuration": [
             {"name": "config", "digest": {"sha256": config.sha256}},
-            {"name": config.lock.name, "digest": {"sha256": sha256_file(config.lock)}},
+            {"name": config.lock.name, "digest": {"sha256": lock_sha256}},
         ],
         "url": f"chainproof:reproduce/{outcome.original}/{outcome.reproduction}",
         "passedTests": passed,

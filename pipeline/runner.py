@@ -595,15 +595,11 @@ class Runner:
         self.say("verified: the whole chain holds")
         return report
 
-    def write_provenance(self) -> Path:
+    def write_provenance(self, released: list[str]) -> Path:
         """SLSA provenance v1 for the released model files, signed by the runner's key."""
         from importlib.metadata import version
 
-        released = released_steps(self.layout_path, self.owner.public)
-        links = {
-            s: read_link(self.links_dir / link_filename(s, self.functionary.public.keyid))
-            for s in self.done
-        }
+        links = self.chain_links()
         subjects = {
             name: d["sha256"]
             for step in released
@@ -699,7 +695,8 @@ class Runner:
             return None
         from pipeline.verify import verify_bundle
 
-        self.write_provenance()
+        released = released_steps(self.layout_path, self.owner.public)
+        self.write_provenance(released)
         final = self.ws.root / self.config.release_dir / self.config.name / self.release_version
         if final.exists():
             raise InputError(
@@ -720,7 +717,6 @@ class Runner:
             (staging / "keys").mkdir()
             for role in keymod.ROLES:
                 shutil.copyfile(self.run_dir / f"keys/{role}.pub", staging / f"keys/{role}.pub")
-            released = released_steps(self.layout_path, self.owner.public)
             for step in released:
                 for name, path in list_tree(self.run_dir / step, prefix=f"{step}/").items():
                     dest = staging / "artifacts" / name
@@ -734,7 +730,7 @@ class Runner:
                     staging / "attestations" / MODEL_SIGNATURE,
                     release[0],
                 )
-            (staging / "VERIFY.md").write_text(_verify_md(self, final))
+            (staging / "VERIFY.md").write_text(_verify_md(self, final, released[0]))
             verify_bundle(staging, owner_key=self.owner.public.keyid)
         atomic_symlink(final.name, final.parent / "latest")
         self.say(f"released {final}")
@@ -744,9 +740,8 @@ class Runner:
 PROVENANCE = "provenance.intoto.json"
 
 
-def _verify_md(runner: Runner, final: Path) -> str:
+def _verify_md(runner: Runner, final: Path, model_dir: str) -> str:
     kid = runner.owner.public.keyid
-    model_dir = released_steps(runner.layout_path, runner.owner.public)[0]
     return f"""# Verifying this release
 
 Release `{runner.config.name}` version `{final.name}`, built by chainproof run `{runner.run_id}`.

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pipeline.depscan import VulnerabilitiesFound
 from pipeline.errors import VerificationError
-from pipeline.hashing import hash_artifacts, list_tree
+from pipeline.hashing import hash_tree
 from pipeline.provenance.keys import load_public_key
 from pipeline.provenance.statements import read_verified_statement
 from pipeline.provenance.verify import DiskArtifacts, verify_chain
@@ -61,7 +61,7 @@ class DeployStage(Stage):
             print(f"gate: {candidate_verdict}")
         released = {}
         for dep, path in ctx.inputs.items():
-            released.update(hash_artifacts(list_tree(path, prefix=f"{dep}/")))
+            released.update(hash_tree(path, prefix=f"{dep}/"))
         release = ctx.extra.get("release", {})
         write_json(
             ctx.output(RELEASE),

@@ -113,12 +113,11 @@ def test_dataset_changed_between_source_and_train_is_refused_by_the_deploy_gate(
     assert not list(runner.links_dir.glob("deploy.*.link"))
 
 
-@pytest.mark.tensorflow
-def test_killed_run_leaves_nothing_valid_and_a_rerun_is_clean(tmp_path):
+def start_run_until_training(tmp_path: Path, ws: Path) -> tuple[subprocess.Popen, Path]:
+    """A long run started as a user would, returned once its train stage is fitting."""
     from tests.conftest import FAST_PIPELINE
 
     cfg = write_config(tmp_path, FAST_PIPELINE.replace("epochs: 2", "epochs: 200"))
-    ws = tmp_path / "ws"
     proc = subprocess.Popen(
         [*CHAINPROOF, "run", cfg, "--workspace", ws],
         cwd=ROOT,
@@ -129,14 +128,20 @@ def test_killed_run_leaves_nothing_valid_and_a_rerun_is_clean(tmp_path):
     while time.monotonic() < deadline:
         logs = list(ws.glob("runs/*/logs/train.stdout"))
         if logs and "Epoch" in logs[0].read_text():
-            break
+            return proc, logs[0].parent.parent.resolve()
         time.sleep(0.2)
-    else:
-        proc.kill()
-        pytest.fail("training never started")
+    proc.kill()
+    pytest.fail("training never started")
+
+
+@pytest.mark.tensorflow
+def test_killed_run_leaves_nothing_valid_and_a_rerun_is_clean(tmp_path):
+    from tests.conftest import FAST_PIPELINE
+
+    ws = tmp_path / "ws"
+    proc, killed = start_run_until_training(tmp_path, ws)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    killed = logs[0].parent.parent.resolve()
     time.sleep(1)
     assert not any(
         p.name.startswith("train.") for p in (ws / "attestations/runs" / killed.name).iterdir()
@@ -183,27 +188,12 @@ def test_stage_with_its_own_small_lock_runs_in_its_own_environment(tmp_path):
 
 @pytest.mark.tensorflow
 def test_sigterm_records_a_failed_run_and_cleans_up(tmp_path):
-    from tests.conftest import FAST_PIPELINE
 
-    cfg = write_config(tmp_path, FAST_PIPELINE.replace("epochs: 2", "epochs: 200"))
     ws = tmp_path / "ws"
-    proc = subprocess.Popen(
-        [*CHAINPROOF, "run", cfg, "--workspace", ws],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        logs = list(ws.glob("runs/*/logs/train.stdout"))
-        if logs and "Epoch" in logs[0].read_text():
-            break
-        time.sleep(0.2)
+    proc, run = start_run_until_training(tmp_path, ws)
     proc.send_signal(signal.SIGTERM)
     proc.wait(60)
     assert proc.returncode != 0
-    run = logs[0].parent.parent.resolve()
     assert json.loads((run / "run.json").read_text())["status"] == "failed"
     assert not (run / "tmp").exists(), "the stage's scratch directory is removed"
     assert not any(
