@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script: make `pipeline` and `tests` importable
 
-from pipeline.modelscan import Severity, scan_path  # noqa: E402
+from pipeline.scan.model import Severity, scan_path  # noqa: E402
 from tests import model_samples as ms  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "modelscan"
@@ -105,7 +105,7 @@ def modelscan_startup(binary: Path, scratch: Path) -> float:
 
 def ours_startup() -> float:
     """Wall time of our command on an empty directory in a fresh interpreter."""
-    code = "import sys; from pipeline.modelscan import scan_path; scan_path(sys.argv[1])"
+    code = "import sys; from pipeline.scan.model import scan_path; scan_path(sys.argv[1])"
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         subprocess.run([sys.executable, "-c", code, tmp], check=True, cwd=ROOT)

@@ -24,7 +24,7 @@
    - `cli_record`: the timed CLI runs themselves: the links' `duration_ms` (stage execution)
      and the mtimes of what the runner writes in order (signed layout, each link, the release
      rename, run.json's last write after MLflow) cut the wall time into consecutive segments.
-   - `runner_inprocess`: one extra run through `pipeline.runner.Runner` in this process:
+   - `runner_inprocess`: one extra run through `pipeline.runner.run.Runner` in this process:
      `result.stage_seconds` splits each stage's runner time into its own phases (environment
      check, hashing, model scan, signing) and times the MLflow sync (`_lineage`).
 
@@ -294,7 +294,7 @@ def run_cli(workspace: Path) -> dict[str, Any]:
 def run_inprocess(workspace: Path) -> dict[str, Any]:
     """One run through the Runner in this process, for its own per-phase timings."""
     from pipeline.config import load_config
-    from pipeline.runner import Runner
+    from pipeline.runner.run import Runner
     from pipeline.workspace import Workspace
 
     cfg = load_config(CONFIG)
@@ -398,7 +398,7 @@ def bench_pipeline(rows: list[dict[str, Any]], repeats: int, inprocess: bool) ->
         emit(
             rows,
             bench="make_train/breakdown_runner_inprocess",
-            method="one extra run via pipeline.runner.Runner in this process: result.stage_seconds",
+            method="one extra run via Runner in this process: result.stage_seconds",
             run_wall_s=r3(fine["wall_s"]),
             # the Runner's own phase names, summed over stages: env_check, materials (hash),
             # execute, products (hash + model scan), sign (link)

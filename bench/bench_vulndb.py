@@ -31,9 +31,9 @@ from typing import Any
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
-from pipeline.deps import from_lock
-from pipeline.depscan import scan
-from pipeline.vulndb import VulnDB, import_osv
+from pipeline.scan.deps import from_lock
+from pipeline.scan.vulndb import VulnDB, import_osv
+from pipeline.scan.vulns import scan
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_SNAPSHOT = REPO.parent / "shared" / "osv" / "pypa-advisory-database"
@@ -215,7 +215,7 @@ def pip_audit(binary: Path, lock: Path, url: str, workdir: Path) -> tuple[set, f
 # command is not registered on the main CLI here, so its click command is called directly.
 _CLI = """
 import sys
-from pipeline.cli_deps import scan_deps
+from pipeline.cli.deps import scan_deps
 from pipeline.errors import Error
 try:
     scan_deps.main(["--lock", sys.argv[1], "--db", sys.argv[2], "--format", "json"],

@@ -88,7 +88,7 @@ def bench_hashing(directory: Path, label: str) -> dict:
 
 def bench_pipeline_overhead() -> list[dict]:
     from pipeline.config import load_config
-    from pipeline.runner import Runner
+    from pipeline.runner.run import Runner
     from pipeline.workspace import Workspace
 
     ws = Workspace(OUT / "workspace")
@@ -120,7 +120,7 @@ def bench_pipeline_overhead() -> list[dict]:
             "run_wall_s": round(wall, 2),
             "stages_execute_s": round(executed, 2),
             "runner_overhead_s": round(wall - executed, 2),
-        "of_which_mlflow_lineage_s": round(lineage, 2),
+            "of_which_mlflow_lineage_s": round(lineage, 2),
             "overhead_share_of_wall": round((wall - executed) / wall, 3),
         }
     )

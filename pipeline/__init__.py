@@ -22,14 +22,14 @@ __all__ = ["Error", "load_config", "load_verified", "run", "verify"]
 if TYPE_CHECKING:
     from pipeline.config import load_config
     from pipeline.errors import Error
-    from pipeline.loading import load_verified
+    from pipeline.release.loading import load_verified
 
 
 def run(config, *, workspace=".", on_event=None):
-    """Run a loaded config in `workspace`; returns the RunResult (see pipeline.runner)."""
+    """Run a loaded config in `workspace`; returns the RunResult (see pipeline.runner.run)."""
     from pathlib import Path
 
-    from pipeline.runner import Runner
+    from pipeline.runner.run import Runner
     from pipeline.workspace import Workspace
 
     return Runner(
@@ -41,7 +41,7 @@ def verify(target, *, owner_key=None, workspace=None):
     """Verify a run directory or release bundle; raises VerificationError, returns the report."""
     from pathlib import Path
 
-    from pipeline.verify import verify_target
+    from pipeline.release.verify import verify_target
 
     return verify_target(
         Path(target), owner_key=owner_key, workspace=Path(workspace) if workspace else None
@@ -58,7 +58,7 @@ def __getattr__(name: str) -> Any:
 
         return load_config
     if name == "load_verified":
-        from pipeline.loading import load_verified
+        from pipeline.release.loading import load_verified
 
         return load_verified
     raise AttributeError(name)

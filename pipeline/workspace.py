@@ -34,7 +34,30 @@ class Workspace:
         return self.root / ".chainproof" / "envs"
 
 
+# Every on-disk name of a run or a release bundle, in one place.
 RUN_RECORD = "run.json"
+LAYOUT_NAME = "root.layout"  # the owner-signed layout, beside the links
+PROVENANCE = "provenance.intoto.json"  # SLSA provenance v1, beside the links
+SPEC_DIR = "specs"  # one resolved spec per stage, a material of its link
+CHECKS_DIR = "checks"  # the runner's signed gate Statements, materials of gate steps
+DEPENDENCIES = f"{CHECKS_DIR}/dependencies.intoto.json"
+MODELS = f"{CHECKS_DIR}/models.intoto.json"
+CANDIDATE = f"{CHECKS_DIR}/candidate.intoto.json"  # the candidate gate's comparison
+GATE_CHECKS = (DEPENDENCIES, MODELS)  # what every gate step REQUIREs
+INPUTS = "inputs"  # inputs/<stage>/...: what the runner placed for a stage (a base model)
+BASE_MODEL = "base_model.keras"
+UPSTREAM = "upstream"  # upstream/<stage>/: the release a base model came from
+DEFAULT_MODEL = "package/model.keras"  # the model a bundle's consumer loads by default
+
+
+def spec_name(stage: str) -> str:
+    """Run-relative name of a stage's spec (the materials of its link include it)."""
+    return f"{SPEC_DIR}/{stage}.json"
+
+
+def base_model_name(stage: str) -> str:
+    """Run-relative name of a stage's base model (a material of its link)."""
+    return f"{INPUTS}/{stage}/{BASE_MODEL}"
 
 
 def read_run_record(run_dir: Path) -> dict[str, Any]:

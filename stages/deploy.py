@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.depscan import VulnerabilitiesFound
 from pipeline.errors import VerificationError
 from pipeline.hashing import hash_tree
+from pipeline.provenance.chain import DiskArtifacts, verify_chain
 from pipeline.provenance.keys import load_public_key
 from pipeline.provenance.statements import read_verified_statement
-from pipeline.provenance.verify import DiskArtifacts, verify_chain
-from pipeline.security import model_candidates, recheck
+from pipeline.runner.gates import model_candidates, recheck
+from pipeline.scan.vulns import VulnerabilitiesFound
 from pipeline.stage import Params, Stage, StageContext, StageError, main
 from stages._io import write_json
 

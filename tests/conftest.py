@@ -79,7 +79,7 @@ def osv_db(tmp_path_factory) -> Path:
     """The real PyPA advisory snapshot from ../shared, imported once into a store."""
     if not OSV_SNAPSHOT.is_dir():
         pytest.skip(f"the OSV snapshot {OSV_SNAPSHOT} is absent (it ships in ../shared)")
-    from pipeline.vulndb import import_osv
+    from pipeline.scan.vulndb import import_osv
 
     db = tmp_path_factory.mktemp("osv") / "vulndb.sqlite"
     import_osv(OSV_SNAPSHOT, db)

@@ -6,7 +6,7 @@ Run with the project interpreter after a TensorFlow upgrade, then review the dif
 
 The list is every public `tf.raw_ops` name minus whole families that touch files, the network,
 Python, devices or debugging (EXCLUDE) and minus the ops the scanner judges by name or attribute
-(pipeline.modelscan.TF_RULED_OPS). An op that is not on the list is reported as unknown (medium),
+(pipeline.scan.model TF_RULED_OPS). An op that is not on the list is reported as unknown (medium),
 so a wrongly excluded op costs a false positive, never a miss.
 """
 
@@ -44,7 +44,7 @@ def main() -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
-    from pipeline.modelscan import TF_RULED_OPS
+    from pipeline.scan.model.scanner import TF_RULED_OPS
 
     names = sorted(
         n

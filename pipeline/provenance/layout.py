@@ -16,20 +16,12 @@ from in_toto.models.layout import Layout, Step
 
 from pipeline.provenance.keys import PublicKey
 from pipeline.provenance.links import envelope_bytes
+from pipeline.workspace import CHECKS_DIR, GATE_CHECKS, base_model_name, spec_name
 
 if TYPE_CHECKING:
     from securesystemslib.signer import Signer
 
     from pipeline.config import PipelineConfig, StageConfig
-
-SPEC_DIR = "specs"
-CHECKS_DIR = "checks"  # the runner's signed gate Statements, materials of gate steps
-GATE_CHECKS = (f"{CHECKS_DIR}/dependencies.intoto.json", f"{CHECKS_DIR}/models.intoto.json")
-
-
-def spec_name(stage: str) -> str:
-    """Run-relative name of the spec file the runner writes for a stage."""
-    return f"{SPEC_DIR}/{stage}.json"
 
 
 def stage_command(module: str, stage: str) -> list[str]:
@@ -37,10 +29,12 @@ def stage_command(module: str, stage: str) -> list[str]:
     return ["python", "-I", "-m", module, f"../{spec_name(stage)}"]
 
 
-def _material_rules(stage: StageConfig, config: PipelineConfig, gate: bool) -> list[list[str]]:
+def _material_rules(
+    stage: StageConfig, config: PipelineConfig, checks: tuple[str, ...]
+) -> list[list[str]]:
+    """`checks`: the gate Statements this step consumes (each REQUIREd); empty for a non-gate."""
     rules: list[list[str]] = [["REQUIRE", spec_name(stage.name)]]
-    if gate:
-        rules += [["REQUIRE", check] for check in GATE_CHECKS]
+    rules += [["REQUIRE", check] for check in checks]
     for dep in stage.needs:
         for out in config.stage(dep).outputs:
             if not out.endswith("/"):  # a directory output is matched below, not REQUIREd
@@ -50,9 +44,9 @@ def _material_rules(stage: StageConfig, config: PipelineConfig, gate: bool) -> l
     rules.append(["ALLOW", spec_name(stage.name)])
     rules.append(["ALLOW", "locks/*"])  # the exact locks every step ran under
     if stage.params.get("base_model"):  # fetched, verified and scanned by the runner
-        rules.insert(0, ["REQUIRE", f"inputs/{stage.name}/base_model.keras"])
+        rules.insert(0, ["REQUIRE", base_model_name(stage.name)])
         rules.append(["ALLOW", f"inputs/{stage.name}/*"])
-    if gate:
+    if checks:
         rules.append(["ALLOW", f"{CHECKS_DIR}/*"])
     rules.append(["DISALLOW", "*"])
     return rules

@@ -13,6 +13,8 @@ from securesystemslib.signer import Signer
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_bytes
 
+__all__ = ["Link", "envelope_bytes", "link_filename", "read_link", "write_link"]
+
 
 def link_filename(step: str, keyid: str) -> str:
     return FILENAME_FORMAT.format(step_name=step, keyid=keyid)

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from pipeline.errors import VerificationError
-from pipeline.verify import verify_target
+from pipeline.release.verify import verify_target
 from tests.conftest import FAST_PIPELINE, chainproof, write_config
 from tests.integration.test_dependency_gate import VULNERABLE_LOCK
 

@@ -8,10 +8,10 @@ from datetime import date
 
 import pytest
 
-from pipeline.depscan import VulnerabilitiesFound
 from pipeline.errors import VerificationError
-from pipeline.security import check_dependencies, recheck
-from pipeline.verify import verify_target
+from pipeline.release.verify import verify_target
+from pipeline.runner.gates import check_dependencies, recheck
+from pipeline.scan.vulns import VulnerabilitiesFound
 from tests.conftest import FAST_PIPELINE, MAIN_LOCK, chainproof, write_config
 
 H = " \\\n    --hash=sha256:" + "a" * 64 + "\n"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.verify import verify_target
+from pipeline.release.verify import verify_target
 from tests import model_samples
 from tests.conftest import chainproof, write_config
 

@@ -14,7 +14,7 @@ from securesystemslib.signer import CryptoSigner
 from pipeline.errors import VerificationError
 from pipeline.provenance.keys import load_signer
 from pipeline.provenance.links import envelope_bytes
-from pipeline.verify import verify_target
+from pipeline.release.verify import verify_target
 from tests.conftest import chainproof
 
 pytestmark = [pytest.mark.slow, pytest.mark.tensorflow]

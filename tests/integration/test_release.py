@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import VerificationError
-from pipeline.verify import verify_target
+from pipeline.release.verify import verify_target
 from tests.conftest import CHAINPROOF, MAIN_LOCK, ROOT, chainproof, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.tensorflow]
@@ -259,7 +259,7 @@ def test_refused_deploy_publishes_nothing_and_leaves_the_alias(
     """A deploy refused midway: no release directory, no staging left, alias unchanged."""
     from pipeline.config import load_config
     from pipeline.errors import StageFailed
-    from pipeline.runner import Runner
+    from pipeline.runner.run import Runner
     from pipeline.workspace import Workspace
     from tests.conftest import FAST_PIPELINE, write_config
 

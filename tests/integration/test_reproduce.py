@@ -6,9 +6,9 @@ import json
 
 import pytest
 
+from pipeline.compare.reproduce import compare_runs
 from pipeline.errors import VerificationError
-from pipeline.reproduce import compare_runs
-from pipeline.verify import verify_target
+from pipeline.release.verify import verify_target
 from tests.conftest import FAST_PIPELINE, chainproof, write_config
 
 pytestmark = [pytest.mark.slow, pytest.mark.tensorflow]

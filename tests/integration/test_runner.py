@@ -15,7 +15,7 @@ import pytest
 
 from pipeline.config import load_config
 from pipeline.errors import StageFailed
-from pipeline.runner import Runner
+from pipeline.runner.run import Runner
 from pipeline.workspace import Workspace
 from tests.conftest import CHAINPROOF, MAIN_LOCK, ROOT, SMALL_LOCK, chainproof, write_config
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline import deps
-from pipeline.cli_deps import deps as deps_group
+from pipeline.cli.deps import deps as deps_group
 from pipeline.errors import InputError
+from pipeline.scan import deps
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -24,13 +24,13 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline import depscan, vulndb
-from pipeline.cli_deps import scan_deps
-from pipeline.cli_deps import vulndb as vulndb_group
-from pipeline.deps import from_lock
-from pipeline.depscan import AllowEntry, Policy, VulnerabilitiesFound, evaluate, scan
+from pipeline.cli.deps import scan_deps
+from pipeline.cli.deps import vulndb as vulndb_group
 from pipeline.errors import InputError
-from pipeline.vulndb import ScanUnavailable, UpdateFailed, VulnDB, import_osv
+from pipeline.scan import vulndb, vulns
+from pipeline.scan.deps import from_lock
+from pipeline.scan.vulndb import ScanUnavailable, UpdateFailed, VulnDB, import_osv
+from pipeline.scan.vulns import AllowEntry, Policy, VulnerabilitiesFound, evaluate, scan
 
 REPO = Path(__file__).resolve().parents[2]
 SNAPSHOT = Path(
@@ -97,7 +97,7 @@ def old_lock(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def old_result(snapshot_db: Path, old_lock: Path) -> depscan.ScanResult:
+def old_result(snapshot_db: Path, old_lock: Path) -> vulns.ScanResult:
     return scan(from_lock(old_lock), snapshot_db, now=NOW)
 
 
@@ -140,7 +140,7 @@ SMALL = {
 # --------------------------------------------------------------------------- the real snapshot
 
 
-def test_old_pins_get_exactly_the_expected_advisories(old_result: depscan.ScanResult) -> None:
+def test_old_pins_get_exactly_the_expected_advisories(old_result: vulns.ScanResult) -> None:
     found: dict[str, set[str]] = {}
     for f in old_result.findings:
         found.setdefault(f.package, set()).add(f.id)
@@ -148,7 +148,7 @@ def test_old_pins_get_exactly_the_expected_advisories(old_result: depscan.ScanRe
     assert old_result.scanned == 6  # chardet 3.0.4 is scanned and has none
 
 
-def test_fix_boundaries_in_real_data(old_result: depscan.ScanResult) -> None:
+def test_fix_boundaries_in_real_data(old_result: vulns.ScanResult) -> None:
     ids = {f.id for f in old_result.findings}
     assert "PYSEC-2018-32" not in ids  # urllib3: fixed in 1.23 itself
     assert "PYSEC-2020-176" not in ids  # pyyaml: fixed in 5.2b1, a pre-release before 5.3
@@ -156,7 +156,7 @@ def test_fix_boundaries_in_real_data(old_result: depscan.ScanResult) -> None:
 
 
 def test_findings_carry_paths_aliases_fixes_and_the_direct_requirement(
-    old_result: depscan.ScanResult,
+    old_result: vulns.ScanResult,
 ) -> None:
     by_id = {f.id: f for f in old_result.findings}
     crlf = by_id["PYSEC-2019-132"]
@@ -170,7 +170,7 @@ def test_findings_carry_paths_aliases_fixes_and_the_direct_requirement(
     assert cookie.advisory.fixed == ("1.26.17", "2.0.6")
     assert (cookie.severity.rating, cookie.severity.score) == ("high", 8.1)
     assert by_id["PYSEC-2020-96"].direct == ("pyyaml",)
-    table = depscan.render_table(old_result)
+    table = vulns.render_table(old_result)
     assert "path: urllib3 1.23 <- requests 2.19.0 <- old.in" in table
 
 
@@ -361,7 +361,7 @@ def test_update_downloads_and_imports(served_zip: str, tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- policy
 
 
-def test_threshold_and_unknown_severity(old_result: depscan.ScanResult) -> None:
+def test_threshold_and_unknown_severity(old_result: vulns.ScanResult) -> None:
     ev = evaluate(old_result, Policy("critical"), TODAY)
     # Nothing is critical, but unknown severity fails at every threshold.
     assert {f.severity.rating for f in ev.violations} == {"unknown"}
@@ -375,7 +375,7 @@ def test_threshold_and_unknown_severity(old_result: depscan.ScanResult) -> None:
     assert "PYSEC-2023-212" in {f.id for f in ev.violations}  # medium 4.2 fails at medium
 
 
-def test_allowlist_by_id_or_alias_and_expiry(old_result: depscan.ScanResult) -> None:
+def test_allowlist_by_id_or_alias_and_expiry(old_result: vulns.ScanResult) -> None:
     live = AllowEntry("CVE-2019-11236", "header injection needs attacker input", date(2025, 1, 1))
     dead = AllowEntry("PYSEC-2018-28", "was accepted last year", date(2024, 10, 31))
     policy = Policy("low", (live, dead))
@@ -385,23 +385,23 @@ def test_allowlist_by_id_or_alias_and_expiry(old_result: depscan.ScanResult) -> 
     assert "PYSEC-2018-28" in {f.id for f in ev.violations}  # its entry expired: blocks again
     assert not ev.ok
     with pytest.raises(VulnerabilitiesFound, match="expired") as e:
-        depscan.require_clean(ev)
+        vulns.require_clean(ev)
     assert e.value.exit_code == 1
     # On its last day an entry still allows.
     assert evaluate(old_result, policy, date(2024, 10, 31)).expired == ()
 
 
-def test_allowing_everything_is_clean(old_result: depscan.ScanResult) -> None:
+def test_allowing_everything_is_clean(old_result: vulns.ScanResult) -> None:
     allow = tuple(AllowEntry(f.id, "test", date(2030, 1, 1)) for f in old_result.findings)
     ev = evaluate(old_result, Policy("low", allow), TODAY)
     assert ev.ok and len(ev.allowed) == len(old_result.findings)
-    depscan.require_clean(ev)
+    vulns.require_clean(ev)
 
 
 def test_policy_file_shape_is_checked(tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text("severity: high\nallow:\n- {id: PYSEC-1, reason: r, expires: 2025-01-31}\n")
-    policy = depscan.load_policy(path)
+    policy = vulns.load_policy(path)
     assert policy == Policy("high", (AllowEntry("PYSEC-1", "r", date(2025, 1, 31)),))
     with pytest.raises(InputError, match="missing expires"):
         Policy.from_mapping({"allow": [{"id": "X", "reason": "r"}]})
@@ -414,9 +414,9 @@ def test_policy_file_shape_is_checked(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- output formats
 
 
-def test_json_output(old_result: depscan.ScanResult) -> None:
+def test_json_output(old_result: vulns.ScanResult) -> None:
     ev = evaluate(old_result, Policy("high"), TODAY)
-    doc = json.loads(depscan.render_json(old_result, ev))
+    doc = json.loads(vulns.render_json(old_result, ev))
     crlf = next(f for f in doc["findings"] if f["id"] == "PYSEC-2019-132")
     assert crlf["paths_text"] == ["urllib3 1.23 <- requests 2.19.0 <- old.in"]
     assert crlf["direct_requirements"] == ["requests"]
@@ -424,11 +424,11 @@ def test_json_output(old_result: depscan.ScanResult) -> None:
     assert doc["database"]["records"] > 2000
 
 
-def test_cyclonedx_validates_against_the_1_6_schema(old_result: depscan.ScanResult) -> None:
+def test_cyclonedx_validates_against_the_1_6_schema(old_result: vulns.ScanResult) -> None:
     from cyclonedx.schema import SchemaVersion
     from cyclonedx.validation.json import JsonStrictValidator
 
-    text = depscan.render_cyclonedx(old_result)
+    text = vulns.render_cyclonedx(old_result)
     assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(text) is None
     bom = json.loads(text)
     refs = {c["bom-ref"] for c in bom["components"]}
@@ -442,11 +442,11 @@ def test_cyclonedx_validates_against_the_1_6_schema(old_result: depscan.ScanResu
         "vector": "CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:U/C:N/I:N/A:H",
     }
     assert idna["affects"][0]["ref"] == "pkg:pypi/idna@2.7"
-    assert text == depscan.render_cyclonedx(old_result)  # deterministic
+    assert text == vulns.render_cyclonedx(old_result)  # deterministic
 
 
-def test_sarif_points_at_the_pin_in_the_lock(old_result: depscan.ScanResult) -> None:
-    doc = json.loads(depscan.render_sarif(old_result))
+def test_sarif_points_at_the_pin_in_the_lock(old_result: vulns.ScanResult) -> None:
+    doc = json.loads(vulns.render_sarif(old_result))
     assert doc["version"] == "2.1.0"
     run = doc["runs"][0]
     rules = run["tool"]["driver"]["rules"]

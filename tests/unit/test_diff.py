@@ -18,8 +18,8 @@ import yaml
 from click.testing import CliRunner
 from securesystemslib.signer import CryptoSigner
 
-from pipeline.cli_diff import diff as diff_command
-from pipeline.diff import (
+from pipeline.cli.compare import diff as diff_command
+from pipeline.compare.diff import (
     DependencyChange,
     EnvChange,
     ParamChange,
@@ -31,8 +31,8 @@ from pipeline.diff import (
 from pipeline.errors import InputError
 from pipeline.provenance.links import write_link
 from pipeline.provenance.statements import statement, write_signed_statement
-from pipeline.security import VULNS_PREDICATE
-from pipeline.vulndb import import_osv
+from pipeline.runner.gates import VULNS_PREDICATE
+from pipeline.scan.vulndb import import_osv
 
 MAIN_IN = "requirements/main.in"
 LOCK_A = f"""\

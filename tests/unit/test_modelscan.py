@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli_modelscan import scan_model
+from pipeline.cli.scan_model import scan_model
 from pipeline.errors import InputError
-from pipeline.modelscan import (
+from pipeline.scan.model.scanner import (
     Finding,
     ScanReport,
     Severity,
@@ -568,7 +568,8 @@ def test_saved_model_garbage_is_malformed(tmp_path: Path) -> None:
 def test_saved_model_scan_does_not_import_tensorflow(tmp_path: Path) -> None:
     d = _saved_model(tmp_path, lambda mg: _fn(mg, "__inference_f_1", "WriteFile"))
     code = (
-        "import sys; from pipeline.modelscan import scan_path; r = scan_path(sys.argv[1]); "
+        "import sys; from pipeline.scan.model.scanner import scan_path; "
+        "r = scan_path(sys.argv[1]); "
         "assert r.findings; bad = [m for m in ('tensorflow', 'keras', 'torch') "
         "if m in sys.modules]; assert not bad, bad"
     )

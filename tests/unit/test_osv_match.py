@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from pipeline import osv_match
-from pipeline.osv_match import Severity, cvss3_base_score, is_affected, match
+from pipeline.scan import osv
+from pipeline.scan.osv import Severity, cvss3_base_score, is_affected, match
 
 
 def record(
@@ -197,7 +197,7 @@ def test_invalid_cvss3_vectors_are_rejected(vector: str) -> None:
 
 
 def sev(rec_extra: dict[str, Any]) -> Severity:
-    return osv_match.severity_of(record("X-1", [{"introduced": "0"}], **rec_extra), "pkg")
+    return osv.severity_of(record("X-1", [{"introduced": "0"}], **rec_extra), "pkg")
 
 
 def test_severity_sources_and_unknown_is_never_low() -> None:
@@ -224,7 +224,7 @@ def test_package_level_severity_counts() -> None:
     rec["affected"][0]["severity"] = [
         {"type": "CVSS_V3", "score": "CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:U/C:H/I:H/A:H"}
     ]
-    assert osv_match.severity_of(rec, "pkg").rating == "critical"
+    assert osv.severity_of(rec, "pkg").rating == "critical"
 
 
 def test_merged_advisory_takes_the_worst_known_severity() -> None:

@@ -28,10 +28,10 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from pipeline.deps import DepGraph, format_path, paths_to
 from pipeline.errors import Error, InputError
-from pipeline.osv_match import RATINGS, Advisory, Severity, match
-from pipeline.vulndb import DEFAULT_MAX_AGE, DBInfo, StaleDatabase, VulnDB, check_age
+from pipeline.scan.deps import DepGraph, format_path, paths_to
+from pipeline.scan.osv import RATINGS, Advisory, Severity, match
+from pipeline.scan.vulndb import DEFAULT_MAX_AGE, DBInfo, StaleDatabase, VulnDB, check_age
 
 THRESHOLDS = ("low", "medium", "high", "critical")
 TOOL = "chainproof"

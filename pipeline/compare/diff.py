@@ -19,14 +19,13 @@ from typing import Any
 import yaml
 from packaging.version import InvalidVersion, Version
 
-from pipeline import deps
 from pipeline.errors import InputError
 from pipeline.hashing import sha256_file
 from pipeline.provenance.links import read_link
 from pipeline.provenance.statements import payload_of
-from pipeline.security import DEPENDENCIES
-from pipeline.verify import is_bundle
-from pipeline.workspace import read_run_record
+from pipeline.release.verify import is_bundle
+from pipeline.scan import deps
+from pipeline.workspace import DEPENDENCIES, read_run_record
 
 RUN, BUNDLE = "run", "bundle"
 METRICS, MANIFEST, MODEL_CARD, RELEASE = (
@@ -806,7 +805,7 @@ def diff_vulnerabilities(a: Lineage, b: Lineage, *, db: Path | None = None) -> V
 
 
 def _rescan_both(a: Lineage, b: Lineage, db: Path) -> tuple[ScanRecord, ScanRecord]:
-    from pipeline.vulndb import ScanUnavailable, VulnDB
+    from pipeline.scan.vulndb import ScanUnavailable, VulnDB
 
     try:
         opened = VulnDB.open(db)
@@ -821,7 +820,7 @@ def _rescan_both(a: Lineage, b: Lineage, db: Path) -> tuple[ScanRecord, ScanReco
 
 
 def _rescan(side: Lineage, db: Any) -> ScanRecord:
-    from pipeline.depscan import scan
+    from pipeline.scan.vulns import scan
 
     if not side.locks:
         return ScanRecord("not scanned", "it ships no lock files to rescan", None)

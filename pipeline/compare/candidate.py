@@ -34,9 +34,8 @@ from typing import Any
 from pipeline.config import PipelineConfig, load_config
 from pipeline.errors import InputError, VerificationError
 from pipeline.provenance.statements import TEST_RESULT, statement, write_signed_statement
-from pipeline.runner import Runner
-from pipeline.security import CANDIDATE, CHECKS_DIR
-from pipeline.workspace import Workspace
+from pipeline.runner.run import Runner
+from pipeline.workspace import CANDIDATE, CHECKS_DIR, Workspace
 
 SEVERITY_ORDER = ("low", "medium", "high", "critical")
 
@@ -150,8 +149,8 @@ def evaluate(
     metrics: tuple[dict[str, Any], dict[str, Any]],
 ) -> tuple[list[Criterion], dict[str, str]]:
     """`metrics` are the held-out `test` blocks of (production, candidate)."""
-    from pipeline.loading import read_verified_bytes
-    from pipeline.modelscan import UnsafeModelError, scan_path
+    from pipeline.release.loading import read_verified_bytes
+    from pipeline.scan.model import UnsafeModelError, scan_path
 
     criteria: list[Criterion] = []
     threshold = SEVERITY_ORDER.index(policy["severity"])
@@ -271,8 +270,8 @@ def run_candidate(
     deploy: bool = False,
     on_event: Callable[[str], None] = lambda _m: None,
 ) -> CandidateResult:
-    from pipeline.diff import diff as lineage_diff
-    from pipeline.diff import load_lineage, render_table
+    from pipeline.compare.diff import diff as lineage_diff
+    from pipeline.compare.diff import load_lineage, render_table
 
     config = load_config(config_path)
     if lock is not None:

@@ -5,7 +5,7 @@
 through a private subset schema — and never unpickles, unmarshals, imports or executes anything
 the artifact names. What it does not understand it refuses (`unrecognised-format`), never passes.
 
-    from pipeline.modelscan import scan_path, Severity
+    from pipeline.scan.model.scanner import scan_path, Severity
     report = scan_path("runs/latest/train/model.keras")
     if not report.ok(Severity.MEDIUM):
         ...  # do not load it
@@ -1602,7 +1602,7 @@ def _judge_node(
 
 @cache
 def _compute_ops() -> frozenset[str]:
-    from pipeline.modelscan_tfops import COMPUTE_OPS
+    from pipeline.scan.model.tfops import COMPUTE_OPS
 
     return COMPUTE_OPS
 

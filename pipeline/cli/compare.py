@@ -4,7 +4,7 @@ A report, not a gate: exit 0 whenever the diff was computed, whatever it found; 
 (a path that is neither a run nor a bundle, an unusable --db). Register on the main group in
 pipeline/cli.py, inside `_register_extensions()`:
 
-    from pipeline.cli_diff import diff
+    from pipeline.cli.compare import diff
     cli.add_command(diff)
 """
 
@@ -42,8 +42,8 @@ def diff(a: Path, b: Path, fmt: str, db: Path | None) -> None:
     Dependencies, vulnerabilities, data, base model, config, environment, metrics and the
     model, read as recorded: run `chainproof verify` on each side to trust them.
     """
-    from pipeline.diff import diff as compare
-    from pipeline.diff import load_lineage, render
+    from pipeline.compare.diff import diff as compare
+    from pipeline.compare.diff import load_lineage, render
 
     if db is None and DEFAULT_DB.is_file():
         db = DEFAULT_DB

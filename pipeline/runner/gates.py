@@ -16,15 +16,15 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pipeline import deps
-from pipeline.depscan import Policy, VulnerabilitiesFound, evaluate, scan
 from pipeline.hashing import sha256_file
 from pipeline.provenance.statements import statement
-from pipeline.vulndb import ScanUnavailable
+from pipeline.scan import deps
+from pipeline.scan.vulndb import ScanUnavailable
+from pipeline.scan.vulns import Policy, VulnerabilitiesFound, evaluate, scan
+from pipeline.workspace import CANDIDATE, CHECKS_DIR, DEPENDENCIES, MODELS
 
-CHECKS_DIR = "checks"
-DEPENDENCIES = f"{CHECKS_DIR}/dependencies.intoto.json"
-CANDIDATE = f"{CHECKS_DIR}/candidate.intoto.json"  # the candidate gate's comparison
+__all__ = ["CANDIDATE", "CHECKS_DIR", "DEPENDENCIES", "MODELS"]  # re-exported for stages
+
 VULNS_PREDICATE = "https://in-toto.io/attestation/vulns/v0.2"
 SCANNER_URI = "https://github.com/chainproof/chainproof#scan-deps"
 
@@ -214,7 +214,6 @@ def recheck(stmt: dict[str, Any], *, required: bool, today: date | None = None) 
 
 # --------------------------------------------------------------------------- model files
 
-MODELS = f"{CHECKS_DIR}/models.intoto.json"
 MODEL_SCAN_PREDICATE = "https://chainproof.dev/attestation/model-scan/v1"
 MODEL_SUFFIXES = (
     ".keras",
@@ -249,7 +248,7 @@ def model_candidates(stage_dir: Path) -> list[Path]:
 
 def scan_models(stage: str, stage_dir: Path, run_dir: Path, fail_on: str) -> list[dict[str, Any]]:
     """Scan a stage's model-like products; raise UnsafeModelError at or above `fail_on`."""
-    from pipeline.modelscan import UnsafeModelError, scan_path
+    from pipeline.scan.model import UnsafeModelError, scan_path
 
     results = []
     for target in model_candidates(stage_dir):

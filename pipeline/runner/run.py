@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import basemodel
 from pipeline.config import PipelineConfig, StageConfig
 from pipeline.envcheck import (
     Fingerprint,
@@ -38,27 +37,36 @@ from pipeline.errors import InputError, StageFailed
 from pipeline.fsutil import atomic_directory, atomic_symlink, atomic_write_bytes, atomic_write_text
 from pipeline.hashing import hash_artifacts, list_tree, sha256_file
 from pipeline.lineage import LineageError, git_commit, sink_for
-from pipeline.modelscan import UnsafeModelError
 from pipeline.provenance import keys as keymod
-from pipeline.provenance.layout import compile_layout, signed_layout_bytes, spec_name, stage_command
+from pipeline.provenance.chain import DiskArtifacts, VerifyReport, released_steps, verify_chain
+from pipeline.provenance.layout import compile_layout, signed_layout_bytes, stage_command
 from pipeline.provenance.links import link_filename, read_link, write_link
 from pipeline.provenance.openssf import SIGNATURE as MODEL_SIGNATURE
 from pipeline.provenance.openssf import sign_model_dir
 from pipeline.provenance.statements import slsa_provenance, write_signed_statement
-from pipeline.provenance.verify import DiskArtifacts, VerifyReport, released_steps, verify_chain
 from pipeline.registry import stage_class, stage_module
-from pipeline.security import (
-    CANDIDATE,
-    CHECKS_DIR,
-    DEPENDENCIES,
-    MODELS,
+from pipeline.runner import basemodel
+from pipeline.runner.gates import (
     check_dependencies,
     model_scan_statement,
     scan_models,
 )
-from pipeline.workspace import RUN_RECORD, Workspace
+from pipeline.scan.model import UnsafeModelError
+from pipeline.workspace import (
+    BASE_MODEL,
+    CANDIDATE,
+    CHECKS_DIR,
+    DEPENDENCIES,
+    LAYOUT_NAME,
+    MODELS,
+    PROVENANCE,
+    RUN_RECORD,
+    UPSTREAM,
+    Workspace,
+    base_model_name,
+    spec_name,
+)
 
-LAYOUT_NAME = "root.layout"
 # Variables a stage may inherit; everything else in the caller's environment is dropped.
 PASS_THROUGH = (
     "OPENBLAS_CORETYPE",  # some CPUs here need these for a correct OpenBLAS
@@ -377,8 +385,8 @@ class Runner:
             self.model_scans.append(
                 {
                     "stage": stage.name,
-                    "path": basemodel.base_model_name(stage.name),
-                    "files": [{"path": basemodel.BASE_MODEL, "sha256": base.sha256}],
+                    "path": base_model_name(stage.name),
+                    "files": [{"path": BASE_MODEL, "sha256": base.sha256}],
                     "findings": [],
                     "max_severity": "none",
                 }
@@ -390,7 +398,7 @@ class Runner:
         spec = self._spec(stage)
         if base is not None:
             spec["extra"]["base_model"] = {
-                "path": f"../{basemodel.base_model_name(stage.name)}",
+                "path": f"../{base_model_name(stage.name)}",
                 "sha256": base.sha256,
             }
         atomic_write_text(spec_path, json.dumps(spec, indent=2, sort_keys=True))
@@ -693,7 +701,7 @@ class Runner:
         last = self.config.stages[-1]
         if last.kind != "deploy":
             return None
-        from pipeline.verify import verify_bundle
+        from pipeline.release.verify import verify_bundle
 
         released = released_steps(self.layout_path, self.owner.public)
         self.write_provenance(released)
@@ -712,8 +720,8 @@ class Runner:
             shutil.copyfile(self.links_dir / PROVENANCE, staging / "attestations" / PROVENANCE)
             shutil.copytree(self.run_dir / CHECKS_DIR, staging / "attestations" / CHECKS_DIR)
             shutil.copytree(self.run_dir / "locks", staging / "locks")
-            if (self.run_dir / basemodel.UPSTREAM).is_dir():
-                shutil.copytree(self.run_dir / basemodel.UPSTREAM, staging / basemodel.UPSTREAM)
+            if (self.run_dir / UPSTREAM).is_dir():
+                shutil.copytree(self.run_dir / UPSTREAM, staging / UPSTREAM)
             (staging / "keys").mkdir()
             for role in keymod.ROLES:
                 shutil.copyfile(self.run_dir / f"keys/{role}.pub", staging / f"keys/{role}.pub")
@@ -735,9 +743,6 @@ class Runner:
         atomic_symlink(final.name, final.parent / "latest")
         self.say(f"released {final}")
         return final
-
-
-PROVENANCE = "provenance.intoto.json"
 
 
 def _verify_md(runner: Runner, final: Path, model_dir: str) -> str:

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 if TYPE_CHECKING:
-    from pipeline.deps import DepGraph
-    from pipeline.vulndb import DBInfo
+    from pipeline.scan.deps import DepGraph
+    from pipeline.scan.vulndb import DBInfo
 
 DEFAULT_LOCK = Path("requirements/main.txt")
 DEFAULT_DB = Path(".chainproof/vulndb.sqlite")
@@ -70,8 +70,8 @@ max_age_option = click.option(
 
 
 def _graph(lock: Path | None, installed: bool, python: Path | None) -> DepGraph:
-    from pipeline.deps import from_installed, from_lock
     from pipeline.envcheck import site_packages_of
+    from pipeline.scan.deps import from_installed, from_lock
 
     if installed and lock is not None:
         raise click.UsageError("use either --lock or --installed, not both")
@@ -101,7 +101,7 @@ def deps() -> None:
 )
 def deps_graph(lock: Path | None, installed: bool, python: Path | None, fmt: str) -> None:
     """Show the whole transitive graph from the direct requirements down."""
-    from pipeline.deps import render_dot, render_json, render_tree
+    from pipeline.scan.deps import render_dot, render_json, render_tree
 
     graph = _graph(lock, installed, python)
     click.echo({"tree": render_tree, "json": render_json, "dot": render_dot}[fmt](graph))
@@ -112,7 +112,7 @@ def deps_graph(lock: Path | None, installed: bool, python: Path | None, fmt: str
 @source_options
 def deps_why(package: str, lock: Path | None, installed: bool, python: Path | None) -> None:
     """Every path from a direct requirement down to PACKAGE."""
-    from pipeline.deps import render_why
+    from pipeline.scan.deps import render_why
 
     click.echo(render_why(_graph(lock, installed, python), package))
 
@@ -126,7 +126,7 @@ def vulndb() -> None:
 
 
 def _echo_info(info: DBInfo, max_age_days: int) -> None:
-    from pipeline.vulndb import check_age
+    from pipeline.scan.vulndb import check_age
 
     for key, value in info.as_dict().items():
         click.echo(f"  {key:<16} {value}")
@@ -141,7 +141,7 @@ def _echo_info(info: DBInfo, max_age_days: int) -> None:
 @max_age_option
 def vulndb_import(path: Path, db: Path, max_age_days: int) -> None:
     """Import OSV records from PATH: a directory of JSON/YAML records or osv.dev's all.zip."""
-    from pipeline.vulndb import import_osv
+    from pipeline.scan.vulndb import import_osv
 
     info = import_osv(path, db, progress=_err)
     click.echo(f"imported {info.records} records into {db}")
@@ -155,7 +155,7 @@ def vulndb_import(path: Path, db: Path, max_age_days: int) -> None:
 @max_age_option
 def vulndb_update(db: Path, url: str | None, timeout: float, max_age_days: int) -> None:
     """Download osv.dev's PyPI export and import it (needs the network)."""
-    from pipeline.vulndb import OSV_PYPI_EXPORT, update
+    from pipeline.scan.vulndb import OSV_PYPI_EXPORT, update
 
     info = update(db, url=url or OSV_PYPI_EXPORT, timeout=timeout, progress=_err)
     click.echo(f"updated {db}: {info.records} records")
@@ -167,7 +167,7 @@ def vulndb_update(db: Path, url: str | None, timeout: float, max_age_days: int) 
 @max_age_option
 def vulndb_info(db: Path, max_age_days: int) -> None:
     """What the database holds, where it came from, and whether it is stale."""
-    from pipeline.vulndb import info
+    from pipeline.scan.vulndb import info
 
     _echo_info(info(db), max_age_days)
 
@@ -212,8 +212,8 @@ def scan_deps(
     max_age_days: int,
 ) -> None:
     """Scan every pinned package, direct and transitive, against the offline OSV database."""
-    from pipeline.depscan import Policy, evaluate, load_policy, render, require_clean, scan
     from pipeline.fsutil import atomic_write_text
+    from pipeline.scan.vulns import Policy, evaluate, load_policy, render, require_clean, scan
 
     graph = _graph(lock, installed, python)
     policy = load_policy(policy_file) if policy_file else Policy()

@@ -10,7 +10,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from pipeline.loading import DEFAULT_MODEL, load_verified
+from pipeline.release.loading import load_verified
+from pipeline.workspace import DEFAULT_MODEL
 
 
 class PredictRequest(BaseModel):

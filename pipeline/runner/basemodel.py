@@ -19,10 +19,9 @@ from typing import Any
 
 from pipeline.errors import InputError, VerificationError
 from pipeline.fsutil import atomic_write_bytes
-
-INPUTS = "inputs"
-BASE_MODEL = "base_model.keras"
-UPSTREAM = "upstream"
+from pipeline.release.loading import read_verified_bytes
+from pipeline.scan.model import UnsafeModelError, scan_path
+from pipeline.workspace import DEFAULT_MODEL, UPSTREAM, base_model_name
 
 
 @dataclass(frozen=True)
@@ -32,15 +31,8 @@ class PreparedBase:
     origin: dict[str, Any]
 
 
-def base_model_name(stage: str) -> str:
-    """Run-relative name of a stage's base model (a material of its link)."""
-    return f"{INPUTS}/{stage}/{BASE_MODEL}"
-
-
 def _read(spec: dict[str, Any], base_dir: Path) -> tuple[bytes, dict[str, Any]]:
     if spec.get("bundle"):
-        from pipeline.loading import DEFAULT_MODEL, read_verified_bytes
-
         bundle = (base_dir / spec["bundle"]).resolve()
         owner = spec.get("owner_key")
         if not owner:
@@ -83,8 +75,6 @@ def _read(spec: dict[str, Any], base_dir: Path) -> tuple[bytes, dict[str, Any]]:
 
 def prepare(stage: str, spec: dict[str, Any], base_dir: Path, run_dir: Path) -> PreparedBase:
     """Fetch, pin-check, scan and place a stage's base model in the run. Raises on any doubt."""
-    from pipeline.modelscan import UnsafeModelError, scan_path
-
     data, origin = _read(spec, base_dir)
     digest = hashlib.sha256(data).hexdigest()
     pin = spec.get("sha256")
@@ -107,61 +97,5 @@ def prepare(stage: str, spec: dict[str, Any], base_dir: Path, run_dir: Path) -> 
         # two-level chain; the model in it is the exact bytes just verified and scanned.
         upstream = run_dir / UPSTREAM / stage
         shutil.copytree(Path(origin["location"]), upstream, symlinks=False)
-        atomic_write_bytes(
-            upstream / "artifacts" / (spec.get("file") or "package/model.keras"), data
-        )
+        atomic_write_bytes(upstream / "artifacts" / (spec.get("file") or DEFAULT_MODEL), data)
     return PreparedBase(dest, digest, {**origin, "sha256": digest})
-
-
-def verify_upstreams(root: Path, links: dict, verify_bundle) -> list[str]:
-    """Verify each upstream release a link says its stage fine-tuned from; one line each.
-
-    `root` holds `upstream/<stage>/` (a run directory or a bundle's artifacts root); the
-    owner key is the one the signed link recorded for that base model.
-    """
-    lines = []
-    for stage, link in links.items():
-        origin = link.environment.get("base_model")
-        if not origin:
-            continue
-        material = link.materials.get(base_model_name(stage), {}).get("sha256")
-        if material != origin.get("sha256"):
-            raise VerificationError(
-                f"step '{stage}' recorded base model {origin.get('sha256')} "
-                f"but consumed {material}",
-                check="base model",
-                step=stage,
-            )
-        if origin.get("kind") != "bundle":
-            lines.append(f"{stage}: base model {origin['location']} pinned sha256 {material[:12]}…")
-            continue
-        upstream = root / UPSTREAM / stage
-        if not upstream.is_dir():
-            raise VerificationError(
-                f"the upstream release of step '{stage}' is not shipped",
-                check="base model",
-                step=stage,
-                artifact=str(upstream),
-            )
-        report = verify_bundle(upstream, owner_key=origin["owner_keyid"])
-        attested = next(
-            (
-                lk.products[n]["sha256"]
-                for lk in report.links.values()
-                for n in lk.products
-                if n.endswith(".keras") and lk.products[n]["sha256"] == material
-            ),
-            None,
-        )
-        if attested is None:
-            raise VerificationError(
-                f"step '{stage}' fine-tuned from a model its upstream release does not attest",
-                check="base model",
-                step=stage,
-            )
-        lines.append(
-            f"{stage}: fine-tuned from release {origin.get('release')} (owner "
-            f"{origin['owner_keyid'][:16]}…), whose own chain verifies "
-            f"({len(report.checks)} checks)"
-        )
-    return lines

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError, VerificationError
-from pipeline.verify import verify_bundle
-
-DEFAULT_MODEL = "package/model.keras"
+from pipeline.release.verify import verify_bundle
+from pipeline.workspace import DEFAULT_MODEL
 
 
 def attested_digest(report, name: str) -> str:
@@ -50,7 +49,7 @@ def load_verified(bundle: str | Path, *, owner_key: str, model: str = DEFAULT_MO
     `owner_key` is the owner's key fingerprint (sha256 keyid) or a path to their public key,
     obtained from the owner, never from the bundle itself.
     """
-    from pipeline.modelscan import UnsafeModelError, scan_path
+    from pipeline.scan.model import UnsafeModelError, scan_path
 
     data, _ = read_verified_bytes(Path(bundle), owner_key=owner_key, model=model)
     with tempfile.TemporaryDirectory(prefix="chainproof-load-") as private:

@@ -22,7 +22,7 @@ from pipeline.errors import InputError, VerificationError
 from pipeline.hashing import sha256_file
 from pipeline.provenance.links import read_link
 from pipeline.provenance.statements import TEST_RESULT, statement, write_signed_statement
-from pipeline.runner import Runner
+from pipeline.runner.run import Runner
 from pipeline.workspace import Workspace, read_run_record, workspace_of_run
 
 STATEMENT_NAME = "reproduce.intoto.json"
@@ -167,7 +167,7 @@ def reproduce(
             hint="reproduce a completed run",
         )
     # Reproduce only what verifies: a tampered original must not be declared reproducible.
-    from pipeline.verify import verify_run
+    from pipeline.release.verify import verify_run
 
     report = verify_run(run_dir)
     recorded = run_dir / "config.yaml"

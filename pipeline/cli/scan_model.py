@@ -12,7 +12,13 @@ from pathlib import Path
 
 import click
 
-from pipeline.modelscan import DEFAULT_FAIL_ON, Severity, UnsafeModelError, render_table, scan_path
+from pipeline.scan.model import (
+    DEFAULT_FAIL_ON,
+    Severity,
+    UnsafeModelError,
+    render_table,
+    scan_path,
+)
 
 SEVERITIES = [s.label for s in Severity]
 

@@ -5,17 +5,23 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.basemodel import verify_upstreams
 from pipeline.errors import InputError, VerificationError
 from pipeline.hashing import sha256_file
+from pipeline.provenance.chain import DiskArtifacts, VerifyReport, released_steps, verify_chain
 from pipeline.provenance.keys import public_key_from_dict, resolve_trusted_owner
-from pipeline.provenance.layout import CHECKS_DIR
+from pipeline.provenance.links import Link
 from pipeline.provenance.statements import payload_of, read_verified_statement
-from pipeline.provenance.verify import DiskArtifacts, VerifyReport, released_steps, verify_chain
-from pipeline.workspace import read_run_record, workspace_of_run
+from pipeline.workspace import (
+    CHECKS_DIR,
+    LAYOUT_NAME,
+    PROVENANCE,
+    UPSTREAM,
+    base_model_name,
+    read_run_record,
+    workspace_of_run,
+)
 
-LAYOUT = "root.layout"
-PROVENANCE = "provenance.intoto.json"
+LAYOUT = LAYOUT_NAME
 
 
 def is_bundle(path: Path) -> bool:
@@ -278,7 +284,7 @@ def verify_run(run_dir: Path, *, owner_key: str | None = None) -> VerifyReport:
     )
     published = bool(record.get("release"))
     check_provenance(links / PROVENANCE, report, run_dir, links, required=published)
-    for line in verify_upstreams(run_dir, report.links, verify_bundle):
+    for line in verify_upstreams(run_dir, report.links):
         report.passed("upstream", line)
     check_locks(run_dir / "locks", report)
     return report
@@ -316,7 +322,7 @@ def verify_bundle(
         attestations / PROVENANCE, report, bundle / "artifacts", attestations, required=True
     )
     check_model_signature(bundle, report, released)
-    for line in verify_upstreams(bundle, report.links, verify_bundle):
+    for line in verify_upstreams(bundle, report.links):
         report.passed("upstream", line)
     check_locks(bundle / "locks", report)
     return report
@@ -333,3 +339,57 @@ def verify_target(
         local = (workspace / "attestations" / "keys" / "owner.pub") if workspace else None
         return verify_bundle(path, owner_key=owner_key, local_owner=local)
     return verify_run(path, owner_key=owner_key)
+
+
+def verify_upstreams(root: Path, links: dict[str, Link]) -> list[str]:
+    """Verify each upstream release a link says its stage fine-tuned from; one line each.
+
+    `root` holds `upstream/<stage>/` (a run directory or a bundle's artifacts root); the
+    owner key is the one the signed link recorded for that base model.
+    """
+    lines = []
+    for stage, link in links.items():
+        origin = link.environment.get("base_model")
+        if not origin:
+            continue
+        material = link.materials.get(base_model_name(stage), {}).get("sha256")
+        if material != origin.get("sha256"):
+            raise VerificationError(
+                f"step '{stage}' recorded base model {origin.get('sha256')} "
+                f"but consumed {material}",
+                check="base model",
+                step=stage,
+            )
+        if origin.get("kind") != "bundle":
+            lines.append(f"{stage}: base model {origin['location']} pinned sha256 {material[:12]}…")
+            continue
+        upstream = root / UPSTREAM / stage
+        if not upstream.is_dir():
+            raise VerificationError(
+                f"the upstream release of step '{stage}' is not shipped",
+                check="base model",
+                step=stage,
+                artifact=str(upstream),
+            )
+        report = verify_bundle(upstream, owner_key=origin["owner_keyid"])
+        attested = next(
+            (
+                lk.products[n]["sha256"]
+                for lk in report.links.values()
+                for n in lk.products
+                if n.endswith(".keras") and lk.products[n]["sha256"] == material
+            ),
+            None,
+        )
+        if attested is None:
+            raise VerificationError(
+                f"step '{stage}' fine-tuned from a model its upstream release does not attest",
+                check="base model",
+                step=stage,
+            )
+        lines.append(
+            f"{stage}: fine-tuned from release {origin.get('release')} (owner "
+            f"{origin['owner_keyid'][:16]}…), whose own chain verifies "
+            f"({len(report.checks)} checks)"
+        )
+    return lines

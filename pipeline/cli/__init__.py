@@ -45,7 +45,7 @@ def cli() -> None:
 def run(config: Path, workspace: Path) -> None:
     """Run every stage of CONFIG, sign each link, verify the chain, publish the release."""
     from pipeline.config import load_config
-    from pipeline.runner import Runner
+    from pipeline.runner.run import Runner
     from pipeline.workspace import Workspace
 
     cfg = load_config(config)
@@ -72,7 +72,7 @@ def run(config: Path, workspace: Path) -> None:
 @workspace_option
 def verify(target: Path, owner_key: str | None, workspace: Path) -> None:
     """Verify a run (runs/<id>, runs/latest) or a release bundle (releases/<name>/<version>)."""
-    from pipeline.verify import verify_target
+    from pipeline.release.verify import verify_target
 
     report = verify_target(target, owner_key=owner_key, workspace=workspace.resolve())
     click.echo(f"verifying {report.target}")
@@ -88,7 +88,7 @@ def verify(target: Path, owner_key: str | None, workspace: Path) -> None:
 def layout(config: Path, output: Path | None, workspace: Path) -> None:
     """Compile CONFIG into an in-toto layout signed by the owner key."""
     from pipeline.config import load_config
-    from pipeline.runner import ensure_keys, write_signed_layout
+    from pipeline.runner.run import ensure_keys, write_signed_layout
     from pipeline.workspace import Workspace
 
     cfg = load_config(config)
@@ -181,7 +181,7 @@ def reproduce(run_dir: Path) -> None:
     Exit 0 only when every compared product is identical; the comparison is written as a
     signed in-toto Statement (test-result predicate) beside the new run's links.
     """
-    from pipeline.reproduce import reproduce as do_reproduce
+    from pipeline.compare.reproduce import reproduce as do_reproduce
 
     result = do_reproduce(run_dir, on_event=_echo)
     click.echo(f"reproduced {result.original} as {result.reproduction}")
@@ -210,7 +210,7 @@ def reproduce(run_dir: Path) -> None:
 @workspace_option
 def serve(bundle: Path, owner_key: str | None, port: int, workspace: Path) -> None:
     """Verify release BUNDLE, then serve its predictions over HTTP on 127.0.0.1."""
-    from pipeline.serving import serve as do_serve
+    from pipeline.release.serving import serve as do_serve
 
     key = owner_key or str(workspace.resolve() / "attestations" / "keys" / "owner.pub")
     do_serve(bundle.resolve(), owner_key=key, port=port, on_ready=_echo)
@@ -240,7 +240,7 @@ def candidate(
     workspace: Path,
 ) -> None:
     """Run CONFIG as a candidate and gate it against production: exit 0 passed, 1 blocked."""
-    from pipeline.candidate import render, run_candidate
+    from pipeline.compare.candidate import render, run_candidate
     from pipeline.workspace import Workspace
 
     result = run_candidate(
@@ -263,9 +263,9 @@ def scan() -> None:
 
 
 def _register_extensions() -> None:
-    from pipeline.cli_deps import deps, scan_deps, vulndb
-    from pipeline.cli_diff import diff
-    from pipeline.cli_modelscan import scan_model
+    from pipeline.cli.compare import diff
+    from pipeline.cli.deps import deps, scan_deps, vulndb
+    from pipeline.cli.scan_model import scan_model
 
     cli.add_command(deps)
     cli.add_command(diff)
