@@ -23,6 +23,9 @@ lock: setup
 	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe \
 	  --no-emit-index-url --no-emit-find-links --pip-args "--isolated" \
 	  -o tests/data/locks/small.txt tests/data/locks/small.in
+	$(VENV)/bin/pip-compile --quiet --generate-hashes --allow-unsafe --strip-extras \
+	  --no-emit-index-url --no-emit-find-links --pip-args "--isolated" \
+	  -o requirements/dev.txt requirements/dev.in
 
 ## train: run the default pipeline end to end (source -> train -> package -> deploy), verified
 train: setup
@@ -66,8 +69,14 @@ upgrade: setup
 	  -o requirements/candidate.txt requirements/main.in
 	$(CP) candidate $(CONFIG) --lock requirements/candidate.txt
 
+## lint: ruff (format and lint) and mypy, from their own locked environment (.venv-dev)
+DEV_VENV := .venv-dev
+LINT_PATHS := pipeline stages tests bench tools
 lint: setup
-	$(VENV)/bin/ruff check pipeline stages tests bench tools
+	@$(PYTHON) tools/setup_env.py --venv $(DEV_VENV) --lock requirements/dev.txt --no-project
+	$(DEV_VENV)/bin/ruff format --check $(LINT_PATHS)
+	$(DEV_VENV)/bin/ruff check $(LINT_PATHS)
+	$(DEV_VENV)/bin/mypy --python-executable $(PY) pipeline stages
 
 clean:
 	rm -rf runs attestations/runs releases .chainproof bench/out

@@ -39,6 +39,9 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--venv", default=".venv")
     ap.add_argument("--lock", default="requirements/main.txt")
+    ap.add_argument(
+        "--no-project", action="store_true", help="only the lock (the dev tools' environment)"
+    )
     args = ap.parse_args()
     venv, lock = ROOT / args.venv, ROOT / args.lock
     stamp = venv / ".chainproof-setup"
@@ -46,7 +49,7 @@ def main() -> int:
     have = stamp.read_text().split() if stamp.is_file() else []
     py = str(venv / "bin/python")
     if have[:1] == [want_lock] and (venv / "bin/python").exists():
-        if have[1:2] == [want_project]:
+        if have[1:2] == [want_project] or args.no_project:
             return 0
         # Only the project's metadata changed (entry points, scripts): reinstall it alone.
         install_project(py)
@@ -75,7 +78,8 @@ def main() -> int:
         str(lock),
     )
     # The project itself, without dependencies: the lock already supplied every one of them.
-    install_project(py)
+    if not args.no_project:
+        install_project(py)
     stamp.write_text(f"{want_lock} {want_project}\n")
     print(f"{venv} is ready", flush=True)
     return 0
