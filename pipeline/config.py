@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, Validat
 
 from pipeline.errors import ConfigError, ConfigProblem
 from pipeline.hashing import sha256_bytes
+from pipeline.registry import StageKind, known_kinds, stage_kind
 
 SCHEMA_VERSION = 1
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
@@ -105,6 +106,7 @@ class StageConfig:
     lock: Path | None
     outputs: tuple[str, ...]
     params: Mapping[str, Any]
+    impl: StageKind  # the kind, resolved once from the registry
 
 
 @dataclass(frozen=True)
@@ -120,9 +122,9 @@ class PipelineConfig:
     layout_expires_days: int
     release_dir: str
     release_version: str | None
-    lineage: Mapping[str, Any]
+    lineage: LineageSpec
     security: Mapping[str, Any]
-    candidate: Mapping[str, Any]
+    candidate: CandidateSpec
     stages: tuple[StageConfig, ...]
 
     def stage(self, name: str) -> StageConfig:
@@ -261,8 +263,6 @@ def load_config(path: str | Path, *, base_dir: Path | None = None) -> PipelineCo
     Relative paths in it are resolved against `base_dir`, by default the config's directory
     (a recorded copy of a config passes its original directory).
     """
-    from pipeline.registry import stage_class  # registry loads stage kinds lazily
-
     path = Path(path)
     base = (base_dir or path.parent).resolve()
     data, loc = _parse(path)
@@ -298,10 +298,8 @@ def load_config(path: str | Path, *, base_dir: Path | None = None) -> PipelineCo
                 )
             )
         names.setdefault(st.name, i)
-        cls = stage_class(st.kind)
+        cls = stage_kind(st.kind)
         if cls is None:
-            from pipeline.registry import known_kinds
-
             problems.append(
                 ConfigProblem(
                     loc.line(at + ("kind",)),
@@ -311,7 +309,7 @@ def load_config(path: str | Path, *, base_dir: Path | None = None) -> PipelineCo
             )
             continue
         try:
-            params = cls.Params.model_validate(st.params).model_dump(mode="json")
+            params = cls.params.model_validate(st.params).model_dump(mode="json")
         except ValidationError as e:
             problems.extend(_pydantic_problems(e, loc, at + ("params",)))
             continue
@@ -345,6 +343,7 @@ def load_config(path: str | Path, *, base_dir: Path | None = None) -> PipelineCo
                 lock=lock,
                 outputs=tuple(outputs),
                 params=MappingProxyType(params),
+                impl=cls,
             )
         )
     for i, st in enumerate(raw.stages):
@@ -394,8 +393,8 @@ def load_config(path: str | Path, *, base_dir: Path | None = None) -> PipelineCo
         layout_expires_days=raw.layout.expires_days,
         release_dir=raw.release.dir,
         release_version=raw.release.version,
-        lineage=MappingProxyType(raw.lineage.model_dump()),
+        lineage=raw.lineage,
         security=MappingProxyType(raw.security.model_dump()),
-        candidate=MappingProxyType(raw.candidate.model_dump(exclude_none=True)),
+        candidate=raw.candidate,
         stages=tuple(by_name[n] for n in order),  # type: ignore[union-attr]
     )

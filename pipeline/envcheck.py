@@ -161,10 +161,10 @@ def _verify_records(entries: list[tuple[str, str, str]], diff: list[str]) -> Non
     digests = hash_many([m[0] for m in misses], [m[1] for m in misses])
     for (_, _, key), hexdigest in zip(misses, digests, strict=True):
         _RECORD_CACHE[key] = _b64(hexdigest)
-    for (_, want, rel), key in zip(entries, keys, strict=True):
-        if key is None:
+    for (_, want, rel), maybe in zip(entries, keys, strict=True):
+        if maybe is None:
             diff.append(f"- {rel}: listed in a RECORD, missing on disk")
-        elif _RECORD_CACHE[key] != want:
+        elif _RECORD_CACHE[maybe] != want:
             diff.append(f"! {rel}: sha256 differs from its wheel RECORD (modified after install)")
 
 
@@ -184,19 +184,21 @@ def check_environment(
     installed: dict[str, Distribution] = {}
     diff: list[str] = []
     for d in dists:
-        name = canonicalize_name(d.metadata["Name"] or "")
-        if name in installed:
-            diff.append(f"! {name}: installed twice ({installed[name].version}, {d.version})")
-        installed[name] = d
-    for name, pin in sorted(lock.pins.items()):
-        d = installed.get(name)
-        if d is None:
-            diff.append(f"- {name}=={pin.version}: pinned in the lock, not installed")
-        elif d.version != pin.version:
-            diff.append(f"~ {name}: lock pins {pin.version}, installed {d.version}")
-    for name, d in sorted(installed.items()):
-        if name not in lock.pins and name != PROJECT:
-            diff.append(f"+ {name}=={d.version}: installed, not in the lock")
+        dist_name = canonicalize_name(d.metadata["Name"] or "")
+        if dist_name in installed:
+            diff.append(
+                f"! {dist_name}: installed twice ({installed[dist_name].version}, {d.version})"
+            )
+        installed[dist_name] = d
+    for pinned, pin in sorted(lock.pins.items()):
+        have = installed.get(pinned)
+        if have is None:
+            diff.append(f"- {pinned}=={pin.version}: pinned in the lock, not installed")
+        elif have.version != pin.version:
+            diff.append(f"~ {pinned}: lock pins {pin.version}, installed {have.version}")
+    for extra, d in sorted(installed.items()):
+        if extra not in lock.pins and extra != PROJECT:
+            diff.append(f"+ {extra}=={d.version}: installed, not in the lock")
     owned = _owned_top_level(dists)
     for entry in sorted(os.listdir(site)):
         if entry.endswith((".pth", ".py")) and entry not in owned:

@@ -19,8 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 
-from pipeline.errors import Error
+from pipeline.config import LineageSpec
+from pipeline.errors import Error, InputError
 from pipeline.hashing import sha256_file
 from pipeline.workspace import read_run_record
 
@@ -256,7 +258,12 @@ class MLflowLineage(LineageSink):
     @staticmethod
     def _dataset_input(mlflow, run_dir: Path, link) -> None:
         from mlflow.data.meta_dataset import MetaDataset
-        from mlflow.data.sources import HTTPDatasetSource, LocalArtifactDatasetSource
+
+        # mlflow.data.sources builds these names at import time, so mypy cannot see them
+        from mlflow.data.sources import (  # type: ignore[attr-defined]
+            HTTPDatasetSource,
+            LocalArtifactDatasetSource,
+        )
 
         materials = {k: v["sha256"] for k, v in link.materials.items()}
         for name, digest in materials.items():
@@ -275,7 +282,7 @@ class MLflowLineage(LineageSink):
             # exact file the signed link names. MLflow caps the digest field at 36 characters,
             # so it holds a self-describing prefix "sha256:<29 hex>"; the full digest is the
             # input tag chainproof.sha256.
-            dataset = MetaDataset(
+            dataset = MetaDataset(  # type: ignore[abstract]  # MLflow's own concrete class
                 source=source, name=manifest.get("name", name), digest=f"sha256:{digest[:29]}"
             )
             mlflow.log_input(
@@ -311,15 +318,14 @@ class MLflowLineage(LineageSink):
         return str(mv.version)
 
 
-def sink_for(lineage: dict[str, Any] | None, workspace: Path, pipeline: str) -> LineageSink:
-    cfg = lineage or {}
-    if not cfg.get("enabled", True):
+def sink_for(lineage: LineageSpec, workspace: Path, pipeline: str) -> LineageSink:
+    if not lineage.enabled:
         return NullLineage()
     return MLflowLineage(
-        cfg.get("tracking_uri") or DEFAULT_TRACKING_URI,
+        lineage.tracking_uri or DEFAULT_TRACKING_URI,
         workspace=workspace,
-        experiment=cfg.get("experiment") or pipeline,
-        registered_model=cfg.get("registered_model") or pipeline,
+        experiment=lineage.experiment or pipeline,
+        registered_model=lineage.registered_model or pipeline,
     )
 
 
@@ -329,14 +335,16 @@ def sync_run_dir(run_dir: Path) -> str:
 
     run_dir = run_dir.resolve()
     if read_run_record(run_dir).get("status") == "running":
-        from pipeline.errors import InputError
-
         raise InputError(
             f"{run_dir} is still running (or was killed without a trace)",
             hint="sync it once it has finished",
         )
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    sink = sink_for(config.get("lineage"), workspace_of_run(run_dir).root, config["name"])
+    try:
+        spec = LineageSpec.model_validate(config.get("lineage") or {})
+    except ValidationError as e:
+        raise InputError(f"{run_dir / 'config.yaml'}: lineage: {e}") from e
+    sink = sink_for(spec, workspace_of_run(run_dir).root, config["name"])
     result = sink.sync(run_dir)
     if result is None:
         return "lineage is disabled in this run's config"

@@ -80,6 +80,10 @@ class Stage(ABC):
     determinism: ClassVar[dict[str, Any]] = {}
     # A gate consumes the runner's signed checks (dependency scan, ...) as materials.
     gate: ClassVar[bool] = False
+    # A release is published after this stage succeeds; its products name their run.
+    publishes: ClassVar[bool] = False
+    # The model file this stage writes (what a comparison or a candidate gate reads).
+    model_output: ClassVar[str | None] = None
 
     @abstractmethod
     def run(self, ctx: StageContext) -> None:

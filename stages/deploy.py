@@ -31,6 +31,7 @@ class DeployStage(Stage):
     Params = DeployParams
     outputs = (RELEASE,)
     gate = True
+    publishes = True
 
     def run(self, ctx: StageContext) -> None:
         gate = ctx.extra.get("gate")

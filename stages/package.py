@@ -44,7 +44,7 @@ def _lock_pins(path: Path) -> list[tuple[str, str, list[str]]]:
         hashes = [p.split(":", 1)[1] for p in parts if p.startswith("--hash=sha256:")]
         req = Requirement(" ".join(p for p in parts if not p.startswith("--hash=")))
         (spec,) = list(req.specifier)
-        out.append((canonicalize_name(req.name), spec.version, hashes))
+        out.append((str(canonicalize_name(req.name)), spec.version, hashes))
     return out
 
 
@@ -209,6 +209,7 @@ class PackageStage(Stage):
     kind = "package"
     Params = PackageParams
     outputs = (MODEL, SAVED_MODEL, METRICS, CARD, CARD_MD, BOM)
+    model_output = MODEL
 
     def run(self, ctx: StageContext) -> None:
         p: PackageParams = ctx.params

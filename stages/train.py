@@ -299,6 +299,7 @@ class TrainStage(Stage):
     kind = "train"
     Params = TrainParams
     outputs = (MODEL, SAVED_MODEL, METRICS, CURVES, CONFUSION)
+    model_output = MODEL
     determinism = {
         "keras.utils.set_random_seed": "params.seed",
         "tf.config.experimental.enable_op_determinism": True,

@@ -33,7 +33,7 @@ from typing import Any
 
 from pipeline.config import PipelineConfig, load_config
 from pipeline.errors import InputError, VerificationError
-from pipeline.provenance.statements import TEST_RESULT, statement, write_signed_statement
+from pipeline.provenance.statements import TEST_RESULT, statement
 from pipeline.runner.run import Runner
 from pipeline.workspace import CANDIDATE, CHECKS_DIR, Workspace
 
@@ -79,19 +79,19 @@ def production_release(config: PipelineConfig, ws: Workspace) -> Path:
 
 
 def _release_of_alias(config: PipelineConfig, ws: Workspace) -> Path | None:
-    if not config.lineage.get("enabled", True):
+    if not config.lineage.enabled:
         return None
     try:
         from mlflow import MlflowClient
 
         from pipeline.lineage import DEFAULT_TRACKING_URI, resolve_tracking_uri
 
-        uri = resolve_tracking_uri(
-            config.lineage.get("tracking_uri") or DEFAULT_TRACKING_URI, ws.root
-        )
-        name = config.lineage.get("registered_model") or config.name
+        uri = resolve_tracking_uri(config.lineage.tracking_uri or DEFAULT_TRACKING_URI, ws.root)
+        name = config.lineage.registered_model or config.name
         mv = MlflowClient(uri).get_model_version_by_alias(name, "production")
         run_id = mv.tags.get("chainproof.run_id")
+        if not run_id:
+            return None
         record = json.loads((ws.runs / run_id / "run.json").read_text())
         if not record.get("release"):
             return None
@@ -129,11 +129,13 @@ def _candidate_model_bytes(runner: Runner) -> bytes:
     """The candidate's packaged model, checked against its signed package link."""
     from pipeline.provenance.links import link_filename, read_link
 
-    package = next(s for s in runner.config.stages if s.kind == "package")
+    gate = runner.gates()[0] if runner.gates() else None
+    before_gate = runner.config.stages[: runner.config.stages.index(gate)] if gate else ()
+    package = [s for s in before_gate or runner.config.stages if s.impl.model_output][-1]
     link = read_link(
         runner.links_dir / link_filename(package.name, runner.functionary.public.keyid)
     )
-    name = f"{package.name}/model.keras"
+    name = f"{package.name}/{package.impl.model_output}"
     data = (runner.run_dir / name).read_bytes()
     if hashlib.sha256(data).hexdigest() != link.products[name]["sha256"]:
         raise VerificationError(f"{name} changed after it was attested", check="candidate")
@@ -281,63 +283,59 @@ def run_candidate(
     on_event(f"candidate of '{config.name}' against production release {production}")
 
     runner = Runner(config, ws, on_event=on_event, candidate=True)
-    runner.start()
-    gates = [s for s in config.stages if runner.is_gate(s)]
-    for stage in config.stages:
-        if stage in gates:
-            break
-        runner.run_stage(stage)
-    prod_lineage, cand_lineage = load_lineage(production), load_lineage(runner.run_dir)
-    d = lineage_diff(prod_lineage, cand_lineage)
-    policy = dict(config.candidate)
-    policy.setdefault("severity", config.security["dependencies"]["severity"])
-    criteria, digests = evaluate(
-        production,
-        owner,
-        runner,
-        policy,
-        d,
-        (dict(prod_lineage.metrics), dict(cand_lineage.metrics)),
-    )
-    passed = all(c.passed for c in criteria)
-    stmt = statement(
-        digests,
-        TEST_RESULT,
-        {
-            "result": "PASSED" if passed else "FAILED",
-            "configuration": [
-                {
-                    "name": "policy",
-                    "digest": {
-                        "sha256": hashlib.sha256(
-                            json.dumps(policy, sort_keys=True).encode()
-                        ).hexdigest()
+    with runner.session():
+        gates = runner.gates()
+        first_gate = config.stages.index(gates[0]) if gates else len(config.stages)
+        runner.run_stages(config.stages[:first_gate])
+        prod_lineage, cand_lineage = load_lineage(production), load_lineage(runner.run_dir)
+        d = lineage_diff(prod_lineage, cand_lineage)
+        policy: dict[str, Any] = config.candidate.model_dump(exclude_none=True)
+        policy.setdefault("severity", config.security["dependencies"]["severity"])
+        criteria, digests = evaluate(
+            production,
+            owner,
+            runner,
+            policy,
+            d,
+            (dict(prod_lineage.metrics), dict(cand_lineage.metrics)),
+        )
+        passed = all(c.passed for c in criteria)
+        stmt = statement(
+            digests,
+            TEST_RESULT,
+            {
+                "result": "PASSED" if passed else "FAILED",
+                "configuration": [
+                    {
+                        "name": "policy",
+                        "digest": {
+                            "sha256": hashlib.sha256(
+                                json.dumps(policy, sort_keys=True).encode()
+                            ).hexdigest()
+                        },
                     },
-                },
-                {"name": "config", "digest": {"sha256": config.sha256}},
-            ],
-            "url": f"chainproof:candidate/{runner.run_id}/against/{production.name}",
-            "passedTests": [f"{c.name}: {c.detail}" for c in criteria if c.passed],
-            "warnedTests": [],
-            "failedTests": [f"{c.name}: {c.detail}" for c in criteria if not c.passed],
-        },
-    )
-    path = runner.run_dir / CANDIDATE
-    write_signed_statement(path, stmt, runner.functionary.signer)
-    result = CandidateResult(
-        runner.run_id, runner.run_dir, production, criteria, render_table(d), path
-    )
-    runner._record(
-        status="candidate " + ("passed" if passed else "blocked"),
-        candidate={"against": str(production), "passed": passed},
-    )
-    if passed and deploy:
-        for stage in gates:
-            runner.run_stage(stage)
-        runner.verify_run()
-        result.release = runner.publish_release()
-        runner._record(status="succeeded", release=str(result.release))
-    runner.log_lineage()
+                    {"name": "config", "digest": {"sha256": config.sha256}},
+                ],
+                "url": f"chainproof:candidate/{runner.run_id}/against/{production.name}",
+                "passedTests": [f"{c.name}: {c.detail}" for c in criteria if c.passed],
+                "warnedTests": [],
+                "failedTests": [f"{c.name}: {c.detail}" for c in criteria if not c.passed],
+            },
+        )
+        path = runner.run_dir / CANDIDATE
+        runner.sign_statement(path, stmt)
+        result = CandidateResult(
+            runner.run_id, runner.run_dir, production, criteria, render_table(d), path
+        )
+        runner.finish(
+            status="candidate " + ("passed" if passed else "blocked"),
+            candidate={"against": str(production), "passed": passed},
+        )
+        if passed and deploy:
+            runner.run_stages(config.stages[first_gate:])
+            runner.verify_run()
+            result.release = runner.publish_release()
+            runner.finish(status="succeeded", release=str(result.release))
     return result
 
 

@@ -21,13 +21,12 @@ from pipeline.config import load_config
 from pipeline.errors import InputError, VerificationError
 from pipeline.hashing import sha256_file
 from pipeline.provenance.links import read_link
-from pipeline.provenance.statements import TEST_RESULT, statement, write_signed_statement
+from pipeline.provenance.statements import TEST_RESULT, statement
 from pipeline.runner.run import Runner
 from pipeline.workspace import Workspace, read_run_record, workspace_of_run
 
 STATEMENT_NAME = "reproduce.intoto.json"
 # Kinds whose products name their own run (run id, release version): compared via upstream.
-RUN_BOUND_KINDS = ("deploy",)
 
 
 @dataclass
@@ -135,7 +134,7 @@ def compare_runs(old_dir: Path, new_dir: Path) -> list[StageComparison]:
     for stage in config.stages:
         comp = StageComparison(stage.name)
         out.append(comp)
-        if stage.kind in RUN_BOUND_KINDS:
+        if stage.impl.publishes:
             comp.skipped = "its products name the run; what it releases is compared upstream"
             continue
         (old_link,) = old_links.glob(f"{stage.name}.*.link")
@@ -195,21 +194,26 @@ def reproduce(
         )
     ws = workspace_of_run(run_dir)
     runner = Runner(config, Workspace(ws.root), on_event=on_event)
-    result = runner.run(publish=False)
-    stages = compare_runs(run_dir, result.run_dir)
-    outcome = ReproduceResult(
-        record["run_id"], result.run_id, stages, result.links_dir / STATEMENT_NAME
-    )
-    _attest(outcome, report, config, have_lock, runner)
-    runner._record(
-        reproduces=record["run_id"], reproduced="identical" if outcome.identical else "different"
-    )
+    with runner.session():
+        runner.run_stages(config.stages)
+        runner.verify_run()
+        stages = compare_runs(run_dir, runner.run_dir)
+        outcome = ReproduceResult(
+            record["run_id"], runner.run_id, stages, runner.links_dir / STATEMENT_NAME
+        )
+        _attest(outcome, report, config, have_lock, runner)
+        runner.finish(
+            reproduces=record["run_id"],
+            reproduced="identical" if outcome.identical else "different",
+        )
     return outcome
 
 
 def _attest(outcome: ReproduceResult, original, config, lock_sha256: str, runner: Runner) -> None:
     """Subjects are the original run's products as its verified links record them."""
-    passed, failed, warned = [], [], []
+    passed: list[str] = []
+    failed: list[str] = []
+    warned: list[str] = []
     verified = {
         n: d["sha256"] for link in original.links.values() for n, d in link.products.items()
     }
@@ -233,8 +237,4 @@ def _attest(outcome: ReproduceResult, original, config, lock_sha256: str, runner
         "warnedTests": warned,
         "failedTests": failed,
     }
-    write_signed_statement(
-        outcome.statement_path,
-        statement(subjects, TEST_RESULT, predicate),
-        runner.functionary.signer,
-    )
+    runner.sign_statement(outcome.statement_path, statement(subjects, TEST_RESULT, predicate))

@@ -135,7 +135,9 @@ def _load_links(layout: Layout, link_dir: Path) -> dict[str, dict[str, Metadata]
     return steps
 
 
-def _verify_link_signatures(layout: Layout, loaded: dict[str, dict[str, Metadata]], link_dir: Path):
+def _verify_link_signatures(
+    layout: Layout, loaded: dict[str, dict[str, Metadata]], link_dir: Path
+) -> dict[str, dict[str, Link]]:
     chain: dict[str, dict[str, Link]] = {}
     for step in layout.steps:
         chain[step.name] = {}

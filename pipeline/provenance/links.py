@@ -17,7 +17,7 @@ __all__ = ["Link", "envelope_bytes", "link_filename", "read_link", "write_link"]
 
 
 def link_filename(step: str, keyid: str) -> str:
-    return FILENAME_FORMAT.format(step_name=step, keyid=keyid)
+    return str(FILENAME_FORMAT.format(step_name=step, keyid=keyid))
 
 
 def envelope_bytes(signable: Any, signer: Signer) -> bytes:

@@ -22,18 +22,16 @@ SIGNATURE = "model.sig"
 def sign_model_dir(model_dir: Path, signature: Path, private_key: Path) -> None:
     import model_signing
 
-    model_signing.signing.Config().use_elliptic_key_signer(private_key=private_key).sign(
-        model_dir, signature
-    )
+    signer = model_signing.signing.Config()  # type: ignore[no-untyped-call]
+    signer.use_elliptic_key_signer(private_key=private_key).sign(model_dir, signature)
 
 
 def verify_model_dir(model_dir: Path, signature: Path, public_key: Path) -> None:
     import model_signing
 
     try:
-        model_signing.verifying.Config().use_elliptic_key_verifier(public_key=public_key).verify(
-            model_dir, signature
-        )
+        verifier = model_signing.verifying.Config()  # type: ignore[no-untyped-call]
+        verifier.use_elliptic_key_verifier(public_key=public_key).verify(model_dir, signature)
     except ValueError as e:  # model_signing reports every mismatch as ValueError
         raise VerificationError(
             f"the OpenSSF model signature does not verify: {e}",

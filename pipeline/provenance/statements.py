@@ -24,7 +24,9 @@ PAYLOAD_TYPE = "application/vnd.in-toto+json"
 TEST_RESULT = "https://in-toto.io/attestation/test-result/v0.1"
 
 
-def statement(subjects: dict[str, str], predicate_type: str, predicate: dict[str, Any]) -> dict:
+def statement(
+    subjects: dict[str, str], predicate_type: str, predicate: dict[str, Any]
+) -> dict[str, Any]:
     """`subjects` maps artifact names to sha256 hex digests."""
     return {
         "_type": STATEMENT_TYPE,
@@ -63,7 +65,7 @@ def read_verified_statement(path: Path, keys: list[PublicKey]) -> dict[str, Any]
             f"{path.name} has payload type {env.payload_type}", check="attestations"
         )
     stmt = json.loads(env.payload)
-    if stmt.get("_type") != STATEMENT_TYPE:
+    if not isinstance(stmt, dict) or stmt.get("_type") != STATEMENT_TYPE:
         raise VerificationError(f"{path.name} is not an in-toto Statement v1", check="attestations")
     return stmt
 
@@ -71,7 +73,8 @@ def read_verified_statement(path: Path, keys: list[PublicKey]) -> dict[str, Any]
 def payload_of(path: Path) -> dict[str, Any]:
     """The statement without verifying it: for display only."""
     env = json.loads(path.read_text())
-    return json.loads(base64.b64decode(env["payload"]))
+    stmt: dict[str, Any] = json.loads(base64.b64decode(env["payload"]))
+    return stmt
 
 
 SLSA_PROVENANCE = "https://slsa.dev/provenance/v1"

@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError, VerificationError
+from pipeline.provenance.chain import VerifyReport
 from pipeline.release.verify import verify_bundle
 from pipeline.workspace import DEFAULT_MODEL
 
 
-def attested_digest(report, name: str) -> str:
+def attested_digest(report: VerifyReport, name: str) -> str:
     for link in report.links.values():
         if name in link.products:
-            return link.products[name]["sha256"]
+            return str(link.products[name]["sha256"])
     raise InputError(f"no step of this release produced {name}")
 
 
@@ -43,7 +44,7 @@ def read_verified_bytes(
     return data, report
 
 
-def load_verified(bundle: str | Path, *, owner_key: str, model: str = DEFAULT_MODEL):
+def load_verified(bundle: str | Path, *, owner_key: str, model: str = DEFAULT_MODEL) -> Any:
     """The Keras model of a release bundle, or a VerificationError/UnsafeModelError.
 
     `owner_key` is the owner's key fingerprint (sha256 keyid) or a path to their public key,

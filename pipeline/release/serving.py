@@ -5,6 +5,7 @@ FastAPI + uvicorn (already in the lock through MLflow). The model is loaded with
 """
 
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ class PredictRequest(BaseModel):
     instances: list[Any] = Field(min_length=1, max_length=1024)
 
 
-def create_app(model: Any, metadata: dict[str, Any]):
+def create_app(model: Any, metadata: dict[str, Any]) -> Any:
     import numpy as np
     from fastapi import FastAPI, HTTPException
 
@@ -60,7 +61,12 @@ def create_app(model: Any, metadata: dict[str, Any]):
 
 
 def serve(
-    bundle: Path, *, owner_key: str, host: str = "127.0.0.1", port: int = 8080, on_ready=None
+    bundle: Path,
+    *,
+    owner_key: str,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    on_ready: Callable[[str], None] | None = None,
 ) -> None:
     import uvicorn
 

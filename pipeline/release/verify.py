@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import InputError, VerificationError
 from pipeline.hashing import sha256_file
@@ -28,7 +29,7 @@ def is_bundle(path: Path) -> bool:
     return (path / "attestations" / LAYOUT).is_file()
 
 
-def _summary(stmt: dict) -> str:
+def _summary(stmt: dict[str, Any]) -> str:
     pred = stmt.get("predicate", {})
     kind = "/".join(stmt.get("predicateType", "").rstrip("/").rsplit("/", 2)[-2:])
     cp = pred.get("chainproof", {})
@@ -48,7 +49,7 @@ def _summary(stmt: dict) -> str:
     return f"{kind}: {verdict}"
 
 
-def _bound(name: str, stmt: dict, recorded: dict[str, str], run_id: str | None) -> bool:
+def _bound(name: str, stmt: dict[str, Any], recorded: dict[str, str], run_id: str | None) -> bool:
     """Is this statement about *this* chain? Recorded by a link, or naming this run."""
     if name in recorded or name == PROVENANCE:  # provenance: bound by check_provenance
         return True

@@ -82,3 +82,20 @@ def test_candidate_lock_with_a_known_advisory_is_blocked_naming_it(
     assert "PYSEC-2019-132" in proc.stderr
     assert "urllib3 1.23 <- requests 2.19.0 <- old.in" in proc.stderr
     assert releases(ws) == before
+
+
+def test_a_candidate_whose_stage_fails_is_recorded_as_failed(workspace_copy, tmp_path):
+    ws = workspace_copy
+    before = releases(ws)
+    body = FAST_PIPELINE.replace(
+        "    kind: train\n    needs: [source]\n",
+        "    kind: train\n    needs: [source]\n    timeout: 1\n",
+    )
+    proc = chainproof("candidate", write_config(tmp_path, body), "--workspace", ws)
+    assert proc.returncode == 4, proc.stderr
+    assert "stage 'train' failed: timed out" in proc.stderr
+    record = json.loads(((ws / "runs" / "latest").resolve() / "run.json").read_text())
+    assert record["status"] == "failed"
+    assert "stage 'train' failed" in record["error"]
+    assert "lineage" in record, "the failed candidate is still logged to MLflow"
+    assert releases(ws) == before

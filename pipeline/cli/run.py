@@ -1,0 +1,183 @@
+"""Commands that build: run, layout, keys, env check, lineage sync, reproduce, candidate."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from pipeline.cli.options import echo_progress, owner_key_option, workspace_option
+
+
+@click.command()
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@workspace_option
+def run(config: Path, workspace: Path) -> None:
+    """Run every stage of CONFIG, sign each link, verify the chain, publish the release."""
+    from pipeline.config import load_config
+    from pipeline.runner.run import Runner
+    from pipeline.workspace import Workspace
+
+    cfg = load_config(config)
+    result = Runner(cfg, Workspace(workspace.resolve()), on_event=echo_progress).run()
+    ws = workspace.resolve()
+    rel = lambda p: str(p.relative_to(ws)) if p.is_relative_to(ws) else str(p)  # noqa: E731
+    click.echo(f"run id:    {result.run_id}")
+    click.echo(f"artifacts: {rel(result.run_dir)}")
+    click.echo(f"links:     {rel(result.links_dir)}")
+    click.echo(
+        f"release:   {rel(result.release_dir) if result.release_dir else '(no deploy stage)'}"
+    )
+    click.echo(f"lineage:   {result.lineage}")
+    click.echo("verified: ok")
+
+
+@click.command()
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path))
+@workspace_option
+def layout(config: Path, output: Path | None, workspace: Path) -> None:
+    """Compile CONFIG into an in-toto layout signed by the owner key."""
+    from pipeline.config import load_config
+    from pipeline.runner.run import ensure_keys, write_signed_layout
+    from pipeline.workspace import Workspace
+
+    cfg = load_config(config)
+    ws = Workspace(workspace.resolve())
+    owner, functionary = ensure_keys(ws.keys)
+    dest = output or ws.layouts / f"{cfg.name}.layout"
+    write_signed_layout(cfg, owner, functionary, dest, ws.keys)
+    click.echo(
+        f"wrote {dest} ({len(cfg.stages)} steps, signed by owner {owner.public.keyid[:16]}…)"
+    )
+
+
+@click.group()
+def keys() -> None:
+    """Signing keys."""
+
+
+@keys.command("init")
+@click.option("--force", is_flag=True, help="Replace existing dev keys (old links stop verifying).")
+@workspace_option
+def keys_init(force: bool, workspace: Path) -> None:
+    """Create dev owner and functionary keys (ed25519, private halves 0600, gitignored)."""
+    from pipeline.provenance.keys import init_dev_keys, load_public_key
+    from pipeline.workspace import Workspace
+
+    ws = Workspace(workspace.resolve())
+    written = init_dev_keys(ws.keys, force=force)
+    for role in ("owner", "functionary"):
+        key = load_public_key(ws.keys / f"{role}.pub")
+        state = "created" if role in written else "exists "
+        click.echo(f"{state} {role:<12} {key.keyid}  {ws.keys / (role + '.pem')}")
+
+
+@click.group()
+def env() -> None:
+    """Locked environments."""
+
+
+@env.command("check")
+@click.option(
+    "--lock",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("requirements/main.txt"),
+    show_default=True,
+)
+@click.option(
+    "--python",
+    "python",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Check another environment's interpreter instead of this one.",
+)
+def env_check(lock: Path, python: Path | None) -> None:
+    """Check this interpreter against LOCK: versions, extras, installed-file hashes."""
+    from pipeline.envcheck import check_environment, parse_lock
+
+    fp = check_environment(parse_lock(lock), python=python, progress=echo_progress)
+    click.echo(f"environment matches {lock}")
+    for key, value in fp.as_dict().items():
+        click.echo(f"  {key:<22} {value}")
+
+
+@click.group()
+def lineage() -> None:
+    """MLflow lineage."""
+
+
+@lineage.command("sync")
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+def lineage_sync(run_dir: Path) -> None:
+    """Log RUN_DIR's lineage to the tracking URI of its recorded config (idempotent)."""
+    from pipeline.lineage import sync_run_dir
+
+    click.echo(sync_run_dir(run_dir))
+
+
+@click.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+def reproduce(run_dir: Path) -> None:
+    """Re-run RUN_DIR's recorded pipeline into a new run and compare every product.
+
+    Exit 0 only when every compared product is identical; the comparison is written as a
+    signed in-toto Statement (test-result predicate) beside the new run's links.
+    """
+    from pipeline.compare.reproduce import reproduce as do_reproduce
+
+    result = do_reproduce(run_dir, on_event=echo_progress)
+    click.echo(f"reproduced {result.original} as {result.reproduction}")
+    for st in result.stages:
+        for note in st.notes():
+            click.echo(f"  {note}")
+        for f in st.files:
+            click.echo(
+                f"  {'identical' if f.identical else 'DIFFERS  '}  {f.name}"
+                + ("" if f.identical else f"\n      {f.detail}")
+            )
+    click.echo(f"statement: {result.statement_path}")
+    click.echo("reproduced: identical" if result.identical else "reproduced: DIFFERENT")
+    if not result.identical:
+        sys.exit(1)
+
+
+@click.command()
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--lock",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A candidate lock: every stage runs in an environment built from it.",
+)
+@click.option(
+    "--against",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="The production release (default: MLflow's production alias, else the newest).",
+)
+@owner_key_option
+@click.option("--deploy", is_flag=True, help="Deploy the candidate if (and only if) it passes.")
+@workspace_option
+def candidate(
+    config: Path,
+    lock: Path | None,
+    against: Path | None,
+    owner_key: str | None,
+    deploy: bool,
+    workspace: Path,
+) -> None:
+    """Run CONFIG as a candidate and gate it against production: exit 0 passed, 1 blocked."""
+    from pipeline.compare.candidate import render, run_candidate
+    from pipeline.workspace import Workspace
+
+    result = run_candidate(
+        config,
+        Workspace(workspace.resolve()),
+        lock=lock,
+        against=against,
+        owner_key=owner_key,
+        deploy=deploy,
+        on_event=echo_progress,
+    )
+    click.echo(render(result))
+    if not result.passed:
+        sys.exit(1)

@@ -1,0 +1,60 @@
+"""compile_layout: the owner-signed layout is the root of trust, so its rules get tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from securesystemslib.signer import CryptoSigner
+
+from pipeline.config import load_config
+from pipeline.provenance.keys import PublicKey
+from pipeline.provenance.layout import compile_layout
+from pipeline.workspace import CANDIDATE, DEPENDENCIES, MODELS
+from tests.conftest import FAST_PIPELINE, write_config
+
+
+@pytest.fixture
+def config(tmp_path: Path):
+    return load_config(write_config(tmp_path, FAST_PIPELINE))
+
+
+def _layout(config, **kw):
+    functionary = PublicKey(CryptoSigner.generate_ed25519().public_key)
+    return compile_layout(
+        config,
+        functionary=functionary,
+        modules={s.kind: s.impl.module for s in config.stages},
+        gates=frozenset(s.kind for s in config.stages if s.impl.gate),
+        **kw,
+    )
+
+
+def _rules(layout, step: str) -> list[list[str]]:
+    return next(s for s in layout.steps if s.name == step).expected_materials
+
+
+def test_a_candidate_layout_requires_its_candidate_statement(config) -> None:
+    rules = _rules(_layout(config, extra_checks=(CANDIDATE,)), "deploy")
+    assert ["REQUIRE", CANDIDATE] in rules
+    assert ["REQUIRE", DEPENDENCIES] in rules and ["REQUIRE", MODELS] in rules
+
+
+def test_an_ordinary_layout_requires_the_gate_checks_only_at_the_gate(config) -> None:
+    layout = _layout(config)
+    assert ["REQUIRE", CANDIDATE] not in _rules(layout, "deploy")
+    assert ["REQUIRE", DEPENDENCIES] in _rules(layout, "deploy")
+    assert not any(
+        r[0] == "REQUIRE" and r[1].startswith("checks/") for r in _rules(layout, "train")
+    )
+
+
+def test_every_rule_list_ends_in_disallow_and_materials_match_upstream(config) -> None:
+    layout = _layout(config)
+    for step in layout.steps:
+        assert step.expected_materials[-1] == ["DISALLOW", "*"], step.name
+        assert step.expected_products[-1] == ["DISALLOW", "*"], step.name
+    assert ["MATCH", "source/*", "WITH", "PRODUCTS", "FROM", "source"] in _rules(layout, "train")
+    assert ["REQUIRE", "source/dataset.npz"] in _rules(layout, "train")
+    train = next(s for s in layout.steps if s.name == "train")
+    assert train.expected_command == ["python", "-I", "-m", "stages.train", "../specs/train.json"]
