@@ -33,7 +33,7 @@ train: setup
 
 ## verify: verify the latest run's whole chain
 verify: setup
-	$(CP) verify runs/latest
+	$(CP) verify runs/latest --owner-key-file attestations/keys/owner.pub
 
 ## test: the whole test suite (unit + integration), about 7 minutes on 2 cores
 test: setup
@@ -58,7 +58,7 @@ SERVE_PORT ?= 8080
 serve: setup
 	@release=$$($(PY) -c "import json; print(json.load(open('runs/latest/run.json')).get('release') or '')"); \
 	  test -n "$$release" || { echo "no release yet: run make train first" >&2; exit 2; }; \
-	  $(CP) serve "$$release" --port $(SERVE_PORT)
+	  $(CP) serve "$$release" --owner-key-file attestations/keys/owner.pub --port $(SERVE_PORT)
 
 ## upgrade: compile a candidate lock (pip-compile --upgrade, or PACKAGE=x for one) and gate it
 upgrade: setup

@@ -119,7 +119,12 @@ class BaseModelSpec(Params):
     file/URL pinned by sha256. The runner fetches, verifies and scans it; see basemodel.py."""
 
     bundle: str | None = None
-    owner_key: str | None = Field(None, description="fingerprint or owner.pub path")
+    owner_key: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="the owner's sha256 key fingerprint (from the owner, not the bundle)",
+    )
+    owner_key_file: str | None = Field(None, description="the owner's public key file")
     file: str | None = Field(None, description="model file in the bundle's artifacts/")
     path: str | None = None
     url: str | None = Field(None, pattern=r"^https?://")
@@ -130,8 +135,11 @@ class BaseModelSpec(Params):
         given = [k for k in ("bundle", "path", "url") if getattr(self, k)]
         if len(given) != 1:
             raise ValueError(f"give exactly one of bundle, path, url (got {given or 'none'})")
-        if self.bundle and not self.owner_key:
-            raise ValueError("a bundle needs owner_key: the fingerprint of the key you trust")
+        if self.bundle and not (self.owner_key or self.owner_key_file):
+            raise ValueError(
+                "a bundle needs owner_key (the fingerprint of the key you trust) or "
+                "owner_key_file (the owner's public key file)"
+            )
         if not self.bundle and not self.sha256:
             raise ValueError("a path or url needs a sha256 pin")
         return self

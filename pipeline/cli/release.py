@@ -6,19 +6,36 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.options import echo_progress, owner_key_option, workspace_option
+from pipeline.cli.options import echo_progress, trust_options, workspace_option, workspace_trust
 
 
 @click.command()
 @click.argument("target", type=click.Path(path_type=Path))
-@owner_key_option
+@trust_options
 @workspace_option
-def verify(target: Path, owner_key: str | None, workspace: Path) -> None:
-    """Verify a run (runs/<id>, runs/latest) or a release bundle (releases/<name>/<version>)."""
+@click.pass_context
+def verify(
+    ctx: click.Context,
+    target: Path,
+    owner_key: str | None,
+    owner_key_file: Path | None,
+    workspace: Path,
+) -> None:
+    """Verify a run (runs/<id>, runs/latest) or a release bundle (releases/<name>/<version>).
+
+    Whom to trust is always explicit: --owner-key FINGERPRINT, --owner-key-file PATH, or (for
+    your own runs) --workspace DIR to trust that workspace's owner key.
+    """
     from pipeline.release.verify import verify_target
 
-    report = verify_target(target, owner_key=owner_key, workspace=workspace.resolve())
+    report = verify_target(
+        target,
+        owner_key=owner_key,
+        owner_key_file=owner_key_file,
+        workspace=workspace_trust(ctx, workspace),
+    )
     click.echo(f"verifying {report.target}")
+    click.echo(f"  trusted owner key {report.owner_keyid} ({report.trust})")
     for check, detail in report.checks:
         click.echo(f"  ok  {check:<18} {detail}")
     click.echo("verified: ok")
@@ -35,12 +52,28 @@ def show(run_dir: Path) -> None:
 
 @click.command()
 @click.argument("bundle", type=click.Path(file_okay=False, path_type=Path))
-@owner_key_option
+@trust_options
 @click.option("--port", type=int, default=8080, show_default=True)
 @workspace_option
-def serve(bundle: Path, owner_key: str | None, port: int, workspace: Path) -> None:
+@click.pass_context
+def serve(
+    ctx: click.Context,
+    bundle: Path,
+    owner_key: str | None,
+    owner_key_file: Path | None,
+    port: int,
+    workspace: Path,
+) -> None:
     """Verify release BUNDLE, then serve its predictions over HTTP on 127.0.0.1."""
     from pipeline.release.serving import serve as do_serve
 
-    key = owner_key or str(workspace.resolve() / "attestations" / "keys" / "owner.pub")
-    do_serve(bundle.resolve(), owner_key=key, port=port, on_ready=echo_progress)
+    trusted_ws = workspace_trust(ctx, workspace)
+    if not owner_key and not owner_key_file and trusted_ws is not None:
+        owner_key_file = trusted_ws / "attestations" / "keys" / "owner.pub"
+    do_serve(
+        bundle.resolve(),
+        owner_key=owner_key,
+        owner_key_file=owner_key_file,
+        port=port,
+        on_ready=echo_progress,
+    )

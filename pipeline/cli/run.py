@@ -7,22 +7,52 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.options import echo_progress, owner_key_option, workspace_option
+from pipeline.cli.options import echo_progress, trust_options, workspace_option
 
 
 @click.command()
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--layout",
+    "layout_file",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="Run under this layout, signed beforehand by the owner (`chainproof layout`); only "
+    "the functionary key is needed here. Needs --owner-key or --owner-key-file.",
+)
+@trust_options
 @workspace_option
-def run(config: Path, workspace: Path) -> None:
+def run(
+    config: Path,
+    layout_file: Path | None,
+    owner_key: str | None,
+    owner_key_file: Path | None,
+    workspace: Path,
+) -> None:
     """Run every stage of CONFIG, sign each link, verify the chain, publish the release."""
     from pipeline.config import load_config
+    from pipeline.errors import InputError
+    from pipeline.provenance.keys import resolve_trusted_owner
     from pipeline.runner.run import Runner
     from pipeline.workspace import Workspace
 
     cfg = load_config(config)
-    result = Runner(cfg, Workspace(workspace.resolve()), on_event=echo_progress).run()
-    ws = workspace.resolve()
-    rel = lambda p: str(p.relative_to(ws)) if p.is_relative_to(ws) else str(p)  # noqa: E731
+    ws = Workspace(workspace.resolve())
+    owner = None
+    if layout_file is not None:
+        if not owner_key and not owner_key_file:
+            raise InputError(
+                "--layout needs the owner key that signed it",
+                hint="pass --owner-key FINGERPRINT or --owner-key-file PATH",
+            )
+        shipped = ws.keys / "owner.pub"
+        owner = resolve_trusted_owner(
+            owner_key, key_file=owner_key_file, shipped=shipped if shipped.is_file() else None
+        )
+    elif owner_key or owner_key_file:
+        raise InputError("--owner-key and --owner-key-file go with --layout")
+    result = Runner(cfg, ws, on_event=echo_progress, layout=layout_file, owner=owner).run()
+    root = ws.root
+    rel = lambda p: str(p.relative_to(root)) if p.is_relative_to(root) else str(p)  # noqa: E731
     click.echo(f"run id:    {result.run_id}")
     click.echo(f"artifacts: {rel(result.run_dir)}")
     click.echo(f"links:     {rel(result.links_dir)}")
@@ -36,20 +66,54 @@ def run(config: Path, workspace: Path) -> None:
 @click.command()
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path))
+@click.option(
+    "--functionary-key",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The runner's functionary.pub the layout authorises (default: this workspace's).",
+)
+@click.option(
+    "--release-key",
+    type=click.Path(dir_okay=False, exists=True, path_type=Path),
+    help="The runner's OpenSSF release-ec.pub.pem the layout binds (default: this workspace's).",
+)
 @workspace_option
-def layout(config: Path, output: Path | None, workspace: Path) -> None:
-    """Compile CONFIG into an in-toto layout signed by the owner key."""
+def layout(
+    config: Path,
+    output: Path | None,
+    functionary_key: Path | None,
+    release_key: Path | None,
+    workspace: Path,
+) -> None:
+    """The owner's act: compile CONFIG into a layout pinning its config, locks and code.
+
+    Signed with the owner key (this workspace's dev key, or $CHAINPROOF_OWNER_SIGNER). A
+    runner then runs `chainproof run CONFIG --layout FILE --owner-key FINGERPRINT` holding only
+    its functionary key, and refuses before any stage when anything pinned differs.
+    """
     from pipeline.config import load_config
-    from pipeline.runner.run import ensure_keys, write_signed_layout
+    from pipeline.provenance import keys as keymod
+    from pipeline.runner.signing import config_code, layout_pins, write_signed_layout
     from pipeline.workspace import Workspace
 
     cfg = load_config(config)
     ws = Workspace(workspace.resolve())
-    owner, functionary = ensure_keys(ws.keys)
+    if not keymod.owner_signer_configured(ws.keys):
+        keymod.init_dev_keys(ws.keys, roles=("owner",))
+    owner = keymod.load_signer("owner", ws.keys)
+    functionary = keymod.load_public_key(functionary_key or ws.keys / "functionary.pub")
     dest = output or ws.layouts / f"{cfg.name}.layout"
-    write_signed_layout(cfg, owner, functionary, dest, ws.keys)
+    write_signed_layout(
+        cfg,
+        owner,
+        functionary,
+        dest,
+        ws.keys,
+        pins=layout_pins(cfg, config_code(cfg), signed_by="owner"),
+        release_pub=release_key,
+    )
     click.echo(
-        f"wrote {dest} ({len(cfg.stages)} steps, signed by owner {owner.public.keyid[:16]}…)"
+        f"wrote {dest} ({len(cfg.stages)} steps, signed by owner {owner.public.keyid[:16]}…, "
+        f"authorising functionary {functionary.keyid[:16]}…)"
     )
 
 
@@ -154,7 +218,7 @@ def reproduce(run_dir: Path) -> None:
     type=click.Path(file_okay=False, path_type=Path),
     help="The production release (default: MLflow's production alias, else the newest).",
 )
-@owner_key_option
+@trust_options
 @click.option("--deploy", is_flag=True, help="Deploy the candidate if (and only if) it passes.")
 @workspace_option
 def candidate(
@@ -162,6 +226,7 @@ def candidate(
     lock: Path | None,
     against: Path | None,
     owner_key: str | None,
+    owner_key_file: Path | None,
     deploy: bool,
     workspace: Path,
 ) -> None:
@@ -175,6 +240,7 @@ def candidate(
         lock=lock,
         against=against,
         owner_key=owner_key,
+        owner_key_file=owner_key_file,
         deploy=deploy,
         on_event=echo_progress,
     )

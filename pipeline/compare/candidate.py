@@ -144,7 +144,8 @@ def _candidate_model_bytes(runner: Runner) -> bytes:
 
 def evaluate(
     prod_bundle: Path,
-    owner_key: str,
+    owner_key: str | None,
+    owner_key_file: Path | None,
     runner: Runner,
     policy: dict[str, Any],
     diff,
@@ -209,7 +210,12 @@ def evaluate(
             )
         )
 
-    prod_bytes, _ = read_verified_bytes(prod_bundle, owner_key=owner_key)
+    # production is this workspace's own release: its owner key is trusted unless one is given
+    prod_bytes, _ = read_verified_bytes(
+        prod_bundle,
+        owner_key=owner_key,
+        owner_key_file=owner_key_file or (None if owner_key else runner.ws.keys / "owner.pub"),
+    )
     cand_bytes = _candidate_model_bytes(runner)
     for data in (prod_bytes, cand_bytes):  # both scanned before Keras sees either
         with tempfile.TemporaryDirectory() as tmp:
@@ -269,6 +275,7 @@ def run_candidate(
     lock: Path | None = None,
     against: Path | None = None,
     owner_key: str | None = None,
+    owner_key_file: Path | None = None,
     deploy: bool = False,
     on_event: Callable[[str], None] = lambda _m: None,
 ) -> CandidateResult:
@@ -279,7 +286,6 @@ def run_candidate(
     if lock is not None:
         config = _with_lock(config, lock)
     production = (against or production_release(config, ws)).resolve()
-    owner = owner_key or str(ws.keys / "owner.pub")
     on_event(f"candidate of '{config.name}' against production release {production}")
 
     runner = Runner(config, ws, on_event=on_event, candidate=True)
@@ -293,7 +299,8 @@ def run_candidate(
         policy.setdefault("severity", config.security["dependencies"]["severity"])
         criteria, digests = evaluate(
             production,
-            owner,
+            owner_key,
+            owner_key_file,
             runner,
             policy,
             d,

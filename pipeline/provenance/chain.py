@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from in_toto import verifylib
@@ -29,6 +29,7 @@ from securesystemslib.exceptions import FormatError
 from pipeline.errors import VerificationError
 from pipeline.hashing import hash_files
 from pipeline.provenance.keys import PublicKey
+from pipeline.provenance.layout import LayoutPins, pins_of
 from pipeline.provenance.links import link_filename
 
 
@@ -41,6 +42,9 @@ class VerifyReport:
     checks: list[tuple[str, str]] = field(default_factory=list)
     links: dict[str, Link] = field(default_factory=dict)
     layout: Layout | None = None
+    pins: LayoutPins | None = None
+    run_id: str | None = None  # the one run every link names
+    trust: str = ""  # where the trusted owner key came from
 
     def passed(self, check: str, detail: str) -> None:
         self.checks.append((check, detail))
@@ -59,6 +63,20 @@ class DiskArtifacts:
 
 def _fail(message: str, check: str, **kw: Any) -> VerificationError:
     return VerificationError(message, check=check, **kw)
+
+
+def safe_join(root: Path, name: str, *, check: str, step: str | None = None) -> Path:
+    """`root / name` for a recorded artifact name, refusing names that leave `root`."""
+    pure = PurePosixPath(name)
+    if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name or "\x00" in name:
+        raise _fail(
+            f"the recorded name {name!r} is not a plain relative path inside the tree",
+            check,
+            step=step,
+            artifact=name,
+            hint="a link or statement names a path outside what it attests; do not trust it",
+        )
+    return root / pure
 
 
 def load_layout(path: Path, owner: PublicKey, report: VerifyReport) -> Layout:
@@ -96,6 +114,7 @@ def load_layout(path: Path, owner: PublicKey, report: VerifyReport) -> Layout:
         ) from e
     report.passed("layout expiry", f"valid until {layout.expires}")
     report.layout = layout
+    report.pins = pins_of(layout)
     return layout
 
 
@@ -180,6 +199,67 @@ def _verify_commands(layout: Layout, reduced: dict[str, Link]) -> None:
             )
 
 
+def _verify_binding(reduced: dict[str, Link], report: VerifyReport) -> None:
+    """Every link names the same run and config, and the digests the owner pinned.
+
+    A link is bound to its run by its signed environment (run id, config and code digests),
+    so links spliced in from another run — whatever run.json says — are refused.
+    """
+    pins = report.pins
+    run_ids = {name: link.environment.get("run_id") for name, link in reduced.items()}
+    if len(set(run_ids.values())) > 1:
+        raise _fail(
+            "the links come from different runs: "
+            + ", ".join(f"{n}: {r}" for n, r in sorted(run_ids.items())),
+            "run binding",
+            step=next(n for n, r in run_ids.items() if r != next(iter(run_ids.values()))),
+            rule="every link names the same run",
+            hint="links were spliced in from another run; do not trust this chain",
+        )
+    run_id = next(iter(run_ids.values()), None)
+    if pins is not None and pins.run_id is not None and run_id != pins.run_id:
+        raise _fail(
+            f"the links name run {run_id}, but the layout was signed for run {pins.run_id}",
+            "run binding",
+            rule="layout pins the run",
+        )
+    for name, link in reduced.items():
+        env = link.environment
+        config = env.get("config_sha256")
+        if pins is not None and config != pins.config_sha256:
+            raise _fail(
+                f"step '{name}' ran config sha256 {str(config)[:16]}…, but the layout pins "
+                f"{pins.config_sha256[:16]}…",
+                "config pin",
+                step=name,
+                rule="layout pins the config",
+            )
+        code = (env.get("code") or {}).get("sha256")
+        if pins is not None and pins.code_sha256 and code != pins.code_sha256:
+            raise _fail(
+                f"step '{name}' ran code sha256 {str(code)[:16]}…, but the layout pins "
+                f"{pins.code_sha256[:16]}…",
+                "code pin",
+                step=name,
+                rule="layout pins the code",
+                hint="the code that made this chain is not the code the owner signed for",
+            )
+        lock = env.get("lock_sha256")
+        if pins is not None and lock not in pins.locks.values():
+            raise _fail(
+                f"step '{name}' ran under lock sha256 {str(lock)[:16]}…, which the layout "
+                "does not pin",
+                "lock pin",
+                step=name,
+                rule="layout pins the locks",
+            )
+    report.run_id = run_id if isinstance(run_id, str) else None
+    detail = f"every link names run {run_id}"
+    if pins is not None:
+        detail += f"; config, code and locks are the ones the layout pins ({pins.signed_by})"
+    report.passed("run binding", detail)
+
+
 def _verify_return_values(reduced: dict[str, Link]) -> None:
     for name, link in reduced.items():
         rv = link.byproducts.get("return-value")
@@ -237,7 +317,7 @@ def _verify_disk(reduced: dict[str, Link], disk: DiskArtifacts, report: VerifyRe
             wanted[name] = (step, "products", digest.get("sha256", ""))
     present = {}
     for name, (step, fieldname, _) in wanted.items():
-        path = disk.root / name
+        path = safe_join(disk.root, name, check="artifacts on disk", step=step)
         if path.is_file():
             present[name] = path
         elif disk.require_all or (fieldname == "products" and step in disk.required_steps):
@@ -306,6 +386,7 @@ def verify_chain(
     reduced = verifylib.reduce_chain_links(chain)
     _verify_commands(layout, reduced)
     report.passed("expected command", "every step ran the command the layout expects")
+    _verify_binding(reduced, report)
     _verify_return_values(reduced)
     report.passed("return values", "every step exited 0")
     try:

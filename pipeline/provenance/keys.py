@@ -77,11 +77,16 @@ class KeyPair:
     public: PublicKey
 
 
-def init_dev_keys(keys_dir: Path, *, force: bool = False) -> dict[str, Path]:
-    """Write dev owner and functionary ed25519 keys (private 0600). Keeps existing ones."""
+def init_dev_keys(
+    keys_dir: Path, *, force: bool = False, roles: tuple[str, ...] = ROLES
+) -> dict[str, Path]:
+    """Write dev ed25519 keys for `roles` (private 0600). Keeps existing ones.
+
+    The functionary (runner) side also gets the OpenSSF release key, which signs bundles.
+    """
     keys_dir.mkdir(parents=True, exist_ok=True)
     written = {}
-    for role in ROLES:
+    for role in roles:
         priv, pub = keys_dir / f"{role}.pem", keys_dir / f"{role}.pub"
         if priv.exists() and pub.exists() and not force:
             continue
@@ -90,7 +95,8 @@ def init_dev_keys(keys_dir: Path, *, force: bool = False) -> dict[str, Path]:
         os.chmod(priv, 0o600)
         atomic_write_text(pub, PublicKey(signer.public_key).to_json())
         written[role] = pub
-    init_release_key(keys_dir)
+    if "functionary" in roles:
+        init_release_key(keys_dir)
     return written
 
 
@@ -133,6 +139,11 @@ def release_public_key(pem: bytes) -> PublicKey:
     return PublicKey(key)
 
 
+def owner_signer_configured(keys_dir: Path) -> bool:
+    """Is there an owner signer: $CHAINPROOF_OWNER_SIGNER, or a dev key in `keys_dir`?"""
+    return bool(os.environ.get(ENV_URI.format(role="OWNER"))) or (keys_dir / "owner.pem").is_file()
+
+
 def load_signer(role: str, keys_dir: Path) -> KeyPair:
     """The signer for `role`: from $CHAINPROOF_<ROLE>_SIGNER if set, else the dev key file."""
     uri = os.environ.get(ENV_URI.format(role=role.upper()))
@@ -165,39 +176,75 @@ def load_signer(role: str, keys_dir: Path) -> KeyPair:
     return KeyPair(role, signer, public)
 
 
+@dataclass(frozen=True)
+class TrustedOwner:
+    """The owner key a verification trusts, and where that trust came from (for the report)."""
+
+    key: PublicKey
+    source: str
+
+
+def parse_fingerprint(value: str, *, option: str = "--owner-key") -> str:
+    """A 64-hex sha256 keyid, or InputError. Never a path: a key file is named explicitly."""
+    fp = value.strip().lower()
+    if len(fp) != 64 or any(c not in "0123456789abcdef" for c in fp):
+        hint = (
+            f"{option} takes the owner's sha256 key fingerprint (64 hex digits); "
+            "to trust a key file, pass it explicitly with --owner-key-file PATH"
+        )
+        raise InputError(f"{option} {value!r} is not a sha256 key fingerprint", hint=hint)
+    return fp
+
+
 def resolve_trusted_owner(
-    spec: str | None, *, candidate: Path | None, local: Path | None
-) -> PublicKey:
-    """The owner key to trust, from --owner-key (a .pub path or a 64-hex fingerprint).
+    fingerprint: str | None,
+    *,
+    key_file: Path | None = None,
+    shipped: Path | None = None,
+    workspace_key: Path | None = None,
+) -> TrustedOwner:
+    """The owner key to trust. Trust comes only from what the user gave:
 
-    A fingerprint selects `candidate` (the key shipped with a bundle) only if that key's
-    recomputed fingerprint equals it: the bundle's own copy is never trusted on its own.
+    - `key_file` (--owner-key-file): that key; with a fingerprint too, they must agree;
+    - `fingerprint` (--owner-key): the key `shipped` beside what is verified (a bundle's
+      keys/owner.pub) is used only if its recomputed fingerprint equals it;
+    - `workspace_key`: the verifier's own workspace key, when the caller chose it explicitly.
+
+    Nothing is picked up from the current directory or from the thing being verified.
     """
-    if spec and Path(spec).is_file():
-        return load_public_key(Path(spec))
-    if spec:
-        fp = spec.strip().lower()
-        if len(fp) != 64 or any(c not in "0123456789abcdef" for c in fp):
-            raise InputError(
-                f"--owner-key {spec!r} is neither a public key file nor a sha256 fingerprint"
-            )
-        if candidate is None or not candidate.exists():
-            raise InputError(
-                "a fingerprint needs the owner key shipped in the bundle (keys/owner.pub)"
-            )
-        key = load_public_key(candidate)
-        if key.keyid != fp:
-            from pipeline.errors import VerificationError
+    from pipeline.errors import VerificationError
 
+    fp = parse_fingerprint(fingerprint) if fingerprint else None
+    if key_file is not None:
+        key = load_public_key(key_file)
+        if fp and key.keyid != fp:
             raise VerificationError(
-                f"the bundle's owner key has fingerprint {key.keyid}, not the {fp} you trust",
+                f"{key_file} has fingerprint {key.keyid}, not the {fp} you trust",
                 check="owner key",
-                artifact=str(candidate),
-                hint="the bundle was signed by someone else; do not use it",
+                artifact=str(key_file),
+                hint="the key file is not the owner's; fetch it again from the owner",
             )
-        return key
-    if local is not None and local.exists():
-        return load_public_key(local)
+        return TrustedOwner(key, f"key file {key_file}")
+    if fp:
+        if shipped is None or not shipped.is_file():
+            raise InputError(
+                "a fingerprint alone needs the owner key shipped with what is verified "
+                "(keys/owner.pub)",
+                hint="pass the owner's public key with --owner-key-file PATH",
+            )
+        key = load_public_key(shipped)
+        if key.keyid != fp:
+            raise VerificationError(
+                f"the shipped owner key has fingerprint {key.keyid}, not the {fp} you trust",
+                check="owner key",
+                artifact=str(shipped),
+                hint="it was signed by someone else; do not use it",
+            )
+        return TrustedOwner(key, f"fingerprint {fp} you gave (matched {shipped})")
+    if workspace_key is not None:
+        return TrustedOwner(load_public_key(workspace_key), f"workspace key {workspace_key}")
     raise InputError(
-        "no trusted owner key", hint="pass --owner-key FINGERPRINT (or a path to owner.pub)"
+        "no trusted owner key",
+        hint="pass --owner-key FINGERPRINT (the owner's sha256 keyid, from the owner, not from "
+        "the bundle) or --owner-key-file PATH",
     )

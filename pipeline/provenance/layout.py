@@ -9,8 +9,10 @@ warns on a mismatch).
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from in_toto.models.layout import Layout, Step
 
@@ -22,6 +24,44 @@ if TYPE_CHECKING:
     from securesystemslib.signer import Signer
 
     from pipeline.config import PipelineConfig, StageConfig
+
+
+PINS_PREFIX = "chainproof-pins: "
+
+
+@dataclass(frozen=True)
+class LayoutPins:
+    """What the owner reviewed and signed, beside the steps: the layout's readme carries it.
+
+    A run under this layout is refused before any stage when its config, a lock or the code
+    differs; verify checks every link against these digests.
+    """
+
+    pipeline: str
+    config_sha256: str
+    locks: dict[str, str]  # lock file name -> sha256
+    code_sha256: str
+    code: dict[str, str] = field(default_factory=dict)  # the pinned code manifest
+    # "owner": signed beforehand by the owner; "runner": the one-machine convenience path,
+    # signed on the fly for one run (then `run_id` names it).
+    signed_by: str = "owner"
+    run_id: str | None = None
+
+    def to_readme(self) -> str:
+        body = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))
+        return f"chainproof layout for pipeline '{self.pipeline}'\n{PINS_PREFIX}{body}"
+
+
+def pins_of(layout: Layout) -> LayoutPins | None:
+    """The pins a signed layout carries, or None for a layout without them."""
+    for line in str(layout.readme or "").splitlines():
+        if line.startswith(PINS_PREFIX):
+            try:
+                data: Any = json.loads(line[len(PINS_PREFIX) :])
+                return LayoutPins(**data)
+            except (ValueError, TypeError):
+                return None
+    return None
 
 
 def stage_command(module: str, stage: str) -> list[str]:
@@ -68,6 +108,7 @@ def compile_layout(
     functionary: PublicKey,
     modules: dict[str, str],
     gates: frozenset[str] = frozenset(),
+    pins: LayoutPins,
     release_key: PublicKey | None = None,
     extra_checks: tuple[str, ...] = (),
     now: datetime | None = None,
@@ -96,7 +137,7 @@ def compile_layout(
         inspect=[],
         keys=keys,
         expires=expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
-        readme=f"chainproof layout for pipeline '{config.name}' (config sha256 {config.sha256})",
+        readme=pins.to_readme(),
     )
     layout.validate()
     return layout

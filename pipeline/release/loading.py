@@ -28,10 +28,14 @@ def attested_digest(report: VerifyReport, name: str) -> str:
 
 
 def read_verified_bytes(
-    bundle: Path, *, owner_key: str, model: str = DEFAULT_MODEL
-) -> tuple[bytes, Any]:
+    bundle: Path,
+    *,
+    owner_key: str | None = None,
+    owner_key_file: Path | None = None,
+    model: str = DEFAULT_MODEL,
+) -> tuple[bytes, VerifyReport]:
     """(the model file's bytes, the verification report) — the bytes are the attested ones."""
-    report = verify_bundle(Path(bundle), owner_key=owner_key)
+    report = verify_bundle(Path(bundle), owner_key=owner_key, owner_key_file=owner_key_file)
     expected = attested_digest(report, model)
     data = (Path(bundle) / "artifacts" / model).read_bytes()  # the one read we load from
     got = hashlib.sha256(data).hexdigest()
@@ -44,15 +48,26 @@ def read_verified_bytes(
     return data, report
 
 
-def load_verified(bundle: str | Path, *, owner_key: str, model: str = DEFAULT_MODEL) -> Any:
+def load_verified(
+    bundle: str | Path,
+    *,
+    owner_key: str | None = None,
+    owner_key_file: str | Path | None = None,
+    model: str = DEFAULT_MODEL,
+) -> Any:
     """The Keras model of a release bundle, or a VerificationError/UnsafeModelError.
 
-    `owner_key` is the owner's key fingerprint (sha256 keyid) or a path to their public key,
-    obtained from the owner, never from the bundle itself.
+    `owner_key` is the owner's key fingerprint (sha256 keyid), obtained from the owner, never
+    from the bundle itself; or `owner_key_file`, the owner's public key file.
     """
     from pipeline.scan.model import UnsafeModelError, scan_path
 
-    data, _ = read_verified_bytes(Path(bundle), owner_key=owner_key, model=model)
+    data, _ = read_verified_bytes(
+        Path(bundle),
+        owner_key=owner_key,
+        owner_key_file=Path(owner_key_file) if owner_key_file else None,
+        model=model,
+    )
     with tempfile.TemporaryDirectory(prefix="chainproof-load-") as private:
         os.chmod(private, 0o700)
         path = Path(private) / Path(model).name

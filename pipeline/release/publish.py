@@ -45,6 +45,8 @@ class ReleaseInputs:
     started: str
     finished: str
     source_commit: str | None
+    code: dict[str, Any]  # the code digest and the git state of the tree it came from
+    layout_signed_by: str  # "owner" (signed beforehand) or "runner" (one-machine convenience)
     destination: Path  # releases/<name>/<version>
 
 
@@ -104,8 +106,16 @@ def write_provenance(inp: ReleaseInputs, released: list[str]) -> Path:
                 "name": "source",
                 "uri": f"git+file://{config.base_dir}",
                 "digest": {"gitCommit": inp.source_commit},
+                "annotations": {"dirty": inp.code.get("dirty")},
             }
         )
+    deps.append(
+        {
+            "name": "code",
+            "digest": {"sha256": inp.code["sha256"]},
+            "annotations": {"gitCommit": inp.code.get("commit"), "dirty": inp.code.get("dirty")},
+        }
+    )
     byproducts = {
         f"attestations/{p.name}": sha256_file(p)
         for p in sorted(inp.links_dir.glob("*.link")) + [inp.layout_path]
@@ -119,6 +129,7 @@ def write_provenance(inp: ReleaseInputs, released: list[str]) -> Path:
         internal={
             "stages": [s.name for s in config.stages],
             "layout_sha256": sha256_file(inp.layout_path),
+            "layout_signed_by": inp.layout_signed_by,
         },
         dependencies=deps,
         invocation_id=inp.run_id,

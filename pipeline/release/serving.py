@@ -63,14 +63,15 @@ def create_app(model: Any, metadata: dict[str, Any]) -> Any:
 def serve(
     bundle: Path,
     *,
-    owner_key: str,
+    owner_key: str | None = None,
+    owner_key_file: Path | None = None,
     host: str = "127.0.0.1",
     port: int = 8080,
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
     import uvicorn
 
-    model = load_verified(bundle, owner_key=owner_key)
+    model = load_verified(bundle, owner_key=owner_key, owner_key_file=owner_key_file)
     data = (bundle / "artifacts" / DEFAULT_MODEL).read_bytes()
     metadata = {
         "release": str(bundle),

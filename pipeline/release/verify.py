@@ -8,7 +8,13 @@ from typing import Any
 
 from pipeline.errors import InputError, VerificationError
 from pipeline.hashing import sha256_file
-from pipeline.provenance.chain import DiskArtifacts, VerifyReport, released_steps, verify_chain
+from pipeline.provenance.chain import (
+    DiskArtifacts,
+    VerifyReport,
+    released_steps,
+    safe_join,
+    verify_chain,
+)
 from pipeline.provenance.keys import public_key_from_dict, resolve_trusted_owner
 from pipeline.provenance.links import Link
 from pipeline.provenance.statements import payload_of, read_verified_statement
@@ -19,7 +25,6 @@ from pipeline.workspace import (
     UPSTREAM,
     base_model_name,
     read_run_record,
-    workspace_of_run,
 )
 
 LAYOUT = LAYOUT_NAME
@@ -121,7 +126,7 @@ def check_provenance(
         return
     stmt = payload_of(path)  # its signature was verified by check_statements
     for subject in stmt.get("subject", []):
-        file = artifacts / subject["name"]
+        file = safe_join(artifacts, str(subject.get("name", "")), check="provenance")
         if not file.is_file() or sha256_file(file) != subject["digest"]["sha256"]:
             raise VerificationError(
                 f"provenance subject {subject['name']} does not match the released file",
@@ -129,7 +134,7 @@ def check_provenance(
                 artifact=str(file),
             )
     for item in stmt["predicate"]["runDetails"].get("byproducts", []):
-        file = links / item["name"].split("/", 1)[1]
+        file = safe_join(links, str(item.get("name", "")).split("/", 1)[-1], check="provenance")
         if not file.is_file() or sha256_file(file) != item["digest"]["sha256"]:
             raise VerificationError(
                 f"provenance byproduct {item['name']} does not match the link shipped",
@@ -260,28 +265,78 @@ def refuse_unattested(run_dir: Path, report: VerifyReport) -> None:
                 )
 
 
-def verify_run(run_dir: Path, *, owner_key: str | None = None) -> VerifyReport:
+def check_run_files(run_dir: Path, report: VerifyReport) -> None:
+    """A run directory is the run its links name, with the config and logs they recorded."""
+    if report.run_id and run_dir.name != report.run_id:
+        raise VerificationError(
+            f"the links name run {report.run_id}, but this is {run_dir.name}",
+            check="run binding",
+            artifact=str(run_dir),
+            hint="links or files were moved between runs; do not trust this one",
+        )
+    config = run_dir / "config.yaml"
+    recorded = {link.environment.get("config_sha256") for link in report.links.values()}
+    if config.is_file() and recorded and sha256_file(config) not in recorded:
+        raise VerificationError(
+            f"config.yaml has sha256 {sha256_file(config)[:16]}…, but the links recorded "
+            f"{sorted(map(str, recorded))[0][:16]}…",
+            check="config",
+            artifact=str(config),
+            hint="the recorded config was edited after the run",
+        )
+    for step, link in report.links.items():
+        for which in ("stdout", "stderr"):
+            entry = link.byproducts.get(which)
+            if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+                continue
+            path = safe_join(run_dir, entry["path"], check="logs", step=step)
+            if not path.is_file() or sha256_file(path) != entry.get("sha256"):
+                raise VerificationError(
+                    f"the {which} log of step '{step}' is not the one its link recorded",
+                    check="logs",
+                    step=step,
+                    artifact=str(path),
+                    hint="the log was edited or removed after the run",
+                )
+    report.passed("config and logs", "the recorded config and every stage log match the links")
+
+
+def verify_run(
+    run_dir: Path,
+    *,
+    owner_key: str | None = None,
+    owner_key_file: Path | None = None,
+    workspace: Path | None = None,
+) -> VerifyReport:
     """Verify every link of a run against its layout, and every recorded file on disk.
 
-    The trusted owner key is --owner-key if given, else the workspace's own owner.pub.
+    The owner key is trusted only as given: a fingerprint (matched against the run's copy of
+    the owner key), a key file, or the key of `workspace` (the verifier's own workspace,
+    chosen explicitly) — never the keys of the workspace the run happens to sit in.
     """
     run_dir = run_dir.resolve()
     record = read_run_record(run_dir)
-    ws = workspace_of_run(run_dir)
-    owner = resolve_trusted_owner(owner_key, candidate=None, local=ws.keys / "owner.pub")
-    links = (run_dir / record["links"]).resolve()
+    trusted = resolve_trusted_owner(
+        owner_key,
+        key_file=owner_key_file,
+        shipped=run_dir / "keys" / "owner.pub",
+        workspace_key=(workspace / "attestations" / "keys" / "owner.pub") if workspace else None,
+    )
+    links = (run_dir / str(record["links"])).resolve()
     report = verify_chain(
-        layout_path=(run_dir / record["layout"]).resolve(),
+        layout_path=(run_dir / str(record["layout"])).resolve(),
         link_dir=links,
-        owner=owner,
+        owner=trusted.key,
         disk=DiskArtifacts(run_dir),
         target=str(run_dir),
     )
+    report.trust = trusted.source
     refuse_symlinks(run_dir)
     refuse_unattested(run_dir, report)
     refuse_stray_links(links, report)
+    check_run_files(run_dir, report)
     check_statements(
-        [(run_dir / CHECKS_DIR, f"{CHECKS_DIR}/"), (links, "")], report, run_id=record["run_id"]
+        [(run_dir / CHECKS_DIR, f"{CHECKS_DIR}/"), (links, "")], report, run_id=report.run_id
     )
     published = bool(record.get("release"))
     check_provenance(links / PROVENANCE, report, run_dir, links, required=published)
@@ -292,17 +347,26 @@ def verify_run(run_dir: Path, *, owner_key: str | None = None) -> VerifyReport:
 
 
 def verify_bundle(
-    bundle: Path, *, owner_key: str | None = None, local_owner: Path | None = None
+    bundle: Path,
+    *,
+    owner_key: str | None = None,
+    owner_key_file: Path | None = None,
+    local_owner: Path | None = None,
 ) -> VerifyReport:
     """Verify a release bundle offline, with only its contents and a trusted owner key.
 
-    The bundle's own keys/owner.pub is used only when its fingerprint equals --owner-key
-    (or it is the same key as the local workspace's owner key).
+    The bundle's own keys/owner.pub is used only when its fingerprint equals `owner_key`;
+    `owner_key_file` names the key itself; `local_owner` is the verifier's own workspace key.
     """
     bundle = bundle.resolve()  # the path you chose (e.g. releases/<name>/latest); inside, no links
     refuse_symlinks(bundle)
-    shipped = bundle / "keys" / "owner.pub"
-    owner = resolve_trusted_owner(owner_key, candidate=shipped, local=local_owner)
+    trusted = resolve_trusted_owner(
+        owner_key,
+        key_file=owner_key_file,
+        shipped=bundle / "keys" / "owner.pub",
+        workspace_key=local_owner,
+    )
+    owner = trusted.key
     layout = bundle / "attestations" / LAYOUT
     released = released_steps(layout, owner)  # the steps whose products the bundle carries
     report = verify_chain(
@@ -316,6 +380,7 @@ def verify_bundle(
         ),
         target=str(bundle),
     )
+    report.trust = trusted.source
     attestations = bundle / "attestations"
     refuse_stray_links(attestations, report)
     check_statements([(attestations / CHECKS_DIR, f"{CHECKS_DIR}/"), (attestations, "")], report)
@@ -330,16 +395,23 @@ def verify_bundle(
 
 
 def verify_target(
-    path: Path, *, owner_key: str | None = None, workspace: Path | None = None
+    path: Path,
+    *,
+    owner_key: str | None = None,
+    owner_key_file: Path | None = None,
+    workspace: Path | None = None,
 ) -> VerifyReport:
+    """Verify a run or a bundle. `workspace`: trust that workspace's owner key (explicitly)."""
     if not path.exists():
         raise InputError(
             f"{path} does not exist", hint="pass runs/<run-id>, runs/latest or a release directory"
         )
     if is_bundle(path):
         local = (workspace / "attestations" / "keys" / "owner.pub") if workspace else None
-        return verify_bundle(path, owner_key=owner_key, local_owner=local)
-    return verify_run(path, owner_key=owner_key)
+        return verify_bundle(
+            path, owner_key=owner_key, owner_key_file=owner_key_file, local_owner=local
+        )
+    return verify_run(path, owner_key=owner_key, owner_key_file=owner_key_file, workspace=workspace)
 
 
 def verify_upstreams(root: Path, links: dict[str, Link]) -> list[str]:

@@ -34,14 +34,17 @@ class PreparedBase:
 def _read(spec: dict[str, Any], base_dir: Path) -> tuple[bytes, dict[str, Any]]:
     if spec.get("bundle"):
         bundle = (base_dir / spec["bundle"]).resolve()
-        owner = spec.get("owner_key")
-        if not owner:
-            raise InputError("a base_model bundle needs owner_key (fingerprint or owner.pub)")
-        owner_path = base_dir / owner
-        owner_key = str(owner_path) if owner_path.is_file() else owner
+        owner_key, owner_file = spec.get("owner_key"), spec.get("owner_key_file")
+        if not owner_key and not owner_file:
+            raise InputError(
+                "a base_model bundle needs owner_key (the owner's fingerprint) or owner_key_file"
+            )
         try:
             data, report = read_verified_bytes(
-                bundle, owner_key=owner_key, model=spec.get("file") or DEFAULT_MODEL
+                bundle,
+                owner_key=owner_key,
+                owner_key_file=(base_dir / owner_file) if owner_file else None,
+                model=spec.get("file") or DEFAULT_MODEL,
             )
         except VerificationError as e:
             raise VerificationError(

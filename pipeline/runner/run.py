@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline.codedigest import git_state, package_dir
 from pipeline.config import PipelineConfig, StageConfig
 from pipeline.envcheck import (
     Fingerprint,
@@ -32,6 +33,7 @@ from pipeline.fsutil import atomic_symlink, atomic_write_text
 from pipeline.hashing import hash_artifacts, list_tree
 from pipeline.lineage import LineageError, git_commit, sink_for
 from pipeline.provenance.chain import DiskArtifacts, VerifyReport, verify_chain
+from pipeline.provenance.keys import PublicKey, TrustedOwner
 from pipeline.provenance.layout import stage_command
 from pipeline.provenance.links import Link, link_filename, read_link, write_link
 from pipeline.provenance.statements import write_signed_statement
@@ -46,7 +48,15 @@ from pipeline.runner.record import (
     new_run_id,
     utc_now,
 )
-from pipeline.runner.signing import ensure_keys, release_key_paths, write_signed_layout
+from pipeline.runner.signing import (
+    accept_layout,
+    config_code,
+    ensure_keys,
+    functionary_key,
+    layout_pins,
+    release_key_paths,
+    write_signed_layout,
+)
 from pipeline.scan.model import UnsafeModelError
 from pipeline.workspace import (
     BASE_MODEL,
@@ -81,7 +91,16 @@ class Runner:
         on_event: Callable[[str], None] = lambda _msg: None,
         verify_environment_files: bool = True,
         candidate: bool = False,
+        layout: Path | None = None,
+        owner: TrustedOwner | None = None,
     ) -> None:
+        """`layout` (with the `owner` key that signed it): run under a layout the owner signed
+        beforehand, with only the functionary key here. Without it, the one-machine
+        convenience path: dev keys, and the layout signed on the fly for this run."""
+        if (layout is None) != (owner is None):
+            raise ValueError("a pre-signed layout needs the owner key that signed it")
+        self.given_layout = layout
+        self.trusted_owner = owner
         self.candidate = candidate  # a candidate's deploy also requires the gate comparison
         self.config = config
         self.ws = workspace
@@ -149,7 +168,19 @@ class Runner:
         Everything that can refuse the run (bad lock, a dependency policy violation) happens
         before the run directory exists.
         """
-        self.owner, self.functionary = ensure_keys(self.ws.keys)
+        self.code = config_code(self.config)
+        self.git = git_state(package_dir("pipeline"))
+        if self.given_layout is None or self.trusted_owner is None:
+            owner, self.functionary = ensure_keys(self.ws.keys)
+            self.owner_key: PublicKey = owner.public
+            self.layout_signed_by = "runner"
+        else:
+            self.functionary = functionary_key(self.ws.keys)
+            self.owner_key = self.trusted_owner.key
+            self.layout_signed_by = "owner"
+            accept_layout(
+                self.given_layout, self.owner_key, self.config, self.code, self.functionary.public
+            )
         for lock in self.locks():
             self.lock_for(lock)
         gate = check_dependencies(self.locks(), self.config.security["dependencies"], self.ws.root)
@@ -165,16 +196,20 @@ class Runner:
         (self.run_dir / "locks").mkdir()
         for lock in self.locks():  # the exact locks, for diff and reproduce; digests are in links
             shutil.copyfile(lock, self.run_dir / "locks" / lock.name)
-        atomic_write_text(self.run_dir / "keys/owner.pub", self.owner.public.to_json())
+        atomic_write_text(self.run_dir / "keys/owner.pub", self.owner_key.to_json())
         atomic_write_text(self.run_dir / "keys/functionary.pub", self.functionary.public.to_json())
-        write_signed_layout(
-            self.config,
-            self.owner,
-            self.functionary,
-            self.layout_path,
-            self.ws.keys,
-            extra_checks=(CANDIDATE,) if self.candidate else (),
-        )
+        if self.given_layout is None:
+            write_signed_layout(
+                self.config,
+                owner,
+                self.functionary.public,
+                self.layout_path,
+                self.ws.keys,
+                pins=layout_pins(self.config, self.code, signed_by="runner", run_id=self.run_id),
+                extra_checks=(CANDIDATE,) if self.candidate else (),
+            )
+        else:
+            shutil.copyfile(self.given_layout, self.layout_path)
         write_signed_statement(self.run_dir / DEPENDENCIES, gate.statement, self.functionary.signer)
         self.record.write(
             {
@@ -188,12 +223,19 @@ class Runner:
                 "stages": [s.name for s in self.config.stages],
                 "source_commit": git_commit(self.config.base_dir),
                 "config_dir": str(self.config.base_dir),
+                "code": {"sha256": self.code.sha256, **self.git},
+                "layout_signed_by": self.layout_signed_by,
                 "status": "running",
                 "dependency_scan": gate.summary,
             }
         )
         atomic_symlink(self.run_id, self.ws.runs / "latest")
         self.say(f"run {self.run_id}: {len(self.config.stages)} stage(s) of '{self.config.name}'")
+        if self.layout_signed_by == "runner":
+            self.say(
+                "layout: signed on this machine for this run (one-machine convenience; for a "
+                "release the owner signs beforehand: chainproof layout, then run --layout)"
+            )
 
     def _update(self, **fields: Any) -> None:
         if self.record.path.exists():
@@ -360,6 +402,7 @@ class Runner:
         timings["materials"] = time.perf_counter() - t0
 
         command = stage_command(stage.impl.module, stage.name)
+        self._check_code(stage, "before it ran")
         self.say(f"[{stage.name}] running {' '.join(command)}")
         t0 = time.perf_counter()
         logs = sandbox.StageLogs(
@@ -374,6 +417,7 @@ class Runner:
             timeout=stage.timeout,
         )
         timings["execute"] = time.perf_counter() - t0
+        self._check_code(stage, "while it ran")
         if rc != 0:
             reason = "timed out" if rc is None else f"exited with code {rc}"
             raise StageFailed(
@@ -419,6 +463,7 @@ class Runner:
             "stage_environment": "own lock" if stage.lock else "pipeline lock",
             "run_id": self.run_id,
             "config_sha256": self.config.sha256,
+            "code": {"sha256": self.code.sha256, **self.git, "manifest": dict(self.code.files)},
         }
         link = write_link(
             self.links_dir,
@@ -438,6 +483,17 @@ class Runner:
             f"link {link.name}"
         )
         return link
+
+    def _check_code(self, stage: StageConfig, when: str) -> None:
+        """The code on disk is still the code this run pinned (it is cheap: ~100 files)."""
+        now = config_code(self.config)
+        if now.sha256 != self.code.sha256:
+            raise StageFailed(
+                stage.name,
+                f"chainproof's or a stage's code changed {when}; no link was written:\n    "
+                + "\n    ".join(now.diff(dict(self.code.files))[:20]),
+                hint="something is editing the code under a running pipeline; find it first",
+            )
 
     def chain_links(self) -> dict[str, Link]:
         """The links written so far, by stage (unverified payloads, for the runner's own use)."""
@@ -465,7 +521,7 @@ class Runner:
         report = verify_chain(
             layout_path=self.layout_path,
             link_dir=self.links_dir,
-            owner=self.owner.public,
+            owner=self.owner_key,
             disk=DiskArtifacts(self.run_dir),
             target=str(self.run_dir),
         )
@@ -490,12 +546,14 @@ class Runner:
                 layout_path=self.layout_path,
                 locks={lock: self.lock_for(lock).sha256 for lock in self.locks()},
                 links=self.chain_links(),
-                owner=self.owner.public,
+                owner=self.owner_key,
                 functionary=self.functionary,
                 release_key=release_key_paths(self.ws.keys),
                 started=record["started"],
                 finished=utc_now(),
                 source_commit=record.get("source_commit"),
+                code={"sha256": self.code.sha256, **self.git},
+                layout_signed_by=self.layout_signed_by,
                 destination=self.ws.root
                 / self.config.release_dir
                 / self.config.name

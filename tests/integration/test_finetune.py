@@ -51,7 +51,7 @@ def owner_pub(ws: Path) -> Path:
 
 def test_fine_tune_from_a_release_verifies_as_a_two_level_chain(workspace_copy, tmp_path):
     ws = workspace_copy
-    base = f"{{bundle: {upstream_bundle(ws)}, owner_key: {owner_pub(ws)}}}"
+    base = f"{{bundle: {upstream_bundle(ws)}, owner_key_file: {owner_pub(ws)}}}"
     proc = chainproof("run", write_config(tmp_path, FINETUNE.format(base=base)), "--workspace", ws)
     assert proc.returncode == 0, proc.stderr
     assert "base model" in proc.stderr and "verified and scanned" in proc.stderr
@@ -79,7 +79,7 @@ def test_fine_tune_from_a_tampered_upstream_is_refused_before_loading(workspace_
     data = bytearray(model.read_bytes())
     data[-300] ^= 1
     model.write_bytes(bytes(data))
-    base = f"{{bundle: {upstream}, owner_key: {owner_pub(ws)}}}"
+    base = f"{{bundle: {upstream}, owner_key_file: {owner_pub(ws)}}}"
     proc = chainproof("run", write_config(tmp_path, FINETUNE.format(base=base)), "--workspace", ws)
     assert proc.returncode == 1, proc.stderr
     assert "the base model's release" in proc.stderr and "does not verify" in proc.stderr

@@ -9,7 +9,7 @@ from securesystemslib.signer import CryptoSigner
 
 from pipeline.config import load_config
 from pipeline.provenance.keys import PublicKey
-from pipeline.provenance.layout import compile_layout
+from pipeline.provenance.layout import LayoutPins, compile_layout, pins_of
 from pipeline.workspace import CANDIDATE, DEPENDENCIES, MODELS
 from tests.conftest import FAST_PIPELINE, write_config
 
@@ -19,11 +19,21 @@ def config(tmp_path: Path):
     return load_config(write_config(tmp_path, FAST_PIPELINE))
 
 
+PINS = LayoutPins(
+    pipeline="digits-fast",
+    config_sha256="c" * 64,
+    locks={"main.txt": "a" * 64},
+    code_sha256="d" * 64,
+    code={"pipeline/__init__.py": "e" * 64},
+)
+
+
 def _layout(config, **kw):
     functionary = PublicKey(CryptoSigner.generate_ed25519().public_key)
     return compile_layout(
         config,
         functionary=functionary,
+        pins=PINS,
         modules={s.kind: s.impl.module for s in config.stages},
         gates=frozenset(s.kind for s in config.stages if s.impl.gate),
         **kw,
@@ -58,3 +68,7 @@ def test_every_rule_list_ends_in_disallow_and_materials_match_upstream(config) -
     assert ["REQUIRE", "source/dataset.npz"] in _rules(layout, "train")
     train = next(s for s in layout.steps if s.name == "train")
     assert train.expected_command == ["python", "-I", "-m", "stages.train", "../specs/train.json"]
+
+
+def test_the_layout_carries_the_pins_the_owner_signed(config) -> None:
+    assert pins_of(_layout(config)) == PINS
