@@ -16,6 +16,9 @@ import click
 
 # The store `chainproof vulndb import` writes by default; used when present in the cwd.
 DEFAULT_DB = Path(".chainproof/vulndb.sqlite")
+# The `--format` names, spelled out so that `--help` need not import the comparison; a unit
+# test holds them equal to `pipeline.compare.render.FORMATS`, one implementation each.
+FORMAT_NAMES = ("table", "json")
 
 
 @click.command("diff")
@@ -24,7 +27,7 @@ DEFAULT_DB = Path(".chainproof/vulndb.sqlite")
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["table", "json"]),
+    type=click.Choice(FORMAT_NAMES),
     default="table",
     show_default=True,
 )
@@ -43,7 +46,8 @@ def diff(a: Path, b: Path, fmt: str, db: Path | None) -> None:
     model, read as recorded: run `chainproof verify` on each side to trust them.
     """
     from pipeline.compare.diff import diff as compare
-    from pipeline.compare.diff import load_lineage, render
+    from pipeline.compare.recorded import load_lineage
+    from pipeline.compare.render import render
 
     if db is None and DEFAULT_DB.is_file():
         db = DEFAULT_DB
