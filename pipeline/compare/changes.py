@@ -101,6 +101,9 @@ class VulnDiff:
     still: tuple[VulnChange, ...] = ()
     unknown: tuple[VulnChange, ...] = ()
     notes: tuple[str, ...] = ()
+    # "A"/"B": sides whose own signed statement records no scan (their gate never looked),
+    # even when --db rescanned them here.
+    not_scanned: tuple[str, ...] = ()
 
     @property
     def changed(self) -> bool:
@@ -235,7 +238,11 @@ class LineageDiff:
         return tuple(g for g in self.GROUPS if getattr(self, g).changed)
 
     def to_dict(self) -> dict[str, Any]:
-        return {**_plain(self), "changed": list(self.changed), "note": NOT_VERIFIED}
+        out = {**_plain(self), "changed": list(self.changed), "note": NOT_VERIFIED}
+        if not self.vulnerabilities.compared:
+            # Not compared is not zero: a program reading `new: []` would take it for clean.
+            out["vulnerabilities"].update(new=None, fixed=None, still=None)
+        return out
 
 
 def _plain(value: Any) -> Any:

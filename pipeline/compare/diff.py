@@ -203,8 +203,22 @@ def diff_vulnerabilities(a: Lineage, b: Lineage, *, db: Path | None = None) -> V
                 f"{short(sb.database)}: a 'new' finding may be a new advisory rather than a new "
                 "dependency; pass --db PATH to compare both against one database"
             )
+    unscanned = tuple(side for side, x in (("A", a), ("B", b)) if x.scan.state != "scanned")
+    if db is not None:
+        notes += [
+            f"{side}'s own dependency gate did NOT scan it (its signed statement says "
+            f"{x.scan.describe()}): these findings come from this rescan alone"
+            for side, x in (("A", a), ("B", b))
+            if side in unscanned
+        ]
     both = sa.state == sb.state == "scanned"
-    out = VulnDiff(basis=basis, a_scan=sa.describe(), b_scan=sb.describe(), compared=both)
+    out = VulnDiff(
+        basis=basis,
+        a_scan=sa.describe(),
+        b_scan=sb.describe(),
+        compared=both,
+        not_scanned=unscanned,
+    )
     if both:
         new, fixed, still = _match_findings(sa.findings, sb.findings)
         return replace(out, new=new, fixed=fixed, still=still, notes=tuple(notes))
@@ -212,6 +226,8 @@ def diff_vulnerabilities(a: Lineage, b: Lineage, *, db: Path | None = None) -> V
         if scan.state != "scanned":
             what = "was NOT scanned" if scan.state == "not scanned" else "has no scan statement"
             notes.append(f"{side} {what}: new and fixed cannot be told apart")
+    if db is None:
+        notes.append("to compare anyway, pass --db PATH: both locks are rescanned against it")
     unknown: tuple[VulnChange, ...] = ()
     for side, scan in (("a", sa), ("b", sb)):
         if scan.state == "scanned":

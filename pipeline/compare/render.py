@@ -152,6 +152,8 @@ def _vuln_section(g: VulnDiff) -> tuple[str, list[str]]:
         head = f"{len(g.new)} new, {len(g.fixed)} fixed, {len(g.still)} still present"
         if not g.changed and g.still:
             head += " (" + ", ".join(f"{v.id} in {v.package}" for v in g.still) + ")"
+        if g.not_scanned:  # --db rescanned a side its own gate never scanned: say so up front
+            head += f" ({' and '.join(g.not_scanned)} NOT scanned by its own gate)"
     else:
         head = f"not comparable: A {g.a_scan}; B {g.b_scan}"
     head += f" [{g.basis}]"
@@ -287,12 +289,17 @@ def render_table(d: LineageDiff) -> str:
     for group in d.GROUPS:
         head, detail = sections[group]
         changed = getattr(d, group).changed
-        lines.append(
-            f"{group.replace('_', ' '):<16} {'CHANGED' if changed else 'unchanged'}: {head}"
-        )
-        if changed:
+        status = "CHANGED" if changed else "unchanged"
+        if group == "vulnerabilities" and not d.vulnerabilities.compared and not changed:
+            status = "UNKNOWN"  # two unscanned sides look alike, but nobody looked
+        lines.append(f"{group.replace('_', ' '):<16} {status}: {head}")
+        if status != "unchanged":
             lines += detail
     changed = [g.replace("_", " ") for g in d.changed]
     lines += ["", f"{len(changed)} of {len(d.GROUPS)} groups changed" + (": " if changed else "")]
     lines[-1] += ", ".join(changed)
+    if not d.vulnerabilities.compared:
+        lines.append(
+            "vulnerabilities NOT compared: new and fixed are unknown, not zero (see above)"
+        )
     return "\n".join(lines)

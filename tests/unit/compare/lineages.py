@@ -227,3 +227,29 @@ def finding(id_: str, package: str, version: str, *aliases: str, via: str = "") 
         "severity": "high",
         "paths": [path],
     }
+
+
+def osv_store(directory: Path, fixes: dict[str, tuple[str, str]]) -> Path:
+    """An OSV store (as `vulndb import` writes it) with one record per id: (package, fixed)."""
+    from pipeline.scan.vulndb import import_osv
+
+    osv = directory / "osv-records"
+    osv.mkdir(parents=True)
+    for id_, (pkg, fixed) in fixes.items():
+        record = {
+            "id": id_,
+            "modified": "2024-01-01T00:00:00Z",
+            "affected": [
+                {
+                    "package": {"ecosystem": "PyPI", "name": pkg},
+                    "ranges": [
+                        {"type": "ECOSYSTEM", "events": [{"introduced": "0"}, {"fixed": fixed}]}
+                    ],
+                }
+            ],
+        }
+        (osv / f"{id_}.json").write_text(json.dumps(record))
+    store = directory / ".chainproof" / "vulndb.sqlite"
+    store.parent.mkdir(parents=True, exist_ok=True)
+    import_osv(osv, store)
+    return store

@@ -34,6 +34,7 @@ from tests.unit.compare.lineages import (
     finding,
     make_bundle,
     make_run,
+    osv_store,
     sha,
     side,
 )
@@ -203,6 +204,78 @@ def test_an_unusable_db_is_bad_input(tmp_path: Path, signer) -> None:
     with pytest.raises(InputError) as e:
         diff(a, a, db=tmp_path / "missing.sqlite")
     assert e.value.exit_code == 2 and "omit --db" in (e.value.hint or "")
+
+
+def test_two_unscanned_sides_are_unknown_never_zero_new(tmp_path: Path, signer) -> None:
+    a = make_bundle(tmp_path, "1", side(findings=None), signer)
+    b = make_bundle(tmp_path, "2", side(findings=None), signer)
+
+    d = diff(load_lineage(a), load_lineage(b))
+
+    assert not d.vulnerabilities.compared and d.vulnerabilities.not_scanned == ("A", "B")
+    table = render_table(d)
+    assert "vulnerabilities  UNKNOWN: not comparable: A NOT SCANNED" in table
+    assert "0 new" not in table and "unchanged: not comparable" not in table
+    assert "    note: A was NOT scanned: new and fixed cannot be told apart" in table
+    assert table.splitlines()[-1].startswith("vulnerabilities NOT compared")
+    doc = json.loads(render_json(d))["vulnerabilities"]
+    assert doc["new"] is None and doc["fixed"] is None and doc["still"] is None
+    assert doc["compared"] is False and doc["not_scanned"] == ["A", "B"]
+
+
+def test_a_scanned_side_against_an_unscanned_one_says_which_and_counts_nothing_new(
+    tmp_path: Path, signer
+) -> None:
+    a = make_bundle(tmp_path, "1", side(), signer)  # scanned: clean
+    b = make_bundle(tmp_path, "2", side(findings=None), signer)
+
+    table = render_table(diff(load_lineage(a), load_lineage(b)))
+
+    assert "vulnerabilities  CHANGED: not comparable: A scanned against db" in table
+    assert "; B NOT SCANNED (no database at x.sqlite)" in table
+    assert "0 new" not in table
+    assert "    note: B was NOT scanned: new and fixed cannot be told apart" in table
+    assert "pass --db PATH" in table
+
+
+def test_db_rescan_of_a_side_its_gate_never_scanned_says_so(tmp_path: Path, signer) -> None:
+    store = osv_store(tmp_path, {"OSV-U": ("urllib3", "1.26.5")})
+    a = make_bundle(tmp_path, "1", side(lock=LOCK_A, findings=None), signer)
+    b = make_bundle(tmp_path, "2", side(lock=LOCK_B), signer)
+
+    d = diff(load_lineage(a), load_lineage(b), db=store)
+
+    v = d.vulnerabilities
+    assert v.compared and v.not_scanned == ("A",)
+    assert [x.id for x in v.fixed] == ["OSV-U"]
+    assert any("A's own dependency gate did NOT scan it" in n for n in v.notes)
+    assert "(A NOT scanned by its own gate)" in render_table(d)
+
+
+def test_cli_without_db_uses_the_signed_statements_even_with_a_store_at_hand(
+    elsewhere: Path, signer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A store where `vulndb import` puts it, and the env var `scan deps` reads: neither may
+    # stand in for the statements each side's gate signed.
+    store = osv_store(elsewhere, {"OSV-I": ("idna", "3.8")})
+    monkeypatch.setenv("CHAINPROOF_VULNDB", str(store))
+    a = make_bundle(elsewhere, "1", side(lock=LOCK_A), signer)
+    b = make_bundle(elsewhere, "2", side(lock=LOCK_B, findings=None), signer)
+
+    plain = CliRunner().invoke(diff_command, [str(a), str(b), "--format", "json"])
+    rescanned = CliRunner().invoke(
+        diff_command, [str(a), str(b), "--format", "json", "--db", str(store)]
+    )
+
+    assert plain.exit_code == 0, plain.output
+    v = json.loads(plain.output)["vulnerabilities"]
+    assert v["basis"] == "each side's signed dependency-scan statement"
+    assert v["compared"] is False and v["new"] is None and v["not_scanned"] == ["B"]
+    assert "OSV-I" not in plain.output
+    assert rescanned.exit_code == 0, rescanned.output
+    w = json.loads(rescanned.output)["vulnerabilities"]
+    assert w["compared"] is True and [x["id"] for x in w["new"]] == ["OSV-I"]
+    assert w["not_scanned"] == ["B"]
 
 
 # --------------------------------------------------------------------------- config, env, metrics
