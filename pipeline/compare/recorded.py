@@ -18,7 +18,7 @@ import yaml
 
 from pipeline.errors import InputError
 from pipeline.hashing import sha256_file
-from pipeline.provenance.links import read_link
+from pipeline.provenance.links import Link, read_link
 from pipeline.provenance.statements import payload_of
 from pipeline.release.verify import is_bundle
 from pipeline.scan import deps
@@ -35,6 +35,11 @@ NOT_VERIFIED = (
     "read as recorded, NOT verified: run `chainproof verify` on each side before relying on this"
 )
 _WHERE = "pass runs/<run-id>, runs/latest or releases/<name>/<version>"
+# Bounds on what a side may make us read: far above anything chainproof writes (a link of a
+# big SavedModel is a few hundred KB), far below what would exhaust memory or the stack.
+MAX_FILE_BYTES = 64 * 1024 * 1024
+MAX_LINKS = 1000
+MAX_DEPTH = 64  # nesting of any JSON/YAML value
 FRAMEWORK_FIELDS = ("tensorflow", "keras")
 
 
@@ -134,15 +139,15 @@ def load_lineage(path: Path) -> Lineage:
 
 def _load_run(path: Path) -> Lineage:
     run_dir = path.resolve()
-    record = read_run_record(run_dir)
-    links = _links((run_dir / record["links"]).resolve() if record.get("links") else None)
-    names = list(record.get("stages") or [])
-    names += [n for n in _order(links) if n not in names]
+    record = run_record(run_dir)
+    links = _links(run_links_dir(run_dir, record))
+    names = [n for n in _list(record.get("stages")) if _stage_name(n)]
+    names += [n for n in stage_order(links) if n not in names]
     stages = []
     for name in names:
         spec = _read_json(run_dir / "specs" / f"{name}.json")
         link = links.get(name)
-        kind = spec.get("kind") or (_kind(link.command) if link else None)
+        kind = _str(spec.get("kind")) or (_kind(link.command) if link else None)
         stages.append(_stage_record(name, kind, spec.get("params"), link))
     config_path = run_dir / "config.yaml"
     config = _read_yaml(config_path) if config_path.is_file() else None
@@ -150,14 +155,14 @@ def _load_run(path: Path) -> Lineage:
         path,
         kind=RUN,
         root=run_dir,
-        metrics=_released_json(run_dir, names, METRICS),
-        card=_released_json(run_dir, names, MODEL_CARD),
-        label=f"run {record.get('run_id', run_dir.name)}",
-        pipeline=record.get("pipeline"),
-        run_id=record.get("run_id"),
-        source_commit=record.get("source_commit"),
-        status=record.get("status"),
-        config_sha256=record.get("config_sha256"),
+        metrics=released_json(run_dir, names, METRICS),
+        card=released_json(run_dir, names, MODEL_CARD),
+        label=f"run {_str(record.get('run_id')) or run_dir.name}",
+        pipeline=_str(record.get("pipeline")),
+        run_id=_str(record.get("run_id")),
+        source_commit=_str(record.get("source_commit")),
+        status=_str(record.get("status")),
+        config_sha256=_str(record.get("config_sha256")),
         config=config if isinstance(config, Mapping) else None,
         stages=stages,
         locks_dir=run_dir / "locks",
@@ -169,9 +174,9 @@ def _load_bundle(path: Path) -> Lineage:
     bundle = path.resolve()
     root = bundle / "artifacts"
     links = _links(bundle / "attestations")
-    order = _order(links)
-    metrics = _released_json(root, order, METRICS)
-    card = _released_json(root, order, MODEL_CARD)
+    order = stage_order(links)
+    metrics = released_json(root, order, METRICS)
+    card = released_json(root, order, MODEL_CARD)
     train_params = (
         metrics.get("params") or card.get("training_params") or card.get("training_config")
     )
@@ -182,10 +187,8 @@ def _load_bundle(path: Path) -> Lineage:
         _stage_record(n, kinds[n], train_params if [n] == trainers else None, links[n])
         for n in order
     ]
-    release = _released_json(root, order, RELEASE)
-    name = release.get("name") or bundle.parent.name
-    version = release.get("version") or bundle.name
-    config_digests = {s.environment.get("config_sha256") for s in stages} - {None}
+    name, version, run_id = release_identity(bundle, order)
+    config_digests = {_str(s.environment.get("config_sha256")) for s in stages} - {None}
     return _finish(
         path,
         kind=BUNDLE,
@@ -194,7 +197,7 @@ def _load_bundle(path: Path) -> Lineage:
         card=card,
         label=f"release {name} {version}",
         pipeline=name,
-        run_id=release.get("run_id"),
+        run_id=run_id,
         source_commit=None,
         status=None,
         config_sha256=next(iter(config_digests)) if len(config_digests) == 1 else None,
@@ -218,14 +221,14 @@ def _finish(
 ) -> Lineage:
     """The parts both shapes read the same way: `root` holds `<stage>/<file>` products, and
     `metrics` / `card` are the released metrics.json and model card ({} when absent)."""
-    framework = metrics.get("framework") or card.get("framework") or card.get("environment") or {}
+    framework = _map(metrics.get("framework") or card.get("framework") or card.get("environment"))
     return Lineage(
         path=path,
         stages=tuple(stages),
         locks=_locks(locks_dir),
-        scan=_scan_record(statement),
+        scan=scan_record(statement),
         dataset=_dataset(root, stages, metrics.get("dataset") or card.get("training_data")),
-        metrics=metrics.get("test") or card.get("metrics") or {},
+        metrics=_metrics(metrics.get("test") or card.get("metrics")),
         framework={k: framework.get(k) for k in FRAMEWORK_FIELDS if framework.get(k)},
         model=_model(stages, metrics),
         base_model=_base_model(stages),
@@ -233,18 +236,63 @@ def _finish(
     )
 
 
-def _links(directory: Path | None) -> dict[str, Any]:
-    """Stage name -> its link payload (the first by file name if a stage has several)."""
-    out: dict[str, Any] = {}
+def run_record(run_dir: Path) -> dict[str, Any]:
+    """`run.json`, bounded like every other file a side supplies."""
+    _check_size(run_dir / "run.json")
+    try:
+        record = read_run_record(run_dir)
+    except RecursionError:
+        raise InputError(
+            f"{run_dir / 'run.json'} is nested too deeply to be a run record"
+        ) from None
+    _check_depth(record, run_dir / "run.json")
+    return record
+
+
+def run_links_dir(run_dir: Path, record: Mapping[str, Any]) -> Path | None:
+    """Where the run record says its links are (relative to the run), if it says."""
+    links = record.get("links")
+    return (run_dir / links).resolve() if isinstance(links, str) and links else None
+
+
+def link_files(directory: Path | None) -> dict[str, tuple[Path, Link]]:
+    """Stage name -> (file, payload) of its link; the first by file name if a stage has several.
+
+    Read UNVERIFIED. A file that is not a link, too big, or nested too deeply is an InputError."""
+    out: dict[str, tuple[Path, Link]] = {}
     if directory is None or not directory.is_dir():
         return out
-    for path in sorted(directory.glob("*.link")):
+    paths = sorted(directory.glob("*.link"))
+    if len(paths) > MAX_LINKS:
+        raise InputError(
+            f"{directory} holds {len(paths)} link files, more than the {MAX_LINKS} a chainproof "
+            "run or bundle may have",
+            hint="this is not a directory chainproof wrote; do not trust it",
+        )
+    for path in paths:
+        _check_size(path)
         link = read_link(path)
-        out.setdefault(link.name, link)
+        if not _stage_name(link.name):
+            raise InputError(f"{path}: the link names no usable step ({link.name!r})")
+        for part in (link.materials, link.products, link.environment, link.byproducts):
+            _check_depth(part, path)
+        out.setdefault(link.name, (path, link))
     return out
 
 
-def _order(links: Mapping[str, Any]) -> list[str]:
+def _links(directory: Path | None) -> dict[str, Link]:
+    return {name: link for name, (_, link) in link_files(directory).items()}
+
+
+def release_identity(bundle: Path, order: list[str]) -> tuple[str, str, str | None]:
+    """A bundle's (name, version, run id): release.json's, else the directory names."""
+    release = released_json(bundle / "artifacts", order, RELEASE)
+    name = _str(release.get("name")) or bundle.parent.name
+    version = _str(release.get("version")) or bundle.name
+    return name, version, _str(release.get("run_id"))
+
+
+def stage_order(links: Mapping[str, Link]) -> list[str]:
     """Stages in dependency order: a stage consumes `<upstream>/...` materials."""
     needs = {
         name: {m.split("/", 1)[0] for m in link.materials} & (set(links) - {name})
@@ -270,6 +318,8 @@ def _kind(command: Iterable[str]) -> str | None:
     if "-m" not in cmd or cmd.index("-m") + 1 >= len(cmd):
         return None
     module = cmd[cmd.index("-m") + 1]
+    if not isinstance(module, str):
+        return None
     return _kinds_by_module().get(module, module.rsplit(".", 1)[-1])
 
 
@@ -286,30 +336,89 @@ def _stage_record(name: str, kind: str | None, params: Any, link: Any) -> StageR
     )
 
 
+def _check_size(path: Path) -> None:
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return  # absent or unreadable: the reader that follows says which
+    if size > MAX_FILE_BYTES:
+        raise InputError(
+            f"{path} is {size} bytes, more than the {MAX_FILE_BYTES} any chainproof record has",
+            hint="this is not a file chainproof wrote; do not trust the run or bundle",
+        )
+
+
+def _check_depth(value: Any, path: Path) -> None:
+    """Refuse a value nested deeper than MAX_DEPTH (iteratively: the check cannot overflow)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise InputError(
+                f"{path} nests values more than {MAX_DEPTH} deep; chainproof never writes that",
+                hint="this is not a file chainproof wrote; do not trust the run or bundle",
+            )
+        if isinstance(item, Mapping):
+            stack += [(v, depth + 1) for v in item.values()]
+        elif isinstance(item, list | tuple):
+            stack += [(v, depth + 1) for v in item]
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     """A JSON object, or {} when the file is absent (a stage that did not run)."""
+    _check_size(path)
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         return {}
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:
         raise InputError(f"cannot read {path}: {e}") from e
+    _check_depth(data, path)
     return data if isinstance(data, dict) else {}
 
 
 def _read_yaml(path: Path) -> Any:
+    _check_size(path)
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, yaml.YAMLError) as e:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:
         raise InputError(f"cannot read {path}: {e}") from e
+    _check_depth(data, path)
+    return data
 
 
-def _released_json(root: Path, stages: list[str], name: str) -> dict[str, Any]:
+def released_json(root: Path, stages: list[str], name: str) -> dict[str, Any]:
     """`<stage>/<name>` of the last stage that has one: what the run released."""
     for stage in reversed(stages):
         if (root / stage / name).is_file():
             return _read_json(root / stage / name)
     return {}
+
+
+def _map(value: Any) -> Mapping[str, Any]:
+    """A side's value where a mapping belongs; anything else reads as absent."""
+    return value if isinstance(value, Mapping) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else []
+
+
+def _str(value: Any) -> str | None:
+    return value if isinstance(value, str) and value else None
+
+
+def _stage_name(value: Any) -> bool:
+    """A name usable as `<stage>/...` and as a file name: what the config schema allows."""
+    return isinstance(value, str) and bool(value) and "/" not in value and value not in (".", "..")
+
+
+def _metrics(block: Any) -> Mapping[str, Any]:
+    """The held-out metrics: numbers stay, per-class entries that are not mappings are dropped."""
+    m = dict(_map(block))
+    if "per_class" in m:
+        m["per_class"] = {str(c): v for c, v in _map(m["per_class"]).items() if _map(v)}
+    return m
 
 
 def _locks(directory: Path) -> dict[str, LockRecord]:
@@ -319,6 +428,7 @@ def _locks(directory: Path) -> dict[str, LockRecord]:
     for path in sorted(directory.iterdir()) if directory.is_dir() else []:
         if not path.is_file():
             continue
+        _check_size(path)
         try:
             hashes = {n: frozenset(p.hashes) for n, p in parse_lock(path).pins.items()}
         except InputError:  # a lock without --hash lines still diffs by version
@@ -327,38 +437,43 @@ def _locks(directory: Path) -> dict[str, LockRecord]:
     return out
 
 
-def _scan_record(path: Path) -> ScanRecord:
+def scan_record(path: Path) -> ScanRecord:
+    """What a signed dependency-scan Statement says (UNVERIFIED): scanned or not, and findings."""
     if not path.is_file():
         return ScanRecord("no statement", f"no {DEPENDENCIES}", None)
+    _check_size(path)
     try:
-        cp = payload_of(path).get("predicate", {}).get("chainproof", {})
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        payload = payload_of(path)
+        _check_depth(payload, path)
+        cp = _map(_map(_map(payload).get("predicate")).get("chainproof"))
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
         return ScanRecord("no statement", f"{DEPENDENCIES} is unreadable: {e}", None)
-    if not cp.get("scanned"):
+    if cp.get("scanned") is not True:
         return ScanRecord("not scanned", str(cp.get("reason") or ""), None)
     findings = tuple(
         VulnFinding(
             id=str(f.get("id")),
-            aliases=tuple(sorted(f.get("aliases") or ())),
+            aliases=tuple(sorted(str(x) for x in _list(f.get("aliases")))),
             package=str(f.get("package")),
             version=str(f.get("version")),
             severity=str(f.get("severity") or "unknown"),
             lock=str(lock.get("lock")),
-            paths=tuple(f.get("paths") or ()),
+            paths=tuple(str(x) for x in _list(f.get("paths"))),
         )
-        for lock in cp.get("locks") or []
-        for f in lock.get("findings") or []
+        for lock in map(_map, _list(cp.get("locks")))
+        for f in map(_map, _list(lock.get("findings")))
+        if f
     )
-    db = cp.get("database") or {}
-    return ScanRecord("scanned", str(cp.get("verdict", "")), db.get("sha256"), findings)
+    db = _map(cp.get("database"))
+    return ScanRecord("scanned", str(cp.get("verdict", "")), _str(db.get("sha256")), findings)
 
 
 def _dataset(root: Path, stages: list[StageRecord], block: Any) -> dict[str, Any]:
     if not isinstance(block, Mapping):  # no metrics: the source stage's manifest, if any
-        manifest = _released_json(root, [s.name for s in stages if s.kind == "source"], MANIFEST)
+        manifest = released_json(root, [s.name for s in stages if s.kind == "source"], MANIFEST)
         block = {**manifest, "sha256": manifest.get("dataset_sha256")} if manifest else {}
-    split = block.get("split") or {}
-    origin = block.get("source") or {}
+    split = _map(block.get("split"))
+    origin = _map(block.get("source"))
     train, test = split.get("train"), split.get("test")
     digest = block.get("sha256")
     size = None
@@ -387,9 +502,9 @@ def _model(stages: list[StageRecord], metrics: Mapping[str, Any]) -> dict[str, A
         for name, digest in stage.products.items():
             if name.endswith(".keras"):
                 out = {"file": name, "sha256": digest}
-    arch = metrics.get("model") or {}
+    arch = _map(metrics.get("model"))
     out["parameters"] = arch.get("parameters")
-    out["layers"] = " ".join(arch.get("layers") or ()) or None
+    out["layers"] = " ".join(str(x) for x in _list(arch.get("layers"))) or None
     return out
 
 
