@@ -153,7 +153,8 @@ def _vuln_section(g: VulnDiff) -> tuple[str, list[str]]:
         if not g.changed and g.still:
             head += " (" + ", ".join(f"{v.id} in {v.package}" for v in g.still) + ")"
         if g.not_scanned:  # --db rescanned a side its own gate never scanned: say so up front
-            head += f" ({' and '.join(g.not_scanned)} NOT scanned by its own gate)"
+            whose = "its own gate" if len(g.not_scanned) == 1 else "their own gates"
+            head += f" ({' and '.join(g.not_scanned)} NOT scanned by {whose})"
     else:
         head = f"not comparable: A {g.a_scan}; B {g.b_scan}"
     head += f" [{g.basis}]"
