@@ -24,7 +24,7 @@ from pipeline.compare.recorded import (
 from pipeline.errors import InputError
 from pipeline.provenance.links import Link
 from pipeline.release.verify import is_bundle
-from pipeline.workspace import DEPENDENCIES
+from pipeline.workspace import DEPENDENCIES, UPSTREAM
 
 UNVERIFIED = "unverified view: use `chainproof verify` to check"
 _WHERE = "pass runs/<run-id>, runs/latest or releases/<name>/<version>"
@@ -42,6 +42,9 @@ class StageView:
     command: tuple[str, ...]
     materials: Mapping[str, str | None]  # artifact -> sha256
     products: Mapping[str, str | None]
+    # What the step fine-tuned from, as its link records it: kind, location, sha256, and
+    # `upstream`, the shipped upstream release (itself `chainproof show`-able), if present.
+    base_model: Mapping[str, str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -90,7 +93,7 @@ def _read_run(path: Path) -> ChainView:
         links=str(links_dir) if links_dir else None,
         dependency_scan=scan.describe(),
         dependencies_scanned=scan.state == "scanned",
-        stages=tuple(_stage(n, found.get(n)) for n in dict.fromkeys(names)),
+        stages=tuple(_stage(n, found.get(n), run_dir) for n in dict.fromkeys(names)),
     )
 
 
@@ -111,11 +114,12 @@ def _read_bundle(path: Path) -> ChainView:
         links=str(links_dir),
         dependency_scan=scan.describe(),
         dependencies_scanned=scan.state == "scanned",
-        stages=tuple(_stage(n, found[n]) for n in order),
+        stages=tuple(_stage(n, found[n], bundle / "artifacts") for n in order),
     )
 
 
-def _stage(name: str, found: tuple[Path, Link] | None) -> StageView:
+def _stage(name: str, found: tuple[Path, Link] | None, root: Path) -> StageView:
+    """`root` holds `upstream/<stage>/` (a run directory, or a bundle's artifacts)."""
     if found is None:
         return StageView(name, None, None, None, (), {}, {})
     path, link = found
@@ -130,7 +134,20 @@ def _stage(name: str, found: tuple[Path, Link] | None) -> StageView:
         command=tuple(str(c) for c in link.command),
         materials=_digests(link.materials),
         products=_digests(link.products),
+        base_model=_base_model(link, root / UPSTREAM / name),
     )
+
+
+def _base_model(link: Link, upstream: Path) -> dict[str, str | None] | None:
+    origin = link.environment.get("base_model") if isinstance(link.environment, Mapping) else None
+    if not isinstance(origin, Mapping):
+        return None
+    return {
+        "kind": _text(origin.get("kind")),
+        "location": _text(origin.get("location")),
+        "sha256": _text(origin.get("sha256")),
+        "upstream": str(upstream) if upstream.is_dir() else None,
+    }
 
 
 def _digests(artifacts: Mapping[str, Any]) -> dict[str, str | None]:
@@ -186,6 +203,16 @@ def render_tree(view: ChainView) -> str:
             for role, files in (("in", stage.materials), ("out", stage.products))
             for n, digest in files.items()
         ]
+        if stage.base_model:
+            b = stage.base_model
+            where = f"; its chain: chainproof show {b['upstream']}" if b["upstream"] else ""
+            children.insert(
+                0,
+                _printable(
+                    f"base {(b['sha256'] or '?')[:DIGEST_SHOWN]:<{DIGEST_SHOWN}}  fine-tuned from "
+                    f"{b['kind'] or '?'} {b['location'] or '?'}{where}"
+                ),
+            )
         lines += _branches(children, indent)
     if not view.stages:
         lines.append("└─ (no links)")

@@ -194,3 +194,20 @@ def test_a_copied_bundle_elsewhere_still_shows(tmp_path: Path, signer) -> None:
     shutil.rmtree(tmp_path / "producer")
     view = read_chain(copy)
     assert view.kind == "bundle" and [s.name for s in view.stages] == ["source", "train", "package"]
+
+
+def test_a_fine_tuned_release_points_at_its_shipped_upstream(tmp_path: Path, signer) -> None:
+    upstream = make_bundle(tmp_path / "up", "0.9", side(), signer)
+    origin = {"kind": "bundle", "location": "../releases/digits/0.9", "sha256": "b" * 64}
+    bundle = make_bundle(tmp_path, "1.0", side(env={"train": {"base_model": origin}}), signer)
+    shipped = shutil.copytree(upstream, bundle / "artifacts" / "upstream" / "train")
+
+    text = render_chain(bundle)
+    (train,) = [s for s in read_chain(bundle).stages if s.name == "train"]
+
+    assert train.base_model == {**origin, "upstream": str(shipped)}
+    assert (
+        f"│  ├─ base bbbbbbbbbbbbbbbb  fine-tuned from bundle ../releases/digits/0.9; "
+        f"its chain: chainproof show {shipped}"
+    ) in text.splitlines()
+    assert read_chain(shipped).kind == "bundle"  # and it shows on its own
