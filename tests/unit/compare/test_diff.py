@@ -406,7 +406,7 @@ def test_a_base_model_is_found_in_params(tmp_path: Path, signer) -> None:
 
 @pytest.fixture
 def elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A cwd without .chainproof/vulndb.sqlite, so the CLI compares the statements."""
+    """A cwd of its own, with no CHAINPROOF_VULNDB: nothing around the CLI may change the diff."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CHAINPROOF_VULNDB", raising=False)
     return tmp_path
