@@ -1,6 +1,6 @@
 """`chainproof show`: the chain of a run or a release bundle, as a tree for people or as JSON.
 
-Read as recorded and NOT verified (that is `chainproof verify`): every line says so.
+Read as recorded and NOT verified (that is `chainproof verify`): the header says so.
 """
 
 from __future__ import annotations
