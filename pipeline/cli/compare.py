@@ -1,11 +1,8 @@
 """CLI for `chainproof diff A B`: what changed between two runs or release bundles.
 
 A report, not a gate: exit 0 whenever the diff was computed, whatever it found; 2 on bad input
-(a path that is neither a run nor a bundle, an unusable --db). Register on the main group in
-pipeline/cli.py, inside `_register_extensions()`:
-
-    from pipeline.cli.compare import diff
-    cli.add_command(diff)
+(a path that is neither a run nor a bundle, an unusable --db). Registered on the main group in
+`pipeline/cli/__init__.py::_register_extensions()`.
 """
 
 from __future__ import annotations
@@ -14,8 +11,9 @@ from pathlib import Path
 
 import click
 
-# The store `chainproof vulndb import` writes by default; used when present in the cwd.
-DEFAULT_DB = Path(".chainproof/vulndb.sqlite")
+# The `--format` names, spelled out so that `--help` need not import the comparison; a unit
+# test holds them equal to `pipeline.compare.render.FORMATS`, one implementation each.
+FORMAT_NAMES = ("table", "json")
 
 
 @click.command("diff")
@@ -24,17 +22,17 @@ DEFAULT_DB = Path(".chainproof/vulndb.sqlite")
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["table", "json"]),
+    type=click.Choice(FORMAT_NAMES),
     default="table",
     show_default=True,
 )
 @click.option(
     "--db",
     type=click.Path(dir_okay=False, path_type=Path),
-    envvar="CHAINPROOF_VULNDB",
-    help="Rescan both sides' locks against this OSV store, so new and fixed vulnerabilities "
-    f"come from one database. [default: {DEFAULT_DB} if it exists, else each side's signed "
-    "scan statement]",
+    help="Rescan both sides' locks against this OSV store (e.g. .chainproof/vulndb.sqlite), "
+    "so new and fixed vulnerabilities come from one database. Without it, each side's signed "
+    "scan Statement (checks/dependencies.intoto.json) is compared, and a side that was never "
+    "scanned is reported as such, never as clean.",
 )
 def diff(a: Path, b: Path, fmt: str, db: Path | None) -> None:
     """Compare A (baseline) with B: each a run (runs/<id>, runs/latest) or a release bundle.
@@ -43,8 +41,9 @@ def diff(a: Path, b: Path, fmt: str, db: Path | None) -> None:
     model, read as recorded: run `chainproof verify` on each side to trust them.
     """
     from pipeline.compare.diff import diff as compare
-    from pipeline.compare.diff import load_lineage, render
+    from pipeline.compare.recorded import load_lineage
+    from pipeline.compare.render import render
 
-    if db is None and DEFAULT_DB.is_file():
-        db = DEFAULT_DB
+    # Only an explicit --db rescans: a store that happens to sit in the cwd (or an env var
+    # set for `scan deps`) must not silently replace what each side's gate signed.
     click.echo(render(compare(load_lineage(a), load_lineage(b), db=db), fmt))

@@ -42,12 +42,15 @@ def verify(
 
 
 @click.command()
-@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
-def show(run_dir: Path) -> None:
-    """Show a run's chain as a tree: stage, key, materials -> products (UNVERIFIED)."""
-    from pipeline.show import render_chain
+@click.argument("target", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="The chain as JSON, for programs.")
+def show(target: Path, as_json: bool) -> None:
+    """Show the chain of a run (runs/<id>) or a release bundle (releases/<name>/<version>):
+    stage, key, materials -> products, and the dependency scan. UNVERIFIED: see `verify`."""
+    from pipeline.show import read_chain, render_json, render_tree
 
-    click.echo(render_chain(run_dir))
+    view = read_chain(target)
+    click.echo(render_json(view) if as_json else render_tree(view))
 
 
 @click.command()

@@ -8,6 +8,7 @@ from typing import Any
 
 from in_toto.models.link import FILENAME_FORMAT, Link
 from in_toto.models.metadata import Envelope, Metadata
+from securesystemslib.exceptions import Error as SSLibError
 from securesystemslib.signer import Signer
 
 from pipeline.errors import InputError
@@ -52,8 +53,22 @@ def write_link(
 
 
 def read_link(path: Path) -> Link:
-    """The link payload, UNVERIFIED: for display only; verification goes through verify.py."""
+    """The link payload, UNVERIFIED: for display only; verification goes through verify.py.
+
+    The file may be hostile (a bundle's): any shape in-toto rejects, JSON nested past the
+    parser's depth, or a layout under a `.link` name is an InputError, never a crash."""
     try:
-        return Metadata.load(str(path)).get_payload()
-    except (OSError, ValueError, KeyError) as e:
+        payload = Metadata.load(str(path)).get_payload()
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        TypeError,
+        AttributeError,
+        RecursionError,
+        SSLibError,  # FormatError and in-toto's InvalidMetadata
+    ) as e:
         raise InputError(f"cannot read link {path}: {e}") from e
+    if not isinstance(payload, Link):
+        raise InputError(f"{path} is not an in-toto link (it holds a {type(payload).__name__})")
+    return payload

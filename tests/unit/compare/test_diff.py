@@ -1,22 +1,16 @@
 """`chainproof diff`: hand-made runs and release bundles, compared group by group.
 
-Each side is written the way the runner writes it (real DSSE-signed links and scan Statements,
-from a throwaway ed25519 key) but with tiny files in place of TensorFlow's: no stage runs.
+The sides come from `lineages.py` (real signed links and Statements, tiny files, no stage run).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
-import os
 from pathlib import Path
-from typing import Any
 
 import pytest
-import yaml
 from click.testing import CliRunner
-from securesystemslib.signer import CryptoSigner
 
 from pipeline.cli.compare import diff as diff_command
 from pipeline.compare.diff import (
@@ -29,225 +23,21 @@ from pipeline.compare.diff import (
     render_table,
 )
 from pipeline.errors import InputError
-from pipeline.provenance.links import write_link
-from pipeline.provenance.statements import statement, write_signed_statement
-from pipeline.runner.gates import VULNS_PREDICATE
 from pipeline.scan.vulndb import import_osv
-
-MAIN_IN = "requirements/main.in"
-LOCK_A = f"""\
-certifi==2024.2.2
-    # via requests
-click==8.1.0
-    # via -r {MAIN_IN}
-requests==2.31.0
-    # via -r {MAIN_IN}
-six==1.16.0
-    # via -r {MAIN_IN}
-urllib3==1.26.0
-    # via requests
-"""
-# click up, six down, requests up (direct); urllib3 gone, idna new (both via requests).
-LOCK_B = f"""\
-certifi==2024.2.2
-    # via requests
-click==8.2.0
-    # via -r {MAIN_IN}
-idna==3.7
-    # via requests
-requests==2.32.0
-    # via -r {MAIN_IN}
-six==1.15.0
-    # via -r {MAIN_IN}
-"""
-DATASET = b"the dataset bytes"
-PER_CLASS = {
-    "0": {"precision": 1.0, "recall": 0.9, "f1": 0.947, "support": 10},
-    "1": {"precision": 0.8, "recall": 1.0, "f1": 0.889, "support": 8},
-}
-TRAIN_PARAMS = {"learning_rate": 0.001, "epochs": 5, "optimizer": "adam", "layers": [{"units": 8}]}
-ENV = {
-    "python": "3.11.7",
-    "implementation": "cpython",
-    "platform": "Linux-6.1-x86_64-with-glibc2.36",
-    "machine": "x86_64",
-    "lock": "main.txt",
-    "distributions_sha256": "e" * 64,
-    "stage_environment": "pipeline lock",
-}
-STAGES = (
-    ("source", "source", ()),
-    ("train", "train", ("source",)),
-    ("package", "package", ("train",)),
+from tests.unit.compare.lineages import (
+    DATASET,
+    LOCK_A,
+    LOCK_B,
+    MAIN_IN,
+    PER_CLASS,
+    TRAIN_PARAMS,
+    finding,
+    make_bundle,
+    make_run,
+    osv_store,
+    sha,
+    side,
 )
-DB_SHA = "d" * 64
-
-
-def sha(data: bytes | str) -> str:
-    return hashlib.sha256(data.encode() if isinstance(data, str) else data).hexdigest()
-
-
-@pytest.fixture(scope="module")
-def signer() -> CryptoSigner:
-    return CryptoSigner.generate_ed25519()
-
-
-def side(**changes: Any) -> dict[str, Any]:
-    """What one hand-made run or bundle records; keyword arguments replace the defaults."""
-    base = {
-        "lock": LOCK_A,
-        "train_params": TRAIN_PARAMS,
-        "accuracy": 0.9,
-        "loss": 0.3,
-        "per_class": PER_CLASS,
-        "env": {},  # stage -> environment overrides ("*": every stage)
-        "framework": {"tensorflow": "2.21.0", "keras": "3.15.1"},
-        "findings": [],  # None: the Statement says "not scanned"
-        "db": DB_SHA,
-        "timeout": 600,
-        "ship_lock": True,  # False: an older release without locks/
-    }
-    unknown = set(changes) - set(base)
-    assert not unknown, unknown
-    return copy.deepcopy({**base, **changes})
-
-
-def _files(s: dict[str, Any]) -> tuple[str, dict[str, bytes]]:
-    """The config text and every stage product, by run-relative name."""
-    config = yaml.safe_dump(
-        {
-            "schema": 1,
-            "name": "digits",
-            "lock": "../main.txt",
-            "stages": [
-                {"name": n, "kind": k, "needs": list(up), "timeout": s["timeout"]}
-                | ({"params": s["train_params"]} if k == "train" else {})
-                for n, k, up in STAGES
-            ],
-        },
-        sort_keys=True,
-    )
-    metrics = {
-        "dataset": {
-            "name": "digits",
-            "sha256": sha(DATASET),
-            "source": {"location": "sklearn", "sha256": "f" * 64},
-            "split": {"train": 80, "test": 20, "test_fraction": 0.2, "seed": 42},
-        },
-        "framework": s["framework"],
-        "model": {"layers": ["Dense"], "parameters": 650},
-        "params": s["train_params"],
-        "test": {"accuracy": s["accuracy"], "loss": s["loss"], "per_class": s["per_class"]},
-    }
-    metrics_bytes = json.dumps(metrics, sort_keys=True).encode()
-    model = json.dumps(["weights", s["train_params"], s["accuracy"]]).encode()
-    files = {
-        "source/dataset.npz": DATASET,
-        "source/manifest.json": b"{}",
-        "train/model.keras": model,
-        "train/metrics.json": metrics_bytes,
-        "package/model.keras": model,
-        "package/metrics.json": metrics_bytes,
-        "package/model_card.json": json.dumps({"training_data": metrics["dataset"]}).encode(),
-    }
-    return config, files
-
-
-def _links(
-    directory: Path, s: dict[str, Any], config: str, files: dict[str, bytes], signer
-) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    digest = lambda names: {n: {"sha256": sha(files[n])} for n in names}  # noqa: E731
-    for name, kind, up in STAGES:
-        env = {**ENV, "lock_sha256": sha(s["lock"]), "config_sha256": sha(config)}
-        env.update(s["env"].get("*", {}))
-        env.update(s["env"].get(name, {}))
-        write_link(
-            directory,
-            name=name,
-            materials={
-                f"specs/{name}.json": {"sha256": "0" * 64},
-                **digest(f for f in files if f.split("/")[0] in up),
-            },
-            products=digest(f for f in files if f.startswith(f"{name}/")),
-            command=["python", "-I", "-m", f"stages.{kind}", f"../specs/{name}.json"],
-            byproducts={"return-value": 0},
-            environment=env,
-            signer=signer,
-        )
-
-
-def _scan_statement(path: Path, s: dict[str, Any], signer) -> None:
-    if s["findings"] is None:
-        cp = {"scanned": False, "verdict": "not scanned", "reason": "no database at x.sqlite"}
-    else:
-        lock = {"lock": "main.txt", "sha256": sha(s["lock"]), "findings": s["findings"]}
-        cp = {"scanned": True, "verdict": "pass", "database": {"sha256": s["db"]}, "locks": [lock]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    stmt = statement({"main.txt": sha(s["lock"])}, VULNS_PREDICATE, {"chainproof": cp})
-    write_signed_statement(path, stmt, signer)
-
-
-def make_run(ws: Path, run_id: str, s: dict[str, Any], signer) -> Path:
-    """`<ws>/runs/<id>` with its links in `<ws>/attestations/runs/<id>`, as the runner lays out."""
-    run_dir, links = ws / "runs" / run_id, ws / "attestations" / "runs" / run_id
-    config, files = _files(s)
-    for name, data in files.items():
-        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
-        (run_dir / name).write_bytes(data)
-    (run_dir / "specs").mkdir()
-    for name, kind, _ in STAGES:
-        params = s["train_params"] if kind == "train" else {"seed": 42}
-        (run_dir / "specs" / f"{name}.json").write_text(
-            json.dumps({"kind": kind, "params": params})
-        )
-    (run_dir / "config.yaml").write_text(config)
-    (run_dir / "locks").mkdir()
-    (run_dir / "locks" / "main.txt").write_text(s["lock"])
-    _scan_statement(run_dir / "checks" / "dependencies.intoto.json", s, signer)
-    _links(links, s, config, files, signer)
-    record = {
-        "run_id": run_id,
-        "pipeline": "digits",
-        "config_sha256": sha(config),
-        "links": os.path.relpath(links, run_dir),
-        "layout": os.path.relpath(links / "root.layout", run_dir),
-        "stages": [n for n, _, _ in STAGES],
-        "source_commit": "c0ffee",
-        "status": "succeeded",
-    }
-    (run_dir / "run.json").write_text(json.dumps(record))
-    return run_dir
-
-
-def make_bundle(ws: Path, version: str, s: dict[str, Any], signer) -> Path:
-    """`<ws>/releases/digits/<version>`: the last stage's products and the whole chain."""
-    bundle = ws / "releases" / "digits" / version
-    config, files = _files(s)
-    for name, data in files.items():
-        if name.startswith("package/"):
-            (bundle / "artifacts" / name).parent.mkdir(parents=True, exist_ok=True)
-            (bundle / "artifacts" / name).write_bytes(data)
-    _links(bundle / "attestations", s, config, files, signer)
-    (bundle / "attestations" / "root.layout").write_text("{}")  # read by verify, not by diff
-    _scan_statement(bundle / "attestations" / "checks" / "dependencies.intoto.json", s, signer)
-    if s["ship_lock"]:
-        (bundle / "locks").mkdir()
-        (bundle / "locks" / "main.txt").write_text(s["lock"])
-    return bundle
-
-
-def finding(id_: str, package: str, version: str, *aliases: str, via: str = "") -> dict:
-    path = f"{package} {version}" + (f" <- {via}" if via else "") + f" <- {MAIN_IN}"
-    return {
-        "id": id_,
-        "aliases": list(aliases),
-        "package": package,
-        "version": version,
-        "severity": "high",
-        "paths": [path],
-    }
-
 
 # --------------------------------------------------------------------------- dependencies
 
@@ -416,6 +206,78 @@ def test_an_unusable_db_is_bad_input(tmp_path: Path, signer) -> None:
     assert e.value.exit_code == 2 and "omit --db" in (e.value.hint or "")
 
 
+def test_two_unscanned_sides_are_unknown_never_zero_new(tmp_path: Path, signer) -> None:
+    a = make_bundle(tmp_path, "1", side(findings=None), signer)
+    b = make_bundle(tmp_path, "2", side(findings=None), signer)
+
+    d = diff(load_lineage(a), load_lineage(b))
+
+    assert not d.vulnerabilities.compared and d.vulnerabilities.not_scanned == ("A", "B")
+    table = render_table(d)
+    assert "vulnerabilities  UNKNOWN: not comparable: A NOT SCANNED" in table
+    assert "0 new" not in table and "unchanged: not comparable" not in table
+    assert "    note: A was NOT scanned: new and fixed cannot be told apart" in table
+    assert table.splitlines()[-1].startswith("vulnerabilities NOT compared")
+    doc = json.loads(render_json(d))["vulnerabilities"]
+    assert doc["new"] is None and doc["fixed"] is None and doc["still"] is None
+    assert doc["compared"] is False and doc["not_scanned"] == ["A", "B"]
+
+
+def test_a_scanned_side_against_an_unscanned_one_says_which_and_counts_nothing_new(
+    tmp_path: Path, signer
+) -> None:
+    a = make_bundle(tmp_path, "1", side(), signer)  # scanned: clean
+    b = make_bundle(tmp_path, "2", side(findings=None), signer)
+
+    table = render_table(diff(load_lineage(a), load_lineage(b)))
+
+    assert "vulnerabilities  CHANGED: not comparable: A scanned against db" in table
+    assert "; B NOT SCANNED (no database at x.sqlite)" in table
+    assert "0 new" not in table
+    assert "    note: B was NOT scanned: new and fixed cannot be told apart" in table
+    assert "pass --db PATH" in table
+
+
+def test_db_rescan_of_a_side_its_gate_never_scanned_says_so(tmp_path: Path, signer) -> None:
+    store = osv_store(tmp_path, {"OSV-U": ("urllib3", "1.26.5")})
+    a = make_bundle(tmp_path, "1", side(lock=LOCK_A, findings=None), signer)
+    b = make_bundle(tmp_path, "2", side(lock=LOCK_B), signer)
+
+    d = diff(load_lineage(a), load_lineage(b), db=store)
+
+    v = d.vulnerabilities
+    assert v.compared and v.not_scanned == ("A",)
+    assert [x.id for x in v.fixed] == ["OSV-U"]
+    assert any("A's own dependency gate did NOT scan it" in n for n in v.notes)
+    assert "(A NOT scanned by its own gate)" in render_table(d)
+
+
+def test_cli_without_db_uses_the_signed_statements_even_with_a_store_at_hand(
+    elsewhere: Path, signer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A store where `vulndb import` puts it, and the env var `scan deps` reads: neither may
+    # stand in for the statements each side's gate signed.
+    store = osv_store(elsewhere, {"OSV-I": ("idna", "3.8")})
+    monkeypatch.setenv("CHAINPROOF_VULNDB", str(store))
+    a = make_bundle(elsewhere, "1", side(lock=LOCK_A), signer)
+    b = make_bundle(elsewhere, "2", side(lock=LOCK_B, findings=None), signer)
+
+    plain = CliRunner().invoke(diff_command, [str(a), str(b), "--format", "json"])
+    rescanned = CliRunner().invoke(
+        diff_command, [str(a), str(b), "--format", "json", "--db", str(store)]
+    )
+
+    assert plain.exit_code == 0, plain.output
+    v = json.loads(plain.output)["vulnerabilities"]
+    assert v["basis"] == "each side's signed dependency-scan statement"
+    assert v["compared"] is False and v["new"] is None and v["not_scanned"] == ["B"]
+    assert "OSV-I" not in plain.output
+    assert rescanned.exit_code == 0, rescanned.output
+    w = json.loads(rescanned.output)["vulnerabilities"]
+    assert w["compared"] is True and [x["id"] for x in w["new"]] == ["OSV-I"]
+    assert w["not_scanned"] == ["B"]
+
+
 # --------------------------------------------------------------------------- config, env, metrics
 
 
@@ -544,7 +406,7 @@ def test_a_base_model_is_found_in_params(tmp_path: Path, signer) -> None:
 
 @pytest.fixture
 def elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A cwd without .chainproof/vulndb.sqlite, so the CLI compares the statements."""
+    """A cwd of its own, with no CHAINPROOF_VULNDB: nothing around the CLI may change the diff."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("CHAINPROOF_VULNDB", raising=False)
     return tmp_path
