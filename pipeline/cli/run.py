@@ -124,18 +124,27 @@ def keys() -> None:
 
 @keys.command("init")
 @click.option("--force", is_flag=True, help="Replace existing dev keys (old links stop verifying).")
+@click.option(
+    "--role",
+    type=click.Choice(["owner", "functionary", "both"]),
+    default="both",
+    show_default=True,
+    help="functionary: a runner's key (and its OpenSSF release key), never the owner's; "
+    "owner: the layout signer, kept off the build machine.",
+)
 @workspace_option
-def keys_init(force: bool, workspace: Path) -> None:
-    """Create dev owner and functionary keys (ed25519, private halves 0600, gitignored)."""
-    from pipeline.provenance.keys import init_dev_keys, load_public_key
+def keys_init(force: bool, role: str, workspace: Path) -> None:
+    """Create dev keys (ed25519, private halves 0600, gitignored)."""
+    from pipeline.provenance.keys import ROLES, init_dev_keys, load_public_key
     from pipeline.workspace import Workspace
 
     ws = Workspace(workspace.resolve())
-    written = init_dev_keys(ws.keys, force=force)
-    for role in ("owner", "functionary"):
-        key = load_public_key(ws.keys / f"{role}.pub")
-        state = "created" if role in written else "exists "
-        click.echo(f"{state} {role:<12} {key.keyid}  {ws.keys / (role + '.pem')}")
+    roles = ROLES if role == "both" else (role,)
+    written = init_dev_keys(ws.keys, force=force, roles=roles)
+    for name in roles:
+        key = load_public_key(ws.keys / f"{name}.pub")
+        state = "created" if name in written else "exists "
+        click.echo(f"{state} {name:<12} {key.keyid}  {ws.keys / (name + '.pem')}")
 
 
 @click.group()

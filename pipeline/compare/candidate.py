@@ -162,18 +162,36 @@ def evaluate(
         for v in diff.vulnerabilities.new
         if v.severity not in SEVERITY_ORDER or SEVERITY_ORDER.index(v.severity) >= threshold
     ]
-    criteria.append(
-        Criterion(
-            "no new vulnerability",
-            not new,
-            "none at or above " + policy["severity"]
-            if not new
-            else "; ".join(
-                f"{v.id} {v.package} {v.b_version} ({v.severity}): {v.paths[0] if v.paths else ''}"
-                for v in new
-            ),
+    vulns = diff.vulnerabilities
+    if not vulns.compared:
+        # Not compared is not "none new": say so, and refuse when scans are required.
+        required = bool(policy.get("dependencies_required"))
+        criteria.append(
+            Criterion(
+                "no new vulnerability",
+                not required,
+                f"NOT compared: {', '.join(vulns.not_scanned) or 'a side'} not scanned"
+                + (
+                    " (security.dependencies.required is true)"
+                    if required
+                    else " (allowed: security.dependencies.required is false)"
+                ),
+            )
         )
-    )
+    else:
+        criteria.append(
+            Criterion(
+                "no new vulnerability",
+                not new,
+                "none at or above " + policy["severity"]
+                if not new
+                else "; ".join(
+                    f"{v.id} {v.package} {v.b_version} ({v.severity}): "
+                    f"{v.paths[0] if v.paths else ''}"
+                    for v in new
+                ),
+            )
+        )
 
     ma, mb = metrics  # A = production, B = candidate
     a_acc, b_acc = ma.get("accuracy"), mb.get("accuracy")
@@ -297,6 +315,7 @@ def run_candidate(
         d = lineage_diff(prod_lineage, cand_lineage)
         policy: dict[str, Any] = config.candidate.model_dump(exclude_none=True)
         policy.setdefault("severity", config.security["dependencies"]["severity"])
+        policy["dependencies_required"] = config.security["dependencies"]["required"]
         criteria, digests = evaluate(
             production,
             owner_key,
