@@ -84,12 +84,31 @@ def workers() -> int:
     return max(2, os.cpu_count() or 1)
 
 
+# (dev, ino, size, mtime_ns, ctime_ns) -> hex sha256, for this process only. ctime cannot be
+# set from user space, so a file rewritten since it was hashed always misses.
+_SEEN: dict[tuple[int, int, int, int, int], str] = {}
+_SEEN_MAX = 1_000_000
+
+
 def hash_files(paths: Iterable[Path], *, max_workers: int | None = None) -> dict[Path, str]:
-    """Hash many files concurrently; identical paths are hashed once."""
+    """Hash many files concurrently; identical paths, and files this process already hashed
+    and that have not changed since, are read once."""
     unique = list(dict.fromkeys(Path(p) for p in paths))
-    sizes = [p.stat().st_size for p in unique]
-    digests = hash_many([str(p) for p in unique], sizes, max_workers=max_workers)
-    return dict(zip(unique, digests, strict=True))
+    out: dict[Path, str] = {}
+    todo: list[tuple[Path, tuple[int, int, int, int, int], int]] = []
+    for p in unique:
+        st = p.stat()
+        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if key in _SEEN:
+            out[p] = _SEEN[key]
+        else:
+            todo.append((p, key, st.st_size))
+    digests = hash_many([str(t[0]) for t in todo], [t[2] for t in todo], max_workers=max_workers)
+    if len(_SEEN) > _SEEN_MAX:
+        _SEEN.clear()
+    for (p, key, _), digest in zip(todo, digests, strict=True):
+        _SEEN[key] = out[p] = digest
+    return {p: out[p] for p in unique}
 
 
 def _scan(directory: str, rel: str, out: list[tuple[str, str, int]]) -> None:

@@ -14,6 +14,7 @@ import json
 import os
 import subprocess
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,12 +82,25 @@ def _flatten(prefix: str, value: Any, out: dict[str, str]) -> None:
         out[prefix] = json.dumps(value) if not isinstance(value, str) else value
 
 
+# Answers "did this run's chain and its release verify?" from a real verification (never from
+# run.json, which is unsigned). Only a True answer tags a model version verified and moves
+# the production alias.
+Verifier = Callable[[Path], bool]
+
+
 class MLflowLineage(LineageSink):
     def __init__(
-        self, tracking_uri: str, *, workspace: Path, experiment: str, registered_model: str
+        self,
+        tracking_uri: str,
+        *,
+        workspace: Path,
+        experiment: str,
+        registered_model: str,
+        verified: Verifier | None = None,
     ) -> None:
         self.tracking_uri = resolve_tracking_uri(tracking_uri, workspace)
         self.workspace = workspace
+        self.verified = verified
         self.experiment = experiment
         self.registered_model = registered_model
 
@@ -179,7 +193,12 @@ class MLflowLineage(LineageSink):
                         version = self._register(mlflow, client, run_dir, name, record)
             alias = False
             if version is not None:
-                verified = record.get("status") == "succeeded" and record.get("release")
+                verified = bool(
+                    record.get("status") == "succeeded"
+                    and record.get("release")
+                    and self.verified is not None
+                    and self.verified(run_dir)
+                )
                 client.set_model_version_tag(
                     self.registered_model,
                     version,
@@ -318,7 +337,9 @@ class MLflowLineage(LineageSink):
         return str(mv.version)
 
 
-def sink_for(lineage: LineageSpec, workspace: Path, pipeline: str) -> LineageSink:
+def sink_for(
+    lineage: LineageSpec, workspace: Path, pipeline: str, *, verified: Verifier | None = None
+) -> LineageSink:
     if not lineage.enabled:
         return NullLineage()
     return MLflowLineage(
@@ -326,11 +347,14 @@ def sink_for(lineage: LineageSpec, workspace: Path, pipeline: str) -> LineageSin
         workspace=workspace,
         experiment=lineage.experiment or pipeline,
         registered_model=lineage.registered_model or pipeline,
+        verified=verified,
     )
 
 
-def sync_run_dir(run_dir: Path) -> str:
-    """`chainproof lineage sync RUN`: log a run afterwards, from its directory alone."""
+def sync_run_dir(run_dir: Path, *, verified: Verifier | None = None) -> str:
+    """`chainproof lineage sync RUN`: log a run afterwards, from its directory alone.
+
+    `verified` decides whether its model version is tagged verified and made production."""
     from pipeline.workspace import workspace_of_run
 
     run_dir = run_dir.resolve()
@@ -344,7 +368,7 @@ def sync_run_dir(run_dir: Path) -> str:
         spec = LineageSpec.model_validate(config.get("lineage") or {})
     except ValidationError as e:
         raise InputError(f"{run_dir / 'config.yaml'}: lineage: {e}") from e
-    sink = sink_for(spec, workspace_of_run(run_dir).root, config["name"])
+    sink = sink_for(spec, workspace_of_run(run_dir).root, config["name"], verified=verified)
     result = sink.sync(run_dir)
     if result is None:
         return "lineage is disabled in this run's config"

@@ -48,6 +48,8 @@ INPUTS = "inputs"  # inputs/<stage>/...: what the runner placed for a stage (a b
 BASE_MODEL = "base_model.keras"
 UPSTREAM = "upstream"  # upstream/<stage>/: the release a base model came from
 DEFAULT_MODEL = "package/model.keras"  # the model a bundle's consumer loads by default
+RELEASE_MANIFEST = "release.intoto.json"  # in a bundle's attestations/: every file, signed
+RENEWAL = "renewal.intoto.json"  # in a bundle's attestations/: the owner's later extension
 
 
 def spec_name(stage: str) -> str:

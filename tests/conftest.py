@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 
@@ -15,6 +16,10 @@ ROOT = Path(__file__).resolve().parent.parent
 MAIN_LOCK = ROOT / "requirements" / "main.txt"
 SMALL_LOCK = ROOT / "tests" / "data" / "locks" / "small.txt"
 SHARED = ROOT.parent / "shared"
+# Consumers record the newest release they verified (rollback protection): keep the tests'
+# record apart from the user's, for this process and every CLI it starts.
+os.environ.setdefault("CHAINPROOF_STATE_DIR", tempfile.mkdtemp(prefix="chainproof-state-"))
+
 CHAINPROOF = [sys.executable, "-m", "pipeline.cli"]
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")

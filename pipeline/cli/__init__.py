@@ -44,6 +44,7 @@ def _register() -> None:
         run.lineage,
         run.reproduce,
         release.serve,
+        release.release,
         run.candidate,
         scan,
         deps.deps,

@@ -80,3 +80,26 @@ def serve(
         port=port,
         on_ready=echo_progress,
     )
+
+
+@click.group()
+def release() -> None:
+    """Published releases."""
+
+
+@release.command("renew")
+@click.argument("bundle", type=click.Path(file_okay=False, exists=True, path_type=Path))
+@click.option("--days", type=int, required=True, help="How long from now it stays verifiable.")
+@workspace_option
+def release_renew(bundle: Path, days: int, workspace: Path) -> None:
+    """The owner extends BUNDLE's lifetime; its layout and links stay untouched.
+
+    Signed with the owner key (this workspace's, or $CHAINPROOF_OWNER_SIGNER).
+    """
+    from pipeline.provenance.keys import load_signer
+    from pipeline.release.renew import renew
+    from pipeline.workspace import Workspace
+
+    owner = load_signer("owner", Workspace(workspace.resolve()).keys)
+    until = renew(bundle, owner, days=days)
+    click.echo(f"renewed {bundle} until {until:%Y-%m-%dT%H:%M:%SZ} (owner {owner.public.keyid})")

@@ -185,8 +185,12 @@ def lineage() -> None:
 def lineage_sync(run_dir: Path) -> None:
     """Log RUN_DIR's lineage to the tracking URI of its recorded config (idempotent)."""
     from pipeline.lineage import sync_run_dir
+    from pipeline.release.verify import verified_release
+    from pipeline.workspace import workspace_of_run
 
-    click.echo(sync_run_dir(run_dir))
+    # the alias moves only for a run that verifies now, under this store's workspace owner
+    ws = workspace_of_run(run_dir).root
+    click.echo(sync_run_dir(run_dir, verified=lambda rd: verified_release(rd, ws)))
 
 
 @click.command()

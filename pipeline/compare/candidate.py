@@ -233,6 +233,7 @@ def evaluate(
         prod_bundle,
         owner_key=owner_key,
         owner_key_file=owner_key_file or (None if owner_key else runner.ws.keys / "owner.pub"),
+        freshness=False,  # production is compared with, not loaded into service
     )
     cand_bytes = _candidate_model_bytes(runner)
     for data in (prod_bytes, cand_bytes):  # both scanned before Keras sees either

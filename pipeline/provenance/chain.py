@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -45,6 +46,7 @@ class VerifyReport:
     pins: LayoutPins | None = None
     run_id: str | None = None  # the one run every link names
     trust: str = ""  # where the trusted owner key came from
+    release: dict[str, Any] | None = None  # a bundle's signed name, version, run, publication
 
     def passed(self, check: str, detail: str) -> None:
         self.checks.append((check, detail))
@@ -79,7 +81,20 @@ def safe_join(root: Path, name: str, *, check: str, step: str | None = None) -> 
     return root / pure
 
 
-def load_layout(path: Path, owner: PublicKey, report: VerifyReport) -> Layout:
+RENEW_HINT = (
+    "the owner can extend a published release without touching its links: "
+    "`chainproof release renew BUNDLE --days N` (owner key); a run is re-run instead"
+)
+
+
+def load_layout(
+    path: Path,
+    owner: PublicKey,
+    report: VerifyReport,
+    *,
+    renewed_until: datetime | None = None,
+) -> Layout:
+    """The owner-signed layout at `path`; `renewed_until`: an owner-signed renewal's expiry."""
     try:
         metadata = Metadata.load(str(path))
     except FileNotFoundError:
@@ -105,14 +120,23 @@ def load_layout(path: Path, owner: PublicKey, report: VerifyReport) -> Layout:
         raise _fail(f"{path} holds a link, not a layout", "layout signature", artifact=str(path))
     try:
         verifylib.verify_layout_expiration(layout)
+        report.passed("layout expiry", f"valid until {layout.expires}")
     except LayoutExpiredError as e:
-        raise _fail(
-            f"the layout expired on {layout.expires}",
+        if renewed_until is None or renewed_until <= datetime.now(UTC):
+            until = (
+                f", and its renewal on {renewed_until:%Y-%m-%dT%H:%M:%SZ}" if renewed_until else ""
+            )
+            raise _fail(
+                f"the layout expired on {layout.expires}{until}",
+                "layout expiry",
+                artifact=str(path),
+                hint=RENEW_HINT,
+            ) from e
+        report.passed(
             "layout expiry",
-            artifact=str(path),
-            hint="the owner must sign a fresh layout (chainproof layout CONFIG)",
-        ) from e
-    report.passed("layout expiry", f"valid until {layout.expires}")
+            f"expired {layout.expires}, renewed by the owner until "
+            f"{renewed_until:%Y-%m-%dT%H:%M:%SZ}",
+        )
     report.layout = layout
     report.pins = pins_of(layout)
     return layout
@@ -364,6 +388,7 @@ def verify_chain(
     only_steps: Iterable[str] | None = None,
     target: str = "",
     progress: Callable[[str], None] | None = None,
+    renewed_until: datetime | None = None,
 ) -> VerifyReport:
     """Verify links in `link_dir` against the owner-signed layout, then the files on disk.
 
@@ -371,7 +396,7 @@ def verify_chain(
     it); the layout's signature and expiry are still checked on the whole layout first.
     """
     report = VerifyReport(target=target or str(link_dir), owner_keyid=owner.keyid)
-    layout = load_layout(layout_path, owner, report)
+    layout = load_layout(layout_path, owner, report, renewed_until=renewed_until)
     if only_steps is not None:
         keep = set(only_steps)
         layout.steps = [s for s in layout.steps if s.name in keep]
@@ -400,9 +425,16 @@ def verify_chain(
     return report
 
 
-def released_steps(layout_path: Path, owner: PublicKey) -> list[str]:
+def released_steps(
+    layout_path: Path, owner: PublicKey, *, renewed_until: datetime | None = None
+) -> list[str]:
     """Steps whose products a release bundle carries: the last step and those it MATCHes from."""
-    layout = load_layout(layout_path, owner, VerifyReport(target="", owner_keyid=owner.keyid))
+    layout = load_layout(
+        layout_path,
+        owner,
+        VerifyReport(target="", owner_keyid=owner.keyid),
+        renewed_until=renewed_until,
+    )
     last = layout.steps[-1]
     sources = [r[5] for r in last.expected_materials if r[0] == "MATCH" and len(r) >= 6]
     return [*dict.fromkeys(sources), last.name]

@@ -22,6 +22,9 @@ from pipeline.provenance.keys import PublicKey
 STATEMENT_TYPE = "https://in-toto.io/Statement/v1"
 PAYLOAD_TYPE = "application/vnd.in-toto+json"
 TEST_RESULT = "https://in-toto.io/attestation/test-result/v0.1"
+# chainproof's own predicates: a release's whole file list, and the owner's renewal of it
+RELEASE_PREDICATE = "https://chainproof.dev/attestation/release/v1"
+RENEWAL_PREDICATE = "https://chainproof.dev/attestation/renewal/v1"
 
 
 def statement(

@@ -16,6 +16,7 @@ from typing import Any
 
 from pipeline.errors import InputError, VerificationError
 from pipeline.provenance.chain import VerifyReport
+from pipeline.release.freshness import check_fresh
 from pipeline.release.verify import verify_bundle
 from pipeline.workspace import DEFAULT_MODEL
 
@@ -33,9 +34,17 @@ def read_verified_bytes(
     owner_key: str | None = None,
     owner_key_file: Path | None = None,
     model: str = DEFAULT_MODEL,
+    min_version: str | None = None,
+    freshness: bool = True,
 ) -> tuple[bytes, VerifyReport]:
-    """(the model file's bytes, the verification report) — the bytes are the attested ones."""
+    """(the model file's bytes, the verification report) — the bytes are the attested ones.
+
+    With `freshness` (the default) a release older than one this machine already verified, or
+    below `min_version`, is refused (see release/freshness.py).
+    """
     report = verify_bundle(Path(bundle), owner_key=owner_key, owner_key_file=owner_key_file)
+    if freshness:
+        check_fresh(report, min_version=min_version)
     expected = attested_digest(report, model)
     data = (Path(bundle) / "artifacts" / model).read_bytes()  # the one read we load from
     got = hashlib.sha256(data).hexdigest()
@@ -54,6 +63,7 @@ def load_verified(
     owner_key: str | None = None,
     owner_key_file: str | Path | None = None,
     model: str = DEFAULT_MODEL,
+    min_version: str | None = None,
 ) -> Any:
     """The Keras model of a release bundle, or a VerificationError/UnsafeModelError.
 
@@ -67,6 +77,7 @@ def load_verified(
         owner_key=owner_key,
         owner_key_file=Path(owner_key_file) if owner_key_file else None,
         model=model,
+        min_version=min_version,
     )
     with tempfile.TemporaryDirectory(prefix="chainproof-load-") as private:
         os.chmod(private, 0o700)

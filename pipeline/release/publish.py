@@ -23,9 +23,14 @@ from pipeline.provenance.chain import released_steps
 from pipeline.provenance.links import Link, link_filename
 from pipeline.provenance.openssf import SIGNATURE as MODEL_SIGNATURE
 from pipeline.provenance.openssf import sign_model_dir
-from pipeline.provenance.statements import slsa_provenance, write_signed_statement
+from pipeline.provenance.statements import (
+    RELEASE_PREDICATE,
+    slsa_provenance,
+    statement,
+    write_signed_statement,
+)
 from pipeline.release.verify import verify_bundle
-from pipeline.workspace import CHECKS_DIR, LAYOUT_NAME, PROVENANCE, UPSTREAM
+from pipeline.workspace import CHECKS_DIR, LAYOUT_NAME, PROVENANCE, RELEASE_MANIFEST, UPSTREAM
 
 
 @dataclass(frozen=True)
@@ -143,6 +148,26 @@ def write_provenance(inp: ReleaseInputs, released: list[str]) -> Path:
     return path
 
 
+def write_release_manifest(bundle: Path, inp: ReleaseInputs) -> None:
+    """Sign the list of every file in the bundle (VERIFY.md, keys and locks included), with the
+    release's name, version and run: verify refuses any file it does not cover, and a bundle
+    sitting under another version's name."""
+    files = list_tree(bundle)
+    digests = {name: sha256_file(path) for name, path in files.items()}
+    stmt = statement(
+        digests,
+        RELEASE_PREDICATE,
+        {
+            "name": inp.config.name,
+            "version": inp.destination.name,
+            "run_id": inp.run_id,
+            "published": inp.finished,
+            "layout_sha256": sha256_file(inp.layout_path),
+        },
+    )
+    write_signed_statement(bundle / "attestations" / RELEASE_MANIFEST, stmt, inp.functionary.signer)
+
+
 def publish(inp: ReleaseInputs) -> Path:
     """Write the provenance, assemble and verify the bundle, rename it into place."""
     released = released_steps(inp.layout_path, inp.owner)
@@ -180,7 +205,8 @@ def publish(inp: ReleaseInputs) -> Path:
                 inp.release_key[0],
             )
         (staging / "VERIFY.md").write_text(verify_md(inp, released[0]))
-        verify_bundle(staging, owner_key=inp.owner.keyid)
+        write_release_manifest(staging, inp)
+        verify_bundle(staging, owner_key=inp.owner.keyid, expected_version=final.name)
     atomic_symlink(final.name, final.parent / "latest")
     return final
 

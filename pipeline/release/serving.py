@@ -65,13 +65,16 @@ def serve(
     *,
     owner_key: str | None = None,
     owner_key_file: Path | None = None,
+    min_version: str | None = None,
     host: str = "127.0.0.1",
     port: int = 8080,
     on_ready: Callable[[str], None] | None = None,
 ) -> None:
     import uvicorn
 
-    model = load_verified(bundle, owner_key=owner_key, owner_key_file=owner_key_file)
+    model = load_verified(
+        bundle, owner_key=owner_key, owner_key_file=owner_key_file, min_version=min_version
+    )
     data = (bundle / "artifacts" / DEFAULT_MODEL).read_bytes()
     metadata = {
         "release": str(bundle),

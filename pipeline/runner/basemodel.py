@@ -45,6 +45,7 @@ def _read(spec: dict[str, Any], base_dir: Path) -> tuple[bytes, dict[str, Any]]:
                 owner_key=owner_key,
                 owner_key_file=(base_dir / owner_file) if owner_file else None,
                 model=spec.get("file") or DEFAULT_MODEL,
+                freshness=False,  # the config names this very bundle on purpose
             )
         except VerificationError as e:
             raise VerificationError(

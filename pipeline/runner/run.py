@@ -118,6 +118,7 @@ class Runner:
         self.done: list[str] = []
         self.model_scans: list[dict[str, Any]] = []
         self.lineage = ""
+        self.published: Path | None = None  # set only once this process verified and published
 
     # ------------------------------------------------------------------ run lifecycle
 
@@ -243,7 +244,12 @@ class Runner:
 
     def log_lineage(self) -> str:
         """Log the run to MLflow; a failure is reported, recorded, and never fails the run."""
-        sink = sink_for(self.config.lineage, self.ws.root, self.config.name)
+        sink = sink_for(
+            self.config.lineage,
+            self.ws.root,
+            self.config.name,
+            verified=lambda _run_dir: self.published is not None,
+        )
         t0 = time.perf_counter()
         try:
             result = sink.sync(self.run_dir)
@@ -561,4 +567,5 @@ class Runner:
             )
         )
         self.say(f"released {final}")
+        self.published = final
         return final
