@@ -19,7 +19,7 @@ from pipeline.errors import InputError
 from pipeline.fsutil import atomic_directory, atomic_symlink
 from pipeline.hashing import list_tree, sha256_file
 from pipeline.provenance import keys as keymod
-from pipeline.provenance.chain import released_steps
+from pipeline.provenance.chain import VerifyReport, load_layout, released_steps
 from pipeline.provenance.links import Link, link_filename
 from pipeline.provenance.openssf import SIGNATURE as MODEL_SIGNATURE
 from pipeline.provenance.openssf import sign_model_dir
@@ -168,6 +168,13 @@ def write_release_manifest(bundle: Path, inp: ReleaseInputs) -> None:
     write_signed_statement(bundle / "attestations" / RELEASE_MANIFEST, stmt, inp.functionary.signer)
 
 
+def _layout_names(inp: ReleaseInputs, release_pub: Path) -> bool:
+    """Does the owner's layout bind this OpenSSF release key? (Only then is it used.)"""
+    report = VerifyReport(target=str(inp.layout_path), owner_keyid=inp.owner.keyid)
+    layout = load_layout(inp.layout_path, inp.owner, report)
+    return keymod.release_public_key(release_pub.read_bytes()).keyid in layout.keys
+
+
 def publish(inp: ReleaseInputs) -> Path:
     """Write the provenance, assemble and verify the bundle, rename it into place."""
     released = released_steps(inp.layout_path, inp.owner)
@@ -197,7 +204,7 @@ def publish(inp: ReleaseInputs) -> Path:
                 dest = staging / "artifacts" / name
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copyfile(path, dest)
-        if inp.release_key:
+        if inp.release_key and _layout_names(inp, inp.release_key[1]):
             shutil.copyfile(inp.release_key[1], staging / "keys" / keymod.RELEASE_PUB)
             sign_model_dir(
                 staging / "artifacts" / released[0],
