@@ -452,7 +452,7 @@ def check_release_manifest(
             artifact=str(bundle),
             hint="an older (or other) release was put in its place; do not use it",
         )
-    if bundle.parent.name == name and bundle.name != version:
+    if expected_version is None and bundle.parent.name == name and bundle.name != version:
         raise VerificationError(
             f"releases/{name}/{bundle.name} holds the signed release version {version}",
             check="release version",
