@@ -1,0 +1,240 @@
+"""Each named check of verify_chain, on a tiny two-step chain signed here (no stages, no TF)."""
+
+from __future__ import annotations
+
+import base64
+import json
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from in_toto.models.layout import Layout, Step
+from securesystemslib.signer import CryptoSigner
+
+from pipeline.errors import VerificationError
+from pipeline.hashing import hash_tree
+from pipeline.provenance.chain import DiskArtifacts, verify_chain
+from pipeline.provenance.keys import KeyPair, PublicKey
+from pipeline.provenance.layout import LayoutPins, signed_layout_bytes
+from pipeline.provenance.links import write_link
+
+CMD = {"make": ["python", "-I", "-m", "stages.make"], "use": ["python", "-I", "-m", "stages.use"]}
+PINS = LayoutPins(
+    pipeline="tiny",
+    config_sha256="c" * 64,
+    locks={"main.txt": "l" * 64},
+    code_sha256="d" * 64,
+)
+
+
+def keypair(role: str) -> KeyPair:
+    signer = CryptoSigner.generate_ed25519()
+    return KeyPair(role, signer, PublicKey(signer.public_key))
+
+
+class Chain:
+    """A run directory with two steps, `make` (writes make/data.bin) and `use` (reads it)."""
+
+    def __init__(self, root: Path, *, expires_days: int = 7, pins: LayoutPins = PINS) -> None:
+        self.root, self.links = root / "run", root / "links"
+        self.links.mkdir(parents=True)
+        (self.root / "make").mkdir(parents=True)
+        (self.root / "use").mkdir()
+        (self.root / "make" / "data.bin").write_bytes(b"training data")
+        (self.root / "use" / "model.bin").write_bytes(b"weights")
+        self.owner, self.functionary = keypair("owner"), keypair("functionary")
+        kid = self.functionary.public.keyid
+        steps = [
+            Step(
+                name="make",
+                expected_command=CMD["make"],
+                expected_materials=[["DISALLOW", "*"]],
+                expected_products=[["CREATE", "make/data.bin"], ["DISALLOW", "*"]],
+                pubkeys=[kid],
+                threshold=1,
+            ),
+            Step(
+                name="use",
+                expected_command=CMD["use"],
+                expected_materials=[
+                    ["MATCH", "make/*", "WITH", "PRODUCTS", "FROM", "make"],
+                    ["DISALLOW", "*"],
+                ],
+                expected_products=[["CREATE", "use/model.bin"], ["DISALLOW", "*"]],
+                pubkeys=[kid],
+                threshold=1,
+            ),
+        ]
+        expires = datetime.now(UTC) + timedelta(days=expires_days)
+        layout = Layout(
+            steps=steps,
+            inspect=[],
+            keys={kid: self.functionary.public.legacy_dict()},
+            expires=expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
+            readme=pins.to_readme(),
+        )
+        self.layout = root / "root.layout"
+        self.layout.write_bytes(signed_layout_bytes(layout, self.owner.signer))
+
+    def env(self, **over: object) -> dict[str, object]:
+        return {
+            "run_id": "run-1",
+            "config_sha256": PINS.config_sha256,
+            "lock_sha256": PINS.locks["main.txt"],
+            "code": {"sha256": PINS.code_sha256},
+            **over,
+        }
+
+    def link(self, step: str, *, rc: int = 0, command: list[str] | None = None, **env: object):
+        materials = hash_tree(self.root / "make", prefix="make/") if step == "use" else {}
+        products = hash_tree(self.root / step, prefix=f"{step}/")
+        write_link(
+            self.links,
+            name=step,
+            materials=materials,
+            products=products,
+            command=command or CMD[step],
+            byproducts={"return-value": rc},
+            environment=self.env(**env),
+            signer=self.functionary.signer,
+        )
+
+    def both(self, **env: object) -> Chain:
+        self.link("make", **env)
+        self.link("use", **env)
+        return self
+
+    def verify(self, owner: PublicKey | None = None):
+        return verify_chain(
+            layout_path=self.layout,
+            link_dir=self.links,
+            owner=owner or self.owner.public,
+            disk=DiskArtifacts(self.root),
+        )
+
+    def fails(self, owner: PublicKey | None = None) -> VerificationError:
+        with pytest.raises(VerificationError) as info:
+            self.verify(owner)
+        return info.value
+
+
+def test_a_sound_chain_passes_every_check_in_order(tmp_path: Path) -> None:
+    report = Chain(tmp_path).both().verify()
+    names = [c for c, _ in report.checks]
+    assert names == [
+        "layout signature",
+        "layout expiry",
+        "links present",
+        "link signatures",
+        "expected command",
+        "run binding",
+        "return values",
+        "artifact rules",
+        "artifacts on disk",
+    ]
+    assert report.run_id == "run-1" and report.pins == PINS
+
+
+def test_layout_signature(tmp_path: Path) -> None:
+    chain = Chain(tmp_path).both()
+    assert chain.fails(keypair("x").public).check == "layout signature"
+
+
+def test_layout_expiry(tmp_path: Path) -> None:
+    err = Chain(tmp_path, expires_days=-1).both().fails()
+    assert err.check == "layout expiry" and "release renew" in (err.hint or "")
+
+
+def test_links_present(tmp_path: Path) -> None:
+    chain = Chain(tmp_path)
+    chain.link("make")
+    err = chain.fails()
+    assert (err.check, err.step) == ("links present", "use")
+
+
+def test_link_signatures(tmp_path: Path) -> None:
+    chain = Chain(tmp_path).both()
+    (link,) = chain.links.glob("use.*.link")
+    env = json.loads(link.read_text())
+    payload = json.loads(base64.b64decode(env["payload"]))
+    payload["products"]["use/model.bin"]["sha256"] = "0" * 64  # one changed digest
+    env["payload"] = base64.b64encode(json.dumps(payload).encode()).decode()
+    link.write_text(json.dumps(env))
+    err = chain.fails()
+    assert (err.check, err.step) == ("link signatures", "use")
+
+
+def test_expected_command(tmp_path: Path) -> None:
+    chain = Chain(tmp_path)
+    chain.link("make", command=["python", "-c", "import os; os.system('evil')"])
+    chain.link("use")
+    err = chain.fails()
+    assert (err.check, err.step) == ("expected command", "make")
+
+
+def test_run_binding(tmp_path: Path) -> None:
+    chain = Chain(tmp_path)
+    chain.link("make")
+    chain.link("use", run_id="run-2")  # spliced in from another run
+    err = chain.fails()
+    assert err.check == "run binding" and "different runs" in err.message
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "check"),
+    [
+        ("config_sha256", "0" * 64, "config pin"),
+        ("code", {"sha256": "0" * 64}, "code pin"),
+        ("lock_sha256", "0" * 64, "lock pin"),
+    ],
+)
+def test_pins(tmp_path: Path, field: str, value: object, check: str) -> None:
+    err = Chain(tmp_path).both(**{field: value}).fails()
+    assert err.check == check
+
+
+def test_return_values(tmp_path: Path) -> None:
+    chain = Chain(tmp_path)
+    chain.link("make", rc=1)
+    chain.link("use")
+    assert chain.fails().check == "return values"
+
+
+def test_artifact_rules_name_the_upstream_product_a_material_no_longer_matches(tmp_path):
+    chain = Chain(tmp_path)
+    chain.link("make")
+    (chain.root / "make" / "data.bin").write_bytes(b"poisoned data")  # swapped between steps
+    chain.link("use")
+    err = chain.fails()
+    assert (err.check, err.step) == ("artifact rules", "use")
+    assert "make/data.bin" in err.message and "but step 'make' produced" in err.message
+
+
+def test_artifacts_on_disk(tmp_path: Path) -> None:
+    chain = Chain(tmp_path).both()
+    (chain.root / "use" / "model.bin").write_bytes(b"weights, changed")
+    err = chain.fails()
+    assert err.check == "artifacts on disk" and err.artifact.endswith("use/model.bin")
+
+
+def test_a_recorded_name_that_leaves_the_tree_is_refused(tmp_path: Path) -> None:
+    chain = Chain(tmp_path)
+    chain.link("make")
+    write_link(
+        chain.links,
+        name="use",
+        materials=hash_tree(chain.root / "make", prefix="make/"),
+        products={"use/../../outside.bin": {"sha256": "0" * 64}},
+        command=CMD["use"],
+        byproducts={"return-value": 0},
+        environment=chain.env(),
+        signer=chain.functionary.signer,
+    )
+    with pytest.raises(VerificationError) as info:
+        verify_chain(
+            layout_path=chain.layout,
+            link_dir=chain.links,
+            owner=chain.owner.public,
+            disk=DiskArtifacts(chain.root),
+        )
+    assert "not a plain relative path" in info.value.message or info.value.check == "artifact rules"
