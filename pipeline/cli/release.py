@@ -12,6 +12,10 @@ from pipeline.cli.options import echo_progress, trust_options, workspace_option,
 @click.command()
 @click.argument("target", type=click.Path(path_type=Path))
 @trust_options
+@click.option(
+    "--release-version",
+    help="The release version you expect (a bundle of any other version is refused).",
+)
 @workspace_option
 @click.pass_context
 def verify(
@@ -19,6 +23,7 @@ def verify(
     target: Path,
     owner_key: str | None,
     owner_key_file: Path | None,
+    release_version: str | None,
     workspace: Path,
 ) -> None:
     """Verify a run (runs/<id>, runs/latest) or a release bundle (releases/<name>/<version>).
@@ -33,6 +38,7 @@ def verify(
         owner_key=owner_key,
         owner_key_file=owner_key_file,
         workspace=workspace_trust(ctx, workspace),
+        expected_version=release_version,
     )
     click.echo(f"verifying {report.target}")
     click.echo(f"  trusted owner key {report.owner_keyid} ({report.trust})")

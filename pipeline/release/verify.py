@@ -556,8 +556,10 @@ def verify_target(
     owner_key: str | None = None,
     owner_key_file: Path | None = None,
     workspace: Path | None = None,
+    expected_version: str | None = None,
 ) -> VerifyReport:
-    """Verify a run or a bundle. `workspace`: trust that workspace's owner key (explicitly)."""
+    """Verify a run or a bundle. `workspace`: trust that workspace's owner key (explicitly);
+    `expected_version`: the release version you asked for (a bundle must be exactly that)."""
     if not path.exists():
         raise InputError(
             f"{path} does not exist", hint="pass runs/<run-id>, runs/latest or a release directory"
@@ -565,7 +567,11 @@ def verify_target(
     if is_bundle(path):
         local = (workspace / "attestations" / "keys" / "owner.pub") if workspace else None
         return verify_bundle(
-            path, owner_key=owner_key, owner_key_file=owner_key_file, local_owner=local
+            path,
+            owner_key=owner_key,
+            owner_key_file=owner_key_file,
+            local_owner=local,
+            expected_version=expected_version,
         )
     return verify_run(path, owner_key=owner_key, owner_key_file=owner_key_file, workspace=workspace)
 
