@@ -121,7 +121,7 @@ class PipelineConfig:
     release_dir: str
     release_version: str | None
     lineage: Mapping[str, Any]
-    security: Mapping[str, Any]
+    security: SecuritySpec  # frozen and validated: read it as is, never re-validate a dump
     candidate: Mapping[str, Any]
     stages: tuple[StageConfig, ...]
 
@@ -395,7 +395,7 @@ def load_config(path: str | Path, *, base_dir: Path | None = None) -> PipelineCo
         release_dir=raw.release.dir,
         release_version=raw.release.version,
         lineage=MappingProxyType(raw.lineage.model_dump()),
-        security=MappingProxyType(raw.security.model_dump()),
+        security=raw.security,
         candidate=MappingProxyType(raw.candidate.model_dump(exclude_none=True)),
         stages=tuple(by_name[n] for n in order),  # type: ignore[union-attr]
     )

@@ -24,6 +24,9 @@ if TYPE_CHECKING:
     from pipeline.scan.vulndb import DBInfo
 
 DEFAULT_LOCK = Path("requirements/main.txt")
+# The `scan deps --format` choices; tests check each maps to exactly one VulnerabilityFormat
+# (importing the renderers here would slow every command's start-up).
+SCAN_FORMATS = ("table", "json", "cyclonedx", "sarif")
 DEFAULT_DB = Path(".chainproof/vulndb.sqlite")
 
 
@@ -181,7 +184,7 @@ def vulndb_info(db: Path, max_age_days: int) -> None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["table", "json", "cyclonedx", "sarif"]),
+    type=click.Choice(SCAN_FORMATS),
     default="table",
     show_default=True,
 )
@@ -213,7 +216,8 @@ def scan_deps(
 ) -> None:
     """Scan every pinned package, direct and transitive, against the offline OSV database."""
     from pipeline.fsutil import atomic_write_text
-    from pipeline.scan.vulns import Policy, evaluate, load_policy, render, require_clean, scan
+    from pipeline.scan.vulns import Policy, evaluate, load_policy, require_clean, scan
+    from pipeline.scan.vulns_render import render
 
     graph = _graph(lock, installed, python)
     policy = load_policy(policy_file) if policy_file else Policy()

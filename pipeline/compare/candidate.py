@@ -290,7 +290,7 @@ def run_candidate(
     prod_lineage, cand_lineage = load_lineage(production), load_lineage(runner.run_dir)
     d = lineage_diff(prod_lineage, cand_lineage)
     policy = dict(config.candidate)
-    policy.setdefault("severity", config.security["dependencies"]["severity"])
+    policy.setdefault("severity", config.security.dependencies.severity)
     criteria, digests = evaluate(
         production,
         owner,

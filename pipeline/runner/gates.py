@@ -10,17 +10,25 @@ checked against. Where no database exists nothing pretends: the Statement says "
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import DependencyPolicySpec
 from pipeline.hashing import sha256_file
 from pipeline.provenance.statements import statement
 from pipeline.scan import deps
 from pipeline.scan.vulndb import ScanUnavailable
-from pipeline.scan.vulns import Policy, VulnerabilitiesFound, evaluate, scan
+from pipeline.scan.vulns import (
+    AllowEntry,
+    Finding,
+    Policy,
+    ScanResult,
+    VulnerabilitiesFound,
+    evaluate,
+    scan,
+)
 from pipeline.workspace import CANDIDATE, CHECKS_DIR, DEPENDENCIES, MODELS
 
 __all__ = ["CANDIDATE", "CHECKS_DIR", "DEPENDENCIES", "MODELS"]  # re-exported for stages
@@ -37,35 +45,34 @@ class DependencyGate:
     warnings: tuple[str, ...]
 
 
-def _policy(cfg: Mapping[str, Any]) -> Policy:
-    return Policy.from_mapping(
-        {
-            "severity": cfg["severity"],
-            "allow": [
-                {"id": a["id"], "reason": a["reason"], "expires": a["expires"]}
-                for a in cfg.get("allow", ())
-            ],
-        },
-        where="security.dependencies",
+def policy_from_spec(spec: DependencyPolicySpec) -> Policy:
+    """The scan policy of a validated config: the spec was checked once, when it was loaded."""
+    return Policy(
+        threshold=spec.severity,
+        allow=tuple(AllowEntry(id=a.id, reason=a.reason, expires=a.expires) for a in spec.allow),
     )
 
 
 def check_dependencies(
-    locks: list[Path], cfg: Mapping[str, Any], workspace: Path, *, today: date | None = None
+    locks: list[Path],
+    spec: DependencyPolicySpec,
+    workspace: Path,
+    *,
+    today: date | None = None,
 ) -> DependencyGate:
     """Scan `locks` under the config's policy. Raises VulnerabilitiesFound on a violation and
     ScanUnavailable when a scan is required but no database can be read."""
-    db = Path(cfg["database"])
+    db = Path(spec.database)
     db = db if db.is_absolute() else workspace / db
     today = today or datetime.now(UTC).date()
     subjects = {p.name: sha256_file(p) for p in locks}
-    policy = _policy(cfg)
+    policy = policy_from_spec(spec)
     base = {
         "scanner": {"uri": SCANNER_URI, "version": "1", "result": []},
         "metadata": {"scanStartedOn": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")},
     }
     if not db.is_file():
-        if cfg["required"]:
+        if spec.required:
             raise ScanUnavailable(
                 f"the config requires a dependency scan, but there is no database at {db}",
                 hint="import one: chainproof vulndb import PATH (or vulndb update)",
@@ -86,9 +93,11 @@ def check_dependencies(
             statement(subjects, VULNS_PREDICATE, predicate), False, "not scanned", (loud,)
         )
 
-    max_age = timedelta(days=int(cfg["max_age_days"]))
-    results, violations, warnings = [], [], []
-    per_lock = []
+    max_age = timedelta(days=spec.max_age_days)
+    results: list[ScanResult] = []
+    violations: list[tuple[Path, Finding, ScanResult]] = []
+    warnings: list[str] = []
+    per_lock: list[dict[str, Any]] = []
     for lock in locks:
         result = scan(deps.from_lock(lock), db, max_age=max_age)
         ev = evaluate(result, policy, today)
@@ -261,7 +270,9 @@ def scan_models(stage: str, stage_dir: Path, run_dir: Path, fail_on: str) -> lis
                 "path": target.relative_to(run_dir).as_posix(),
                 "files": [f.to_dict() for f in report.files],
                 "findings": [f.to_dict() for f in report.findings],
-                "max_severity": report.max_severity.label if report.findings else "none",
+                "max_severity": (
+                    report.max_severity.label if report.findings and report.max_severity else "none"
+                ),
             }
         )
     return results

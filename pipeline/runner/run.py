@@ -199,7 +199,7 @@ class Runner:
         self.owner, self.functionary = ensure_keys(self.ws)
         for lock in self.locks():
             self.lock_for(lock)
-        gate = check_dependencies(self.locks(), self.config.security["dependencies"], self.ws.root)
+        gate = check_dependencies(self.locks(), self.config.security.dependencies, self.ws.root)
         for warning in gate.warnings:
             self.say(f"WARNING: {warning}")
         self.say(f"dependency gate: {gate.summary}")
@@ -344,7 +344,7 @@ class Runner:
                 "dependencies": f"../{DEPENDENCIES}",
                 "models": f"../{MODELS}",
                 **({"candidate": f"../{CANDIDATE}"} if self.candidate else {}),
-                "dependencies_required": self.config.security["dependencies"]["required"],
+                "dependencies_required": self.config.security.dependencies.required,
                 "functionary_key": str(self.run_dir / "keys/functionary.pub"),
             }
             extra["gate"] = {
@@ -414,7 +414,7 @@ class Runner:
         if getattr(stage_class(stage.kind), "gate", False):
             write_signed_statement(
                 self.run_dir / MODELS,
-                model_scan_statement(self.model_scans, self.config.security["models"]["fail_on"]),
+                model_scan_statement(self.model_scans, self.config.security.models.fail_on),
                 self.functionary.signer,
             )
             named.update(list_tree(self.run_dir / CHECKS_DIR, prefix=f"{CHECKS_DIR}/"))
@@ -509,7 +509,7 @@ class Runner:
 
     def _scan_products(self, stage: StageConfig, workdir: Path, logs) -> list[dict[str, Any]]:
         """Model files a stage produced are scanned before any link calls them good."""
-        fail_on = self.config.security["models"]["fail_on"]
+        fail_on = self.config.security.models.fail_on
         try:
             return scan_models(stage.name, workdir, self.run_dir, fail_on)
         except UnsafeModelError as e:

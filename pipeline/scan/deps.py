@@ -115,16 +115,16 @@ def from_lock(path: Path) -> DepGraph:
             f"{path}: no pinned requirements (name==version) found",
             hint="pass a lock compiled by pip-compile, e.g. requirements/main.txt",
         )
-    packages = {e.name: Package(e.name, e.version, e.line) for e in entries}
+    packages = {en.name: Package(en.name, en.version, en.line) for en in entries}
     requires: dict[str, set[str]] = {name: set() for name in packages}
     roots: dict[str, set[str]] = {}
-    for e in entries:
-        for via in e.via:
+    for entry in entries:
+        for via in entry.via:
             parent, declared_in = _classify_via(via)
             if declared_in is not None:
-                roots.setdefault(e.name, set()).add(declared_in)
-            elif parent in packages and parent != e.name:
-                requires[parent].add(e.name)
+                roots.setdefault(entry.name, set()).add(declared_in)
+            elif parent in packages and parent != entry.name:
+                requires[parent].add(entry.name)
             # A parent that is not pinned here (excluded by a marker, or listed as unsafe and
             # left out) has no node: the edge has nowhere to start, so it is dropped.
     return _finish(str(path), "lock", packages, requires, roots, tuple(unpinned))

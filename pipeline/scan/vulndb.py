@@ -169,7 +169,7 @@ def _iter_source(source: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _record_files(root: Path) -> list[Path]:
-    found = []
+    found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # .git and friends
         found.extend(Path(dirpath) / f for f in filenames if f.endswith(_RECORD_SUFFIXES))

@@ -8,6 +8,7 @@ from datetime import date
 
 import pytest
 
+from pipeline.config import DependencyPolicySpec
 from pipeline.errors import VerificationError
 from pipeline.release.verify import verify_target
 from pipeline.runner.gates import check_dependencies, recheck
@@ -24,15 +25,17 @@ VULNERABLE_LOCK = (
 )
 
 
-def policy(db, **kw) -> dict:
-    return {
-        "database": str(db),
-        "required": False,
-        "severity": "high",
-        "max_age_days": 30,
-        "allow": (),
-        **kw,
-    }
+def policy(db, **kw) -> DependencyPolicySpec:
+    return DependencyPolicySpec.model_validate(
+        {
+            "database": str(db),
+            "required": False,
+            "severity": "high",
+            "max_age_days": 30,
+            "allow": (),
+            **kw,
+        }
+    )
 
 
 def vulnerable_pipeline(tmp_path, db, extra: str = "") -> object:
