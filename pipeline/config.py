@@ -59,12 +59,22 @@ class AllowSpec(_Strict):
     expires: date
 
 
+class AcceptLookalikeSpec(_Strict):
+    name: StrictStr = Field(min_length=1, description="a locked name that resembles a popular one")
+    reason: StrictStr = Field(min_length=1)
+    expires: date
+
+
 class DependencyPolicySpec(_Strict):
     database: StrictStr = ".chainproof/vulndb.sqlite"
     required: bool = False
     severity: Literal["low", "medium", "high", "critical"] = "high"
     max_age_days: StrictInt = Field(30, gt=0)
     allow: tuple[AllowSpec, ...] = ()
+    accept_lookalikes: tuple[AcceptLookalikeSpec, ...] = ()
+    # Owner-signed OpenVEX documents (relative to the workspace): findings they declare
+    # not_affected, until they expire.
+    vex: tuple[StrictStr, ...] = ()
 
 
 class ModelPolicySpec(_Strict):

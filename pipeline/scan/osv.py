@@ -30,6 +30,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 ECOSYSTEM = "PyPI"
+MALICIOUS_PREFIX = "MAL-"
 RATINGS = ("none", "low", "medium", "high", "critical")  # ascending; "unknown" is outside it
 UNKNOWN = "unknown"
 
@@ -315,6 +316,11 @@ class Advisory:
     published: str | None
     modified: str | None
 
+    @property
+    def malicious(self) -> bool:
+        """An OpenSSF Malicious Packages record (MAL- id): the package is malware, not buggy."""
+        return any(i.startswith(MALICIOUS_PREFIX) for i in (*self.ids, *self.aliases))
+
 
 def _prefer(record_id: str) -> tuple[int, str]:
     order = ("PYSEC-", "GHSA-")
@@ -352,25 +358,22 @@ def _groups(records: Sequence[Record]) -> list[list[Record]]:
 def match(records: Iterable[Record], name: str, version: str) -> list[Advisory]:
     """The advisories for `name==version` among `records`, aliases merged, sorted by id."""
     hits = [r for r in records if is_affected(r, name, version)]
-    out = []
-    for group in _groups(hits):
-        group.sort(key=lambda r: _prefer(r["id"]))
-        ids = tuple(sorted((r["id"] for r in group), key=_prefer))
-        aliases = sorted({str(a) for r in group for a in r.get("aliases") or []} - set(ids))
-        out.append(
-            Advisory(
-                id=ids[0],
-                ids=ids,
-                aliases=tuple(aliases),
-                summary=next((s for s in map(_summary, group) if s), ""),
-                severity=worst(severity_of(r, name) for r in group),
-                fixed=fixed_versions(group, name, version),
-                published=min(
-                    (str(r["published"]) for r in group if r.get("published")), default=None
-                ),
-                modified=max(
-                    (str(r["modified"]) for r in group if r.get("modified")), default=None
-                ),
-            )
-        )
+    out = [advisory_of(group, name, version) for group in _groups(hits)]
     return sorted(out, key=lambda a: _prefer(a.id))
+
+
+def advisory_of(group: list[Record], name: str, version: str) -> Advisory:
+    """One Advisory from records that describe the same vulnerability of `name`."""
+    group = sorted(group, key=lambda r: _prefer(r["id"]))
+    ids = tuple(sorted((r["id"] for r in group), key=_prefer))
+    aliases = sorted({str(a) for r in group for a in r.get("aliases") or []} - set(ids))
+    return Advisory(
+        id=ids[0],
+        ids=ids,
+        aliases=tuple(aliases),
+        summary=next((s for s in map(_summary, group) if s), ""),
+        severity=worst(severity_of(r, name) for r in group),
+        fixed=fixed_versions(group, name, version),
+        published=min((str(r["published"]) for r in group if r.get("published")), default=None),
+        modified=max((str(r["modified"]) for r in group if r.get("modified")), default=None),
+    )

@@ -19,7 +19,7 @@ from urllib.parse import quote
 from pipeline.errors import InputError
 from pipeline.scan.deps import DepGraph, format_path
 from pipeline.scan.osv import Severity
-from pipeline.scan.vulns import Evaluation, Finding, ScanResult
+from pipeline.scan.vulns import BY_VERSION, Evaluation, Finding, ScanResult
 
 TOOL = "chainproof"
 OSV_URL = "https://osv.dev/vulnerability/"
@@ -50,8 +50,11 @@ def render_table(result: ScanResult, evaluation: Evaluation | None = None) -> st
         lines.append(f"warning: {result.stale.message()}")
     if g.unpinned:
         lines.append(f"not scanned (not pinned to a version): {', '.join(g.unpinned)}")
+    lines.extend(_render_lookalikes(result))
     if not result.findings:
-        lines.append("no known vulnerabilities")
+        lines.append("no known vulnerabilities or malicious packages")
+        if evaluation is not None:
+            lines.extend(_render_evaluation(evaluation))
         return "\n".join(lines)
     rows = [("PACKAGE", "VERSION", "ID", "SEVERITY", "FIXED IN", "DIRECT REQUIREMENT")]
     for f in result.findings:
@@ -60,7 +63,7 @@ def render_table(result: ScanResult, evaluation: Evaluation | None = None) -> st
                 f.package,
                 f.version,
                 f.id,
-                _fmt_severity(f.severity),
+                "MALICIOUS" if f.malicious else _fmt_severity(f.severity),
                 ", ".join(f.advisory.fixed) or "no fix",
                 ", ".join(f.direct),
             )
@@ -72,6 +75,8 @@ def render_table(result: ScanResult, evaluation: Evaluation | None = None) -> st
         if i == 0:
             continue
         f = result.findings[i - 1]
+        if f.matched_by != BY_VERSION:
+            lines.append(f"    matched by file hash: {f.matched_by}")
         if f.advisory.aliases:
             lines.append(f"    aliases: {', '.join(f.advisory.aliases)}")
         if f.advisory.summary:
@@ -95,7 +100,45 @@ def _render_evaluation(ev: Evaluation) -> list[str]:
         out.append(f"  allowed {f.id} ({f.package}) until {e.expires}: {e.reason}")
     for e in ev.expired:
         out.append(f"  EXPIRED allowlist entry {e.id} (expired {e.expires}): it allows nothing")
+    for f, s in ev.not_affected:
+        out.append(
+            f"  not affected (signed VEX, until {s.expires}): {f.id} in {f.package} "
+            f"{f.version}: {s.justification or 'no justification'}; {s.impact}"
+        )
+    for s in ev.vex_expired:
+        out.append(
+            f"  EXPIRED VEX statement {s.vulnerability} for {s.package} (expired {s.expires}): "
+            "it silences nothing"
+        )
+    for r in ev.policy.vex_rejected:
+        out.append(f"  IGNORED VEX document {r.document}: {r.reason}")
+    for lf, a in ev.lookalikes_accepted:
+        out.append(f"  accepted look-alike {lf.package} until {a.expires}: {a.reason}")
+    for a in ev.accept_expired:
+        out.append(f"  EXPIRED look-alike acceptance {a.name} (expired {a.expires})")
+    malicious = [f for f in ev.violations if f.malicious]
+    if malicious:
+        out.append(
+            f"  {len(malicious)} KNOWN-MALICIOUS finding(s): blocking at any threshold; "
+            "no allowlist entry or VEX statement accepts malware"
+        )
     return out
+
+
+def _render_lookalikes(result: ScanResult) -> list[str]:
+    if not result.lookalikes:
+        return []
+    out = [f"look-alike names (reference: {result.popular_source}):"]
+    for lf in result.lookalikes:
+        look = lf.lookalike
+        out.append(f"  {look.name} {look.version} resembles {look.resembles}: {look.how}")
+        for p in lf.paths:
+            out.append(f"    path: {_path(p, result.graph)}")
+    return out
+
+
+def _path(p: tuple[tuple[str, str], ...], graph: DepGraph) -> str:
+    return format_path(p, graph)
 
 
 def _finding_dict(f: Finding, graph: DepGraph) -> dict[str, Any]:
@@ -112,6 +155,8 @@ def _finding_dict(f: Finding, graph: DepGraph) -> dict[str, Any]:
         "direct_requirements": list(f.direct),
         "paths": [[{"name": n, "version": v} for n, v in p] for p in f.paths],
         "paths_text": [format_path(p, graph) for p in f.paths],
+        "malicious": f.malicious,
+        "matched_by": f.matched_by,
     }
 
 
@@ -125,6 +170,17 @@ def render_json(result: ScanResult, evaluation: Evaluation | None = None) -> str
         "packages_scanned": result.scanned,
         "unpinned": list(result.graph.unpinned),
         "findings": [_finding_dict(f, result.graph) for f in result.findings],
+        "lookalikes": [
+            {
+                "package": lf.lookalike.name,
+                "version": lf.lookalike.version,
+                "resembles": lf.lookalike.resembles,
+                "how": lf.lookalike.how,
+                "paths_text": [format_path(p, result.graph) for p in lf.paths],
+            }
+            for lf in result.lookalikes
+        ],
+        "lookalike_reference": result.popular_source,
     }
     if evaluation is not None:
         doc["policy"] = {
@@ -140,6 +196,20 @@ def render_json(result: ScanResult, evaluation: Evaluation | None = None) -> str
                 for e in evaluation.expired
             ],
             "below_threshold": [f.id for f in evaluation.below_threshold],
+            "malicious_always_fail": True,
+            "not_affected": [
+                {"id": f.id, "package": f.package, "version": f.version, **s.as_dict()}
+                for f, s in evaluation.not_affected
+            ],
+            "vex_expired": [s.as_dict() for s in evaluation.vex_expired],
+            "vex_rejected": [
+                {"document": r.document, "reason": r.reason} for r in evaluation.policy.vex_rejected
+            ],
+            "lookalike_violations": [lf.package for lf in evaluation.lookalike_violations],
+            "lookalikes_accepted": [
+                {"name": lf.package, "reason": a.reason, "expires": a.expires.isoformat()}
+                for lf, a in evaluation.lookalikes_accepted
+            ],
         }
     return json.dumps(doc, indent=2, sort_keys=True)
 
@@ -262,10 +332,28 @@ def render_sarif(result: ScanResult) -> str:
             {
                 "ruleId": f.id,
                 "ruleIndex": list(rules).index(f.id),
-                "level": _SARIF_LEVEL.get(f.severity.rating, "warning"),
+                "level": "error" if f.malicious else _SARIF_LEVEL.get(f.severity.rating, "warning"),
                 "message": {"text": _sarif_message(f, g)},
-                "locations": [_sarif_location(f, g)],
+                "locations": [_sarif_location(f.package, g)],
                 "partialFingerprints": {"chainproof/v1": f"{f.package}@{f.version}:{f.id}"},
+            }
+        )
+    for lf in result.lookalikes:
+        if LOOKALIKE_RULE["id"] not in rules:
+            rules[LOOKALIKE_RULE["id"]] = LOOKALIKE_RULE
+        look = lf.lookalike
+        results.append(
+            {
+                "ruleId": LOOKALIKE_RULE["id"],
+                "ruleIndex": list(rules).index(LOOKALIKE_RULE["id"]),
+                "level": "error",
+                "message": {
+                    "text": f"{look.name} {look.version} resembles the popular project "
+                    f"{look.resembles} ({look.how}); pulled in by: "
+                    + "; ".join(format_path(p, g) for p in lf.paths)
+                },
+                "locations": [_sarif_location(look.name, g)],
+                "partialFingerprints": {"chainproof/v1": f"{look.name}:lookalike"},
             }
         )
     doc = {
@@ -316,8 +404,20 @@ def _sarif_message(f: Finding, graph: DepGraph) -> str:
     )
 
 
-def _sarif_location(f: Finding, graph: DepGraph) -> dict[str, Any]:
-    line = graph.packages[f.package].line
+LOOKALIKE_RULE: dict[str, Any] = {
+    "id": "chainproof-lookalike-name",
+    "name": "LookalikePackageName",
+    "shortDescription": {"text": "a dependency's name imitates a popular PyPI project"},
+    "fullDescription": {
+        "text": "Typosquatting: a near miss of a popular name (one edit, separators, affixes, "
+        "digits or Unicode confusables for letters) is how malicious packages get installed."
+    },
+    "properties": {"tags": ["security", "supply-chain", "typosquatting"]},
+}
+
+
+def _sarif_location(package: str, graph: DepGraph) -> dict[str, Any]:
+    line = graph.packages[package].line
     physical: dict[str, Any] = {"artifactLocation": {"uri": Path(graph.source).as_posix()}}
     if line:
         physical["region"] = {"startLine": line}
