@@ -184,6 +184,8 @@ def apply_to_in(in_path: Path, plan: FixPlan, *, write: bool = True) -> str:
             continue
         done.add(change.package)
         note = f"  # chainproof deps fix: {', '.join(change.clears)}"
+        if comment.strip():
+            note += f"; {comment.strip()}"
         if change.kind == REMOVE:
             out.append(f"# removed by chainproof deps fix ({', '.join(change.clears)}): {line}")
             continue
@@ -211,7 +213,13 @@ def _requirement(text: str) -> Requirement | None:
 
 
 def _raised(req: Requirement, target: str) -> str:
-    kept = [s for s in req.specifier if s.contains(target, prereleases=True)]
+    # Upper bounds and exclusions the target satisfies stay; every lower bound gives way to
+    # the new floor (which is above it: the old pin was below the fix).
+    kept = [
+        s
+        for s in req.specifier
+        if s.operator in ("<", "<=", "!=") and s.contains(target, prereleases=True)
+    ]
     spec = SpecifierSet(",".join([*map(str, kept), f">={target}"]))
     extras = f"[{','.join(sorted(req.extras))}]" if req.extras else ""
     marker = f"; {req.marker}" if req.marker else ""
