@@ -4,6 +4,12 @@ An environment matches its lock when every pinned distribution is installed at i
 nothing else is installed but chainproof itself, every installed file still has the sha256
 its wheel RECORD gives, and no unowned `.pth` or top-level module sits in site-packages
 (the classic place to hide start-up code). Anything else is drift, refused with a diff.
+
+Environments are built from wheels only (`--only-binary :all:`): building an sdist runs its
+`setup.py`, code chosen by whoever uploaded it, before anything could check it. A pin with no
+wheel for this platform is refused up front (`check_wheels_only`), naming it. pip's
+installation report (`--report`) is kept in the environment (`INSTALL_REPORT`) as evidence of
+exactly which file, name and sha256, each distribution was installed from.
 """
 
 from __future__ import annotations
@@ -12,10 +18,12 @@ import base64
 import csv
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import Distribution, distributions
@@ -24,11 +32,23 @@ from pathlib import Path
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
-from pipeline.errors import EnvironmentDrift, InputError
+from pipeline.errors import EnvironmentDrift, Error, InputError
 from pipeline.fsutil import atomic_write_text
 from pipeline.hashing import hash_many, sha256_bytes
 
 PROJECT = "chainproof"
+INSTALL_REPORT = ".chainproof-install-report.json"  # at the environment's root
+WHEELS_ONLY = ("--only-binary", ":all:")
+
+
+class NoWheel(InputError):
+    """A pin has no wheel for this platform: installing it would run its build (exit 2)."""
+
+
+class IndexUnreachable(Error):
+    """The package index could not be asked whether the lock's wheels exist (exit 2)."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -238,16 +258,94 @@ def project_root() -> Path:
     return root
 
 
+_NO_MATCH = re.compile(r"No matching distribution found for (\S+)")
+_NETWORK = (
+    "NewConnectionError",
+    "Failed to establish a new connection",
+    "Temporary failure in name resolution",
+    "Network is unreachable",
+    "Could not fetch URL",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ProxyError",
+)
+
+
+def platform_tag() -> str:
+    """The most specific wheel tag this interpreter installs, e.g. cp311-cp311-manylinux_2_39."""
+    from packaging.tags import sys_tags
+
+    return str(next(iter(sys_tags())))
+
+
+def check_wheels_only(lock_path: Path, *, timeout: float = 900) -> None:
+    """Refuse `lock_path` unless every pin has a wheel for this platform, before any build.
+
+    Asks pip itself (a dry run with `--only-binary :all:`: metadata only, nothing is built or
+    installed), so the answer is the one the real install would get from the same index.
+    Raises NoWheel naming the pin, IndexUnreachable when the index cannot be asked.
+    """
+    with tempfile.TemporaryDirectory(prefix="chainproof-wheels-") as tmp:
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--dry-run",
+            "--ignore-installed",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "--require-hashes",
+            *WHEELS_ONLY,
+            "--report",
+            str(Path(tmp) / "report.json"),
+            "-r",
+            str(lock_path),
+        ]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired as e:
+            raise IndexUnreachable(
+                f"checking the wheels of {lock_path} took over {timeout:.0f}s",
+                hint="check the network or the index (pip config list)",
+            ) from e
+    if proc.returncode == 0:
+        return
+    missing = _NO_MATCH.findall(proc.stderr)
+    if any(marker in proc.stderr for marker in _NETWORK) and not missing:
+        raise IndexUnreachable(
+            f"cannot reach the package index to check the wheels of {lock_path}",
+            hint="connect to the index (or a mirror holding these wheels) and retry",
+        )
+    if missing:
+        names = ", ".join(missing)
+        raise NoWheel(
+            f"refusing to build an environment from {lock_path}: {names} has no wheel for "
+            f"this platform ({platform_tag()}); installing it would build its sdist, running "
+            "its setup.py before anything could check it (pip stops at the first such pin)",
+            hint="pin a version that publishes a wheel for this platform, or replace the "
+            "package; chainproof installs wheels only (--only-binary :all:)",
+        )
+    raise InputError(
+        f"pip refused the lock {lock_path}:\n{proc.stderr[-2000:]}",
+        hint="check the lock was compiled with --generate-hashes for this Python",
+    )
+
+
 def ensure_environment(lock: LockFile, envs_dir: Path, log: Callable[[str], None]) -> Path:
     """The interpreter of the environment built from `lock`, building it once if needed.
 
-    Keyed by the lock's sha256; built in a staging directory with `--require-hashes` and
-    renamed into place, so a half-built environment is never used.
+    Keyed by the lock's sha256; every pin's wheel is checked to exist first (nothing is built
+    from source); built in a staging directory with `--require-hashes --only-binary :all:`
+    and renamed into place, so a half-built environment is never used. pip's install report
+    stays in it (INSTALL_REPORT).
     """
     final = envs_dir / lock.sha256[:32]
     python = final / "bin" / "python"
     if python.exists():
         return python
+    check_wheels_only(lock.path)
     envs_dir.mkdir(parents=True, exist_ok=True)
     staging = envs_dir / f".build-{lock.sha256[:16]}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -259,7 +357,11 @@ def ensure_environment(lock: LockFile, envs_dir: Path, log: Callable[[str], None
             capture_output=True,
         )
         pip = [sys.executable, "-m", "pip", "--python", str(staging / "bin" / "python")]
-        _run(pip + ["install", "--quiet", "--no-deps", "--require-hashes", "-r", str(lock.path)])
+        _run(
+            pip
+            + ["install", "--quiet", "--no-deps", "--require-hashes", *WHEELS_ONLY]
+            + ["--report", str(staging / INSTALL_REPORT), "-r", str(lock.path)]
+        )
         wheel_dir = staging / ".chainproof-wheel"
         wheel = _build_editable_wheel(wheel_dir)
         _run(pip + ["install", "--quiet", "--no-deps", str(wheel)])

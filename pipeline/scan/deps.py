@@ -23,6 +23,7 @@ from packaging.markers import InvalidMarker, UndefinedComparison, UndefinedEnvir
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
+from pipeline.envcheck import INSTALL_REPORT
 from pipeline.errors import InputError
 
 PROJECT = "chainproof"
@@ -258,7 +259,6 @@ def from_installed(site_packages: Path) -> DepGraph:
     return _finish(str(site_packages), "installed", packages, requires, roots, ())
 
 
-INSTALL_REPORT = ".chainproof-install-report.json"
 _MAX_REPORT_BYTES = 64 << 20
 
 
