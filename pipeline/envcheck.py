@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import csv
+import json
 import os
 import platform
 import re
@@ -269,6 +270,52 @@ _NETWORK = (
     "ReadTimeoutError",
     "ProxyError",
 )
+
+
+@dataclass(frozen=True)
+class InstalledFile:
+    """The file pip installed a distribution from: its name and sha256 (pip's report)."""
+
+    filename: str
+    sha256: str
+
+
+_MAX_REPORT_BYTES = 64 << 20
+
+
+def read_install_report(env_root: Path) -> dict[tuple[str, str], InstalledFile]:
+    """(canonical name, version) -> the file it came from, per the environment's install report.
+
+    Absent or unreadable: {} (an environment built by other means has no such evidence; that
+    is not an error, and nothing is made up in its place).
+    """
+    report = env_root / INSTALL_REPORT
+    try:
+        if report.stat().st_size > _MAX_REPORT_BYTES:
+            return {}
+        doc = json.loads(report.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    out: dict[tuple[str, str], InstalledFile] = {}
+    items = doc.get("install") if isinstance(doc, dict) else None
+    for item in items if isinstance(items, list) else []:
+        try:
+            meta, info = item["metadata"], item["download_info"]
+            key = (canonicalize_name(str(meta["name"])), str(meta["version"]))
+            archive = info["archive_info"]
+            url = str(info.get("url", ""))
+        except (KeyError, TypeError, AttributeError):
+            continue
+        digest = None
+        if isinstance(archive, dict):
+            hashes = archive.get("hashes")
+            if isinstance(hashes, dict) and isinstance(hashes.get("sha256"), str):
+                digest = hashes["sha256"]
+            elif isinstance(archive.get("hash"), str) and archive["hash"].startswith("sha256="):
+                digest = archive["hash"][7:]
+        if digest and re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+            out[key] = InstalledFile(url.rsplit("/", 1)[-1].split("#", 1)[0], digest.lower())
+    return out
 
 
 def platform_tag() -> str:

@@ -23,7 +23,7 @@ from packaging.markers import InvalidMarker, UndefinedComparison, UndefinedEnvir
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
-from pipeline.envcheck import INSTALL_REPORT
+from pipeline.envcheck import read_install_report
 from pipeline.errors import InputError
 
 PROJECT = "chainproof"
@@ -259,9 +259,6 @@ def from_installed(site_packages: Path) -> DepGraph:
     return _finish(str(site_packages), "installed", packages, requires, roots, ())
 
 
-_MAX_REPORT_BYTES = 64 << 20
-
-
 def install_report_hashes(site_packages: Path) -> dict[tuple[str, str], tuple[str, ...]]:
     """(name, version) -> sha256 of the file pip installed it from, per the venv's install report.
 
@@ -269,32 +266,8 @@ def install_report_hashes(site_packages: Path) -> dict[tuple[str, str], tuple[st
     names the exact wheel of each distribution. Absent or unreadable: no hashes, not an error
     (an environment built by other means simply has no such evidence).
     """
-    report = site_packages.parent.parent.parent / INSTALL_REPORT
-    try:
-        if report.stat().st_size > _MAX_REPORT_BYTES:
-            return {}
-        doc = json.loads(report.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    out: dict[tuple[str, str], tuple[str, ...]] = {}
-    items = doc.get("install") if isinstance(doc, dict) else None
-    for item in items if isinstance(items, list) else []:
-        try:
-            meta = item["metadata"]
-            key = (canonicalize_name(str(meta["name"])), str(meta["version"]))
-            info = item["download_info"]["archive_info"]
-        except (KeyError, TypeError):
-            continue
-        found = set()
-        hashes = info.get("hashes") if isinstance(info, dict) else None
-        if isinstance(hashes, dict) and isinstance(hashes.get("sha256"), str):
-            found.add(hashes["sha256"].lower())
-        legacy = info.get("hash") if isinstance(info, dict) else None
-        if isinstance(legacy, str) and legacy.startswith("sha256="):
-            found.add(legacy[7:].lower())
-        if found:
-            out[key] = tuple(sorted(found))
-    return out
+    env_root = site_packages.parent.parent.parent  # <env>/lib/pythonX.Y/site-packages
+    return {k: (f.sha256,) for k, f in read_install_report(env_root).items()}
 
 
 def _requirements(dist: Distribution) -> list[Requirement]:
