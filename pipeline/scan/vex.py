@@ -220,10 +220,10 @@ def _statements(
             f"{where}: not_affected needs a justification or an impact statement (OpenVEX)"
         )
     targets = []
-    for product in s.get("products") or []:
+    for product in _list(s.get("products")):
         if not isinstance(product, dict):
             continue
-        for sub in product.get("subcomponents") or []:
+        for sub in _list(product.get("subcomponents")):
             parsed = _parse_purl(str(sub.get("@id", ""))) if isinstance(sub, dict) else None
             if parsed:
                 targets.append(parsed)
@@ -247,6 +247,10 @@ def _statements(
         )
         for pkg, version in targets
     ]
+
+
+def _list(value: Any) -> list[Any]:
+    return value[:_MAX_STATEMENTS] if isinstance(value, list) else []
 
 
 def load_all(

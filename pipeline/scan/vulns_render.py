@@ -287,9 +287,13 @@ def _cdx_vulnerability(
         "affects": [
             {"ref": refs[f.package], "versions": [{"version": f.version, "status": "affected"}]}
         ],
-        "properties": [
-            {"name": "chainproof:path", "value": format_path(p, graph)} for p in f.paths
-        ],
+        "properties": [{"name": "chainproof:path", "value": format_path(p, graph)} for p in f.paths]
+        + ([{"name": "chainproof:malicious", "value": "true"}] if f.malicious else [])
+        + (
+            [{"name": "chainproof:matched-by", "value": f.matched_by}]
+            if f.matched_by != BY_VERSION
+            else []
+        ),
     }
     if f.advisory.fixed:
         vuln["recommendation"] = f"upgrade {f.package} to {' or '.join(f.advisory.fixed)}"

@@ -137,7 +137,8 @@ def test_ten_thousand_names_in_well_under_a_second(popular) -> None:
     start = time.perf_counter()
     popular.check(names)
     took = time.perf_counter() - start
-    assert took < 2.0, f"{took:.2f}s for {len(names)} names"  # ~0.3 s on an idle machine
+    # ~0.3-0.6 s measured (bench/bench_deptrust.py); the bound leaves room for a busy CI box
+    assert took < 5.0, f"{took:.2f}s for {len(names)} names"
 
 
 def test_refresh_from_a_top_pypi_export_names_source_and_date(tmp_path: Path) -> None:
@@ -191,3 +192,36 @@ def test_the_index_and_the_generated_edits_agree(popular) -> None:
     generated = [popular.resembles(n) for n in names]
     indexed = [popular.resembles(n, indexed=True) for n in names]
     assert generated == indexed
+
+
+def test_the_gate_refuses_a_lookalike_records_an_accepted_one_and_rechecks_it(
+    tmp_path: Path,
+) -> None:
+    from pipeline.config import DependencyPolicySpec
+    from pipeline.runner.gates import check_dependencies, recheck
+    from pipeline.scan.vulns import VulnerabilitiesFound
+
+    (tmp_path / "osv").mkdir()
+    (tmp_path / "osv" / "r.json").write_text(json.dumps({"id": "X-1", "modified": "2026-11-01"}))
+    db = tmp_path / "db.sqlite"
+    import_osv(tmp_path / "osv", db)
+    lock = tmp_path / "app.txt"
+    lock.write_text("nunpy==1.0 \\\n    --hash=sha256:" + "a" * 64 + "\n    # via -r app.in\n")
+    with pytest.raises(VulnerabilitiesFound, match="look-alike name nunpy resembles numpy"):
+        check_dependencies([lock], DependencyPolicySpec(database=str(db)), tmp_path)
+    spec = DependencyPolicySpec.model_validate(
+        {
+            "database": str(db),
+            "accept_lookalikes": [{"name": "nunpy", "reason": "ours", "expires": "2027-01-31"}],
+        }
+    )
+    gate = check_dependencies([lock], spec, tmp_path, today=date(2026, 12, 1))
+    [locked] = gate.statement["predicate"]["chainproof"]["locks"]
+    assert locked["lookalikes"][0]["resembles"] == "numpy"
+    assert locked["lookalikes_accepted"] == [
+        {"name": "nunpy", "reason": "ours", "expires": "2027-01-31"}
+    ]
+    assert "1 look-alike name(s) accepted" in gate.summary
+    assert recheck(gate.statement, required=True, today=date(2026, 12, 1)).endswith("pass")
+    with pytest.raises(VulnerabilitiesFound, match="acceptance of look-alike name nunpy expired"):
+        recheck(gate.statement, required=True, today=date(2027, 2, 1))

@@ -190,3 +190,24 @@ def test_cli_creates_a_signed_statement_and_scan_honours_it(setup) -> None:
     res = runner.invoke(scan_deps, [*args, "--vex", str(out), *foreign])
     doc = json.loads(res.stdout)
     assert doc["policy"]["not_affected"] == [] and len(doc["policy"]["vex_rejected"]) == 1
+
+
+def test_a_vex_document_with_odd_shapes_is_refused_not_a_crash(setup) -> None:
+    db, lock, tmp = setup
+    owner = load_signer("owner", tmp / "keys")
+    for i, products in enumerate((5, "pkg:pypi/demo", [{"subcomponents": 3}], [])):
+        stmt = not_affected_statement(
+            vulnerability="PYSEC-0000-1",
+            package="demo",
+            version="1.0",
+            files={"f": H1},
+            justification="component_not_present",
+            impact="x",
+            expires=date(2027, 1, 1),
+            author="a",
+        )
+        stmt["predicate"]["statements"][0]["products"] = products
+        path = tmp / f"odd{i}.vex.json"
+        write_signed_statement(path, stmt, owner.signer)
+        statements, rejected = load_all([path], [owner.public])
+        assert statements == () and "names no PyPI package" in rejected[0].reason
