@@ -110,4 +110,4 @@ def test_both_databases_together_and_the_projects_lock_stays_clean(tmp_path: Pat
     result = scan(from_lock(MAIN_LOCK), db)
     took = time.perf_counter() - start
     assert not [f for f in result.findings if f.malicious] and result.lookalikes == ()
-    assert took < 1.0, f"scan took {took:.2f}s (import {imported:.1f}s)"
+    assert took < 2.0, f"scan took {took:.2f}s (import {imported:.1f}s)"  # ~0.3 s measured
