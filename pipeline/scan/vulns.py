@@ -24,7 +24,7 @@ accept it: there is no unreachable part of malware.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -38,6 +38,9 @@ from pipeline.scan.vulndb import DEFAULT_MAX_AGE, DBInfo, StaleDatabase, VulnDB,
 
 if TYPE_CHECKING:  # vex imports the signing stack; a scan without VEX never needs it
     from pipeline.scan.vex import VexRejected, VexStatement
+
+# (every path from a root to a package, the direct requirements those paths start from)
+Located = tuple[tuple[tuple[tuple[str, str], ...], ...], tuple[str, ...]]
 
 THRESHOLDS = ("low", "medium", "high", "critical")
 BY_VERSION = "name and version"
@@ -147,9 +150,9 @@ def scan(
     now = now or datetime.now(UTC)
     by_package = db.records_for(graph.packages)
     findings: list[Finding] = []
-    where: dict[str, tuple[tuple[tuple[tuple[str, str], ...], ...], tuple[str, ...]]] = {}
+    where: dict[str, Located] = {}
 
-    def located(name: str) -> tuple[tuple[tuple[tuple[str, str], ...], ...], tuple[str, ...]]:
+    def located(name: str) -> Located:
         if name not in where:
             paths = tuple(tuple(p) for p in paths_to(graph, name))
             where[name] = (paths, tuple(sorted({p[0][0] for p in paths})))
@@ -178,7 +181,7 @@ def scan(
 
 
 def _by_file_hash(
-    graph: DepGraph, db: VulnDB, already: list[Finding], located: Any
+    graph: DepGraph, db: VulnDB, already: list[Finding], located: Callable[[str], Located]
 ) -> list[Finding]:
     """Malicious files by sha256: a record's file found in a pin of any name or version."""
     owners: dict[str, list[str]] = {}
