@@ -117,6 +117,9 @@ class Fingerprint:
     distributions_sha256: str
     distributions: int
     files_verified: int
+    # sha256 of pip's install report kept in the environment (which wheel each distribution
+    # came from); "" when the environment was not built with one.
+    install_report_sha256: str = ""
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -242,7 +245,17 @@ def check_environment(
         distributions_sha256=sha256_bytes(dist_lines.encode()),
         distributions=len(installed),
         files_verified=files,
+        install_report_sha256=_report_digest(site.parent.parent.parent / INSTALL_REPORT),
     )
+
+
+def _report_digest(report: Path) -> str:
+    try:
+        if not report.is_file() or report.stat().st_size > _MAX_REPORT_BYTES:
+            return ""
+        return sha256_bytes(report.read_bytes())
+    except OSError:
+        return ""
 
 
 # --------------------------------------------------------------------------- stage environments

@@ -55,3 +55,19 @@ def test_the_installed_graph_carries_the_installed_wheels_hash(tmp_path: Path) -
     assert from_installed(site).packages["six"].hashes == ()
     (tmp_path / INSTALL_REPORT).write_text(report([six(hashes={"sha256": SHA})]))
     assert from_installed(site).packages["six"].hashes == (SHA,)
+
+
+def test_the_environment_fingerprint_names_the_install_report(tmp_path: Path) -> None:
+    import hashlib
+
+    from pipeline.envcheck import check_environment, parse_lock
+    from tests.unit.test_envcheck import FakeEnv, lock_file
+
+    env = FakeEnv(tmp_path / "venv")
+    env.install("alpha", "1.0", {"alpha/__init__.py": b"A = 1\n"})
+    lock = parse_lock(lock_file(tmp_path, {"alpha": "1.0"}))
+    assert check_environment(lock, python=env.python).install_report_sha256 == ""
+    text = report([six(hashes={"sha256": SHA})])
+    (tmp_path / "venv" / INSTALL_REPORT).write_text(text)  # at the root, not in site-packages
+    fp = check_environment(lock, python=env.python)
+    assert fp.install_report_sha256 == hashlib.sha256(text.encode()).hexdigest()
