@@ -211,3 +211,15 @@ def test_a_vex_document_with_odd_shapes_is_refused_not_a_crash(setup) -> None:
         write_signed_statement(path, stmt, owner.signer)
         statements, rejected = load_all([path], [owner.public])
         assert statements == () and "names no PyPI package" in rejected[0].reason
+
+
+def test_verify_shows_the_vex_statements_a_release_relied_on(setup) -> None:
+    from pipeline.release.verify import _summary
+
+    db, lock, tmp = setup
+    owner = make_vex(tmp / "keys", tmp / "a.vex.json", "PYSEC-0000-1", expires=date(2027, 1, 31))
+    make_vex(tmp / "keys", tmp / "b.vex.json", "PYSEC-0000-2", expires=date(2027, 1, 31))
+    spec = DependencyPolicySpec(database=str(db), vex=("a.vex.json", "b.vex.json"))
+    gate = check_dependencies([lock], spec, tmp, today=TODAY, vex_keys=[owner])
+    line = _summary(gate.statement)
+    assert "not affected per owner-signed VEX: PYSEC-0000-1 in demo until 2027-01-31" in line
