@@ -14,9 +14,7 @@ from pipeline.scan.depfix import ADD, NO_FIX, RAISE, REMOVE, apply_to_graph, app
 from pipeline.scan.deps import from_lock
 from pipeline.scan.vulndb import VulnDB, import_osv
 from pipeline.scan.vulns import scan
-from tests.conftest import SHARED
 
-PYPA = SHARED / "osv" / "pypa-advisory-database"
 OLD_LOCK = """\
 certifi==2018.4.16
     # via requests
@@ -34,13 +32,10 @@ urllib3==1.23
 OLD_IN = "requests==2.19.0\npyyaml>=5,<6  # config files\n"
 
 
-@pytest.fixture(scope="module")
-def pypa_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not PYPA.is_dir():
-        pytest.skip(f"the PyPA advisory snapshot {PYPA} is absent (it ships in ../shared)")
-    db = tmp_path_factory.mktemp("pypa") / "vulndb.sqlite"
-    import_osv(PYPA, db)
-    return db
+@pytest.fixture
+def pypa_db(osv_db: Path) -> Path:
+    """The session's import of the PyPA snapshot (conftest; skips where ../shared is absent)."""
+    return osv_db
 
 
 def test_fix_of_a_lock_with_known_findings_leaves_none(pypa_db: Path, tmp_path: Path) -> None:
