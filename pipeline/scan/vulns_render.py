@@ -84,7 +84,11 @@ def render_table(result: ScanResult, evaluation: Evaluation | None = None) -> st
         for p in f.paths:
             lines.append(f"    path: {format_path(p, g)}")
     n, pk = len(result.findings), len(result.vulnerable_packages)
-    lines += ["", f"{n} vulnerabilit{'y' if n == 1 else 'ies'} in {pk} package(s)"]
+    mal = sum(1 for f in result.findings if f.malicious)
+    n -= mal
+    counts = [f"{n} vulnerabilit{'y' if n == 1 else 'ies'}"] if n else []
+    counts += [f"{mal} KNOWN-MALICIOUS"] if mal else []
+    lines += ["", f"{' and '.join(counts)} in {pk} package(s)"]
     if evaluation is not None:
         lines.extend(_render_evaluation(evaluation))
     return "\n".join(lines)
