@@ -112,3 +112,17 @@ def test_no_fix_and_malicious_are_said_as_such(tmp_path: Path) -> None:
     res = runner.invoke(deps_group, ["fix", "--lock", str(lock), "--db", str(db)])
     assert res.exit_code == 1
     assert "NO FIX for nofix 1.0" in res.output and "remove evil 1.0" in res.output
+
+
+def test_cli_writes_the_plan_into_the_in_file(pypa_db: Path, tmp_path: Path) -> None:
+    lock = tmp_path / "old.txt"
+    lock.write_text(OLD_LOCK)
+    in_file = tmp_path / "old.in"
+    in_file.write_text(OLD_IN)
+    res = CliRunner().invoke(
+        deps_group, ["fix", "--lock", str(lock), "--db", str(pypa_db), "--write"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "predicted after it: 0 finding(s)" in res.output
+    text = in_file.read_text()
+    assert text.startswith("requests>=2.31.0") and "urllib3>=" in text

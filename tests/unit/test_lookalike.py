@@ -225,3 +225,30 @@ def test_the_gate_refuses_a_lookalike_records_an_accepted_one_and_rechecks_it(
     assert recheck(gate.statement, required=True, today=date(2026, 12, 1)).endswith("pass")
     with pytest.raises(VulnerabilitiesFound, match="acceptance of look-alike name nunpy expired"):
         recheck(gate.statement, required=True, today=date(2027, 2, 1))
+
+
+def test_cli_popular_refresh_and_scan_with_another_list(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from pipeline.cli.deps import deps as deps_group
+    from pipeline.cli.deps import scan_deps
+
+    source = tmp_path / "names.txt"
+    source.write_text("# one per line\nacme-widgets\nrequests\n")
+    out = tmp_path / "popular.txt"
+    res = CliRunner().invoke(
+        deps_group, ["popular-refresh", str(source), "-o", str(out), "--label", "our index"]
+    )
+    assert res.exit_code == 0, res.output
+    assert load_popular(out).names[:2] == ("acme-widgets", "requests")
+    (tmp_path / "osv").mkdir()
+    (tmp_path / "osv" / "r.json").write_text(json.dumps({"id": "X-1", "modified": "2026-11-01"}))
+    db = tmp_path / "db.sqlite"
+    import_osv(tmp_path / "osv", db)
+    lock = tmp_path / "app.txt"
+    lock.write_text("acme-widget==1.0\n    # via -r app.in\n")
+    res = CliRunner().invoke(
+        scan_deps, ["--lock", str(lock), "--db", str(db), "--popular", str(out)]
+    )
+    assert res.exit_code == 1
+    assert "acme-widget 1.0 resembles acme-widgets" in res.output
