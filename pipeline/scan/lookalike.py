@@ -8,11 +8,13 @@ of these near misses of a popular name, checked in this order:
 - the same letters with other separators (`scikitlearn`, `num-py`);
 - the same after mapping digits and Unicode confusables to the letters they imitate
   (`reque5ts`, a Cyrillic `а` in `pаndas`);
-- a popular name with a prefix or suffix such as `python-`, `py-`, `-lib`, `-py`, `-sdk`;
+- a popular name with a prefix or suffix such as `python-`, `py-`, `-lib`, `-py`, `-sdk` (the
+  short ones only set apart by a separator: `pytoml` is not `py-` + `toml`);
 - one edit away (optimal string alignment): a doubled or dropped letter, two swapped
-  neighbours, one character changed, added or removed (`0requests`, `nump`, `tensorflows`).
+  neighbours, one character changed, added or removed (`0requests`, `nump`, `tensorflows`);
+  a digit added or dropped at the end is not counted (`nose2`, `boto`: major versions in names).
 
-Edits are only counted against popular names of at least four characters: below that, every
+Edits are only counted between names of at least four characters: below that, every
 short name is one edit from another. Two ways to find the names one edit away, chosen by how
 many names are checked: a few hundred (a lock) generate their own edits and look each up
 (no index to build, so a scan stays fast); thousands use an index of the single-character
@@ -186,14 +188,22 @@ class PopularNames:
         for k in _PREFIX_LENGTHS:
             rest = flat[k:]
             if len(rest) >= MIN_EDIT_LENGTH and flat[:k] in _PREFIX_SET and rest in by_flat:
-                return by_flat[rest], f"prefix '{canon[: len(canon) - len(rest)]}' added"
+                separated = canon[:k] == flat[:k] and canon[k : k + 1] in _SEPARATORS
+                if k > _SHORT_AFFIX or separated:
+                    shown = canon[: k + 1] if separated else flat[:k]
+                    return by_flat[rest], f"prefix '{shown}' added"
         for k in _SUFFIX_LENGTHS:
             rest = flat[:-k]
             if len(rest) >= MIN_EDIT_LENGTH and flat[-k:] in _SUFFIX_SET and rest in by_flat:
-                return by_flat[rest], f"suffix '{canon[_suffix_start(canon, rest) :]}' added"
+                separated = canon[-k:] == flat[-k:] and canon[-k - 1 : -k] in _SEPARATORS
+                if k > _SHORT_AFFIX or separated:
+                    shown = canon[-k - 1 :] if separated else flat[-k:]
+                    return by_flat[rest], f"suffix '{shown}' added"
         return None
 
     def _one_edit(self, flat: str, *, indexed: bool = False) -> tuple[str, str] | None:
+        if len(flat) < MIN_EDIT_LENGTH:
+            return None  # three letters are one edit from dozens of real projects
         candidates = self._indexed_edits(flat) if indexed else self._generated_edits(flat)
         best: tuple[int, str, str] | None = None
         for target in candidates:
@@ -257,21 +267,14 @@ class PopularNames:
 
 _INDEX_ABOVE = 500
 _ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"  # what a flat PyPI name is made of
+_SEPARATORS = ("-", "_", ".")
+# Affixes this short (`py`, `lib`, `-ui`) are common inside real names (`pytoml`, `scanpy`):
+# they count only when a separator sets them apart (`py-requests`, `numpy-lib`).
+_SHORT_AFFIX = 3
 _PREFIX_SET = frozenset(PREFIXES)
 _SUFFIX_SET = frozenset(SUFFIXES)
 _PREFIX_LENGTHS = tuple(sorted({len(p) for p in PREFIXES}))
 _SUFFIX_LENGTHS = tuple(sorted({len(s) for s in SUFFIXES}))
-
-
-def _suffix_start(canon: str, rest: str) -> int:
-    """Where the suffix starts in `canon`, whose first letters (separators aside) are `rest`."""
-    seen = 0
-    for i, c in enumerate(canon):
-        if seen == len(rest):
-            return i
-        if c not in "-_.":
-            seen += 1
-    return len(canon)
 
 
 def _flat(canon: str) -> str:
@@ -291,6 +294,8 @@ def _describe_edit(name: str, target: str) -> str | None:
     if name == target:
         return None
     if len(name) == len(target) + 1:  # one character added
+        if name[-1].isdigit() and name[:-1] == target:
+            return None  # `nose2`, `gitdb2`: a major version in the name, the usual way
         for i in range(len(name)):
             if name[:i] + name[i + 1 :] == target:
                 c = name[i]
@@ -298,6 +303,8 @@ def _describe_edit(name: str, target: str) -> str | None:
                 return f"letter '{c}' doubled" if doubled else f"'{c}' added"
         return None
     if len(name) + 1 == len(target):  # one character dropped
+        if target[-1].isdigit() and target[:-1] == name:
+            return None  # `boto` beside `boto3`: the same convention the other way round
         for i in range(len(target)):
             if target[:i] + target[i + 1 :] == name:
                 return f"'{target[i]}' dropped"
