@@ -338,59 +338,95 @@ def platform_tag() -> str:
     return str(next(iter(sys_tags())))
 
 
-def check_wheels_only(lock_path: Path, *, timeout: float = 900) -> None:
+def check_wheels_only(lock_path: Path, *, timeout: float = 900, rounds: int = 20) -> None:
     """Refuse `lock_path` unless every pin has a wheel for this platform, before any build.
 
     Asks pip itself (a dry run with `--only-binary :all:`: metadata only, nothing is built or
     installed), so the answer is the one the real install would get from the same index.
-    Raises NoWheel naming the pin, IndexUnreachable when the index cannot be asked.
+    pip stops at the first pin it cannot satisfy, so that pin is set aside and the rest asked
+    again (at most `rounds` times) to name every one. Raises NoWheel naming them,
+    IndexUnreachable when the index cannot be asked.
     """
+    try:
+        text = lock_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read lock {lock_path}: {e}") from e
+    missing: list[str] = []
     with tempfile.TemporaryDirectory(prefix="chainproof-wheels-") as tmp:
-        cmd = [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--dry-run",
-            "--ignore-installed",
-            "--quiet",
-            "--disable-pip-version-check",
-            "--no-deps",
-            "--require-hashes",
-            *WHEELS_ONLY,
-            "--report",
-            str(Path(tmp) / "report.json"),
-            "-r",
-            str(lock_path),
-        ]
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as e:
-            raise IndexUnreachable(
-                f"checking the wheels of {lock_path} took over {timeout:.0f}s",
-                hint="check the network or the index (pip config list)",
-            ) from e
-    if proc.returncode == 0:
-        return
-    missing = _NO_MATCH.findall(proc.stderr)
-    if any(marker in proc.stderr for marker in _NETWORK) and not missing:
-        raise IndexUnreachable(
-            f"cannot reach the package index to check the wheels of {lock_path}",
-            hint="connect to the index (or a mirror holding these wheels) and retry",
-        )
+        current = lock_path
+        for _ in range(rounds):
+            proc = _dry_run(current, Path(tmp), timeout)
+            if proc.returncode == 0:
+                break
+            found = [m for m in _NO_MATCH.findall(proc.stderr) if m not in missing]
+            if not found:
+                if any(marker in proc.stderr for marker in _NETWORK):
+                    raise IndexUnreachable(
+                        f"cannot reach the package index to check the wheels of {lock_path}",
+                        hint="connect to the index (or a mirror holding these wheels) and retry",
+                    )
+                raise InputError(
+                    f"pip refused the lock {lock_path}:\n{proc.stderr[-2000:]}",
+                    hint="check the lock was compiled with --generate-hashes for this Python",
+                )
+            missing += found
+            current = Path(tmp) / "rest.txt"
+            current.write_text(_without(text, missing), encoding="utf-8")
     if missing:
         names = ", ".join(missing)
+        one = len(missing) == 1
         raise NoWheel(
-            f"refusing to build an environment from {lock_path}: {names} has no wheel for "
-            f"this platform ({platform_tag()}); installing it would build its sdist, running "
-            "its setup.py before anything could check it (pip stops at the first such pin)",
+            f"refusing to build an environment from {lock_path}: {names} "
+            f"{'has' if one else 'have'} no wheel for this platform ({platform_tag()}); "
+            f"installing {'it' if one else 'them'} would build the sdist, running its setup.py "
+            "before anything could check it",
             hint="pin a version that publishes a wheel for this platform, or replace the "
             "package; chainproof installs wheels only (--only-binary :all:)",
         )
-    raise InputError(
-        f"pip refused the lock {lock_path}:\n{proc.stderr[-2000:]}",
-        hint="check the lock was compiled with --generate-hashes for this Python",
-    )
+
+
+def _dry_run(lock: Path, tmp: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--dry-run",
+        "--ignore-installed",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--no-deps",
+        "--require-hashes",
+        *WHEELS_ONLY,
+        "--report",
+        str(tmp / "report.json"),
+        "-r",
+        str(lock),
+    ]
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise IndexUnreachable(
+            f"checking the wheels of {lock} took over {timeout:.0f}s",
+            hint="check the network or the index (pip config list)",
+        ) from e
+
+
+def _without(text: str, pins: list[str]) -> str:
+    """The lock text without the requirements `pins` (as pip printed them, `name==version`)."""
+    drop = {canonicalize_name(p.split("==", 1)[0]) for p in pins}
+    out = []
+    for logical in text.replace("\\\n", " ").splitlines():
+        head = logical.split(" #", 1)[0].strip()
+        if head and not head.startswith(("#", "-")):
+            try:
+                req = " ".join(w for w in head.split() if not w.startswith("--hash"))
+                if canonicalize_name(Requirement(req).name) in drop:
+                    continue
+            except InvalidRequirement:
+                pass
+        out.append(logical)
+    return "\n".join(out) + "\n"
 
 
 def ensure_environment(lock: LockFile, envs_dir: Path, log: Callable[[str], None]) -> Path:

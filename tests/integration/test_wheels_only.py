@@ -37,6 +37,12 @@ DOCOPT = (
     "    --hash=sha256:49b3a825280bd66b3aa83585ef59c4a8c82f2c8a522dbe754a8bc8d08c85c491\n"
 )
 
+# wget 3.2 is sdist-only too (a zip).
+WGET = (
+    "wget==3.2 \\\n"
+    "    --hash=sha256:35e630eca2aa50ce998b9b1a127bb26b30dfee573702782aa982f875e3f16061\n"
+)
+
 
 @pytest.fixture(scope="module")
 def index_reachable(tmp_path_factory: pytest.TempPathFactory) -> None:
@@ -96,3 +102,10 @@ def test_a_wheels_only_environment_keeps_pips_install_report(
     wheel_sha = six["download_info"]["archive_info"]["hashes"]["sha256"]
     graph = from_installed(site_packages_of(python))
     assert graph.packages["six"].hashes == (wheel_sha,)  # the file actually installed
+
+
+def test_every_sdist_only_pin_is_named_at_once(index_reachable: None, tmp_path: Path) -> None:
+    lock = tmp_path / "two.txt"
+    lock.write_text(DOCOPT + SIX + WGET)
+    with pytest.raises(NoWheel, match=r"docopt==0\.6\.2, wget==3\.2 have no wheel"):
+        check_wheels_only(lock)
