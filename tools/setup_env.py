@@ -7,7 +7,7 @@ any dependency exists.
 
 Wheels only (`--only-binary :all:`): building an sdist would run its setup.py, code nobody
 checked, during installation. Before anything is created, a pip dry run confirms that every
-pin has a wheel for this platform and names every one that does not. pip's installation
+pin has a wheel for this platform and names the first that does not. pip's installation
 report (which file, with which sha256, each distribution came from) is kept as
 `<venv>/.chainproof-install-report.json`.
 """
