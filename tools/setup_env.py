@@ -6,7 +6,7 @@ rebuilds from scratch, so nothing stale survives. Standard library only: this ru
 any dependency exists.
 
 Wheels only (`--only-binary :all:`): building an sdist would run its setup.py, code nobody
-checked, during installation. Before anything is created, a pip dry run confirms that every
+checked, during installation. Before any package is installed, a pip dry run confirms that every
 pin has a wheel for this platform and names the first that does not. pip's installation
 report (which file, with which sha256, each distribution came from) is kept as
 `<venv>/.chainproof-install-report.json`.
