@@ -37,6 +37,40 @@ UNKNOWN = "unknown"
 Record = Mapping[str, Any]
 
 
+# --------------------------------------------------------------------------- shape
+
+
+def record_problem(record: Record) -> str | None:
+    """What makes `record` unusable for matching (a wrong type where a list or an object must
+    be), or None. Records are hostile input: checked once, at import, so matching can rely on
+    the shapes below instead of guarding every access."""
+    for key in ("aliases", "related", "severity", "affected"):
+        if record.get(key) is not None and not isinstance(record.get(key), list):
+            return f"'{key}' is not a list"
+    if not all(isinstance(s, Mapping) for s in record.get("severity") or []):
+        return "'severity' holds something that is not an object"
+    for i, affected in enumerate(record.get("affected") or []):
+        where = f"affected[{i}]"
+        if not isinstance(affected, Mapping):
+            return f"{where} is not an object"
+        if affected.get("package") is not None and not isinstance(affected["package"], Mapping):
+            return f"{where}.package is not an object"
+        for key in ("versions", "ranges", "severity"):
+            if affected.get(key) is not None and not isinstance(affected[key], list):
+                return f"{where}.{key} is not a list"
+        if not all(isinstance(s, Mapping) for s in affected.get("severity") or []):
+            return f"{where}.severity holds something that is not an object"
+        for j, rng in enumerate(affected.get("ranges") or []):
+            if not isinstance(rng, Mapping):
+                return f"{where}.ranges[{j}] is not an object"
+            events = rng.get("events")
+            if events is not None and not isinstance(events, list):
+                return f"{where}.ranges[{j}].events is not a list"
+            if not all(isinstance(e, Mapping) for e in events or []):
+                return f"{where}.ranges[{j}].events holds something that is not an object"
+    return None
+
+
 # --------------------------------------------------------------------------- versions
 
 

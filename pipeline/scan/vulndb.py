@@ -39,6 +39,7 @@ from packaging.utils import canonicalize_name
 
 from pipeline.errors import Error, InputError
 from pipeline.fsutil import atomic_write_bytes
+from pipeline.scan.osv import record_problem
 
 OSV_PYPI_EXPORT = "https://osv-vulnerabilities.storage.googleapis.com/PyPI/all.zip"
 DEFAULT_MAX_AGE = timedelta(days=30)
@@ -189,6 +190,13 @@ def _as_records(where: str, doc: Any) -> list[dict[str, Any]]:
     for d in docs:
         if not isinstance(d, dict) or not isinstance(d.get("id"), str) or not d["id"]:
             raise InputError(f"{where}: not an OSV record (an object with a string 'id')")
+        problem = record_problem(d)
+        if problem:
+            raise InputError(
+                f"{where}: record {d['id']} is not valid OSV: {problem}",
+                hint="fix or remove that file (schema: https://ossf.github.io/osv-schema/); "
+                "nothing was imported",
+            )
     return docs
 
 
@@ -492,9 +500,24 @@ class VulnDB:
             )
             for package, rid, body in rows:
                 if rid not in cache:
-                    cache[rid] = json.loads(body)
+                    cache[rid] = self._load(rid, body)
                 out[package].append(cache[rid])
         return out
+
+    def _load(self, rid: str, body: str) -> dict[str, Any]:
+        """A stored record, re-checked: the store file is only as trustworthy as its disk."""
+        try:
+            record = json.loads(body)
+        except ValueError:
+            record = None
+        problem = record_problem(record) if isinstance(record, dict) else "not a JSON object"
+        if problem:
+            raise ScanUnavailable(
+                f"vulnerability database {self.path} holds a malformed record {rid} ({problem}): "
+                "nothing was scanned",
+                hint="re-create it with `chainproof vulndb import` or `chainproof vulndb update`",
+            )
+        return record
 
     def records_for_hashes(
         self, hashes: Iterable[str]
@@ -514,7 +537,7 @@ class VulnDB:
             )
             for digest, package, filename, rid, body in rows:
                 if rid not in cache:
-                    cache[rid] = json.loads(body)
+                    cache[rid] = self._load(rid, body)
                 out.setdefault(digest, []).append((cache[rid], package, filename))
         return out
 

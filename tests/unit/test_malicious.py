@@ -4,6 +4,7 @@ blocking; withdrawn records accuse nobody. Uses the real records in ../shared.""
 from __future__ import annotations
 
 import json
+import re
 import time
 from datetime import date
 from pathlib import Path
@@ -111,3 +112,31 @@ def test_both_databases_together_and_the_projects_lock_stays_clean(tmp_path: Pat
     took = time.perf_counter() - start
     assert not [f for f in result.findings if f.malicious] and result.lookalikes == ()
     assert took < 2.0, f"scan took {took:.2f}s (import {imported:.1f}s)"  # ~0.3 s measured
+
+
+@pytest.mark.parametrize(
+    ("record", "problem"),
+    [
+        ({"id": "H-1", "affected": "x"}, "'affected' is not a list"),
+        ({"id": "H-2", "affected": [1]}, "affected[0] is not an object"),
+        ({"id": "H-3", "affected": [{"package": "demo"}]}, "affected[0].package is not an object"),
+        ({"id": "H-4", "affected": [{"versions": 5}]}, "affected[0].versions is not a list"),
+        (
+            {"id": "H-5", "affected": [{"ranges": [{"events": "x"}]}]},
+            "affected[0].ranges[0].events is not a list",
+        ),
+        ({"id": "MAL-H-6", "aliases": "MAL-1"}, "'aliases' is not a list"),
+    ],
+)
+def test_a_malformed_record_is_refused_by_name_never_an_internal_error(
+    tmp_path: Path, record: dict, problem: str
+) -> None:
+    from pipeline.errors import InputError
+
+    (tmp_path / "osv").mkdir()
+    (tmp_path / "osv" / "r.json").write_text(json.dumps(record))
+    with pytest.raises(
+        InputError, match=re.escape(f"record {record['id']} is not valid OSV: {problem}")
+    ):
+        import_osv(tmp_path / "osv", tmp_path / "db.sqlite")
+    assert not (tmp_path / "db.sqlite").exists()
