@@ -238,7 +238,8 @@ def vulndb_info(db: Path, max_age_days: int) -> None:
     "--policy",
     "policy_file",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="YAML policy: severity, and allow: [{id, reason, expires: YYYY-MM-DD}].",
+    help="YAML policy: severity, allow: [{id, reason, expires: YYYY-MM-DD}], "
+    "accept_lookalikes: [{name, reason, expires}].",
 )
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write here.")
 @vex_options
