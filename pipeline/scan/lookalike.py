@@ -142,7 +142,7 @@ class PopularNames:
         return out
 
     @cached_property
-    def _deletes(self) -> dict[str, tuple[str, ...]]:
+    def _deletes(self) -> dict[str, list[str]]:
         """Each one-character deletion of a (flat) popular name -> the flat names it came from."""
         index: dict[str, list[str]] = {}
         for flat in self._by_flat:
@@ -156,7 +156,7 @@ class PopularNames:
                     index[d].append(flat)
                 else:
                     index[d] = [flat]
-        return {k: tuple(v) for k, v in index.items()}
+        return index  # read-only from here on
 
     def __contains__(self, name: object) -> bool:
         return isinstance(name, str) and canonicalize_name(name) in self._rank
@@ -185,6 +185,8 @@ class PopularNames:
     def _affixed(self, canon: str, flat: str) -> tuple[str, str] | None:
         # One slice and one set lookup per distinct affix length, not one per affix.
         by_flat = self._by_flat
+        if not flat or (flat[0] not in _PREFIX_FIRST and flat[-1] not in _SUFFIX_LAST):
+            return None  # most names start and end unlike any affix: two set lookups
         for k in _PREFIX_LENGTHS:
             rest = flat[k:]
             if len(rest) >= MIN_EDIT_LENGTH and flat[:k] in _PREFIX_SET and rest in by_flat:
@@ -217,12 +219,16 @@ class PopularNames:
         return (best[1], best[2]) if best else None
 
     def _indexed_edits(self, flat: str) -> set[str]:
-        candidates: set[str] = set(self._deletes.get(flat, ()))  # a character dropped
+        deletes, known = self._deletes, self._by_flat
+        candidates: set[str] = set(deletes.get(flat, ()))  # a character dropped
+        long_enough = len(flat) > MIN_EDIT_LENGTH
         for i in range(len(flat)):
             shorter = flat[:i] + flat[i + 1 :]
-            if shorter in self._by_flat and len(shorter) >= MIN_EDIT_LENGTH:
+            if long_enough and shorter in known:
                 candidates.add(shorter)  # a character added
-            candidates.update(self._deletes.get(shorter, ()))  # changed or swapped
+            hit = deletes.get(shorter)
+            if hit:
+                candidates.update(hit)  # changed or swapped
         return candidates
 
     def _generated_edits(self, flat: str) -> set[str]:
@@ -273,6 +279,8 @@ _SEPARATORS = ("-", "_", ".")
 _SHORT_AFFIX = 3
 _PREFIX_SET = frozenset(PREFIXES)
 _SUFFIX_SET = frozenset(SUFFIXES)
+_PREFIX_FIRST = frozenset(p[0] for p in PREFIXES)
+_SUFFIX_LAST = frozenset(x[-1] for x in SUFFIXES)
 _PREFIX_LENGTHS = tuple(sorted({len(p) for p in PREFIXES}))
 _SUFFIX_LENGTHS = tuple(sorted({len(s) for s in SUFFIXES}))
 
