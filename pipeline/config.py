@@ -60,12 +60,22 @@ class AllowSpec(_Strict):
     expires: date
 
 
+class AcceptLookalikeSpec(_Strict):
+    name: StrictStr = Field(min_length=1, description="a locked name that resembles a popular one")
+    reason: StrictStr = Field(min_length=1)
+    expires: date
+
+
 class DependencyPolicySpec(_Strict):
     database: StrictStr = ".chainproof/vulndb.sqlite"
     required: bool = False
     severity: Literal["low", "medium", "high", "critical"] = "high"
     max_age_days: StrictInt = Field(30, gt=0)
     allow: tuple[AllowSpec, ...] = ()
+    accept_lookalikes: tuple[AcceptLookalikeSpec, ...] = ()
+    # Owner-signed OpenVEX documents (relative to the workspace): findings they declare
+    # not_affected, until they expire.
+    vex: tuple[StrictStr, ...] = ()
 
 
 class ModelPolicySpec(_Strict):
@@ -123,7 +133,7 @@ class PipelineConfig:
     release_dir: str
     release_version: str | None
     lineage: LineageSpec
-    security: Mapping[str, Any]
+    security: SecuritySpec  # frozen and validated: read it as is, never re-validate a dump
     candidate: CandidateSpec
     stages: tuple[StageConfig, ...]
 
@@ -394,7 +404,7 @@ def load_config(path: str | Path, *, base_dir: Path | None = None) -> PipelineCo
         release_dir=raw.release.dir,
         release_version=raw.release.version,
         lineage=raw.lineage,
-        security=MappingProxyType(raw.security.model_dump()),
+        security=raw.security,
         candidate=raw.candidate,
         stages=tuple(by_name[n] for n in order),  # type: ignore[union-attr]
     )

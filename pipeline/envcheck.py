@@ -4,18 +4,27 @@ An environment matches its lock when every pinned distribution is installed at i
 nothing else is installed but chainproof itself, every installed file still has the sha256
 its wheel RECORD gives, and no unowned `.pth` or top-level module sits in site-packages
 (the classic place to hide start-up code). Anything else is drift, refused with a diff.
+
+Environments are built from wheels only (`--only-binary :all:`): building an sdist runs its
+`setup.py`, code chosen by whoever uploaded it, before anything could check it. A pin with no
+wheel for this platform is refused up front (`check_wheels_only`), naming it. pip's
+installation report (`--report`) is kept in the environment (`INSTALL_REPORT`) as evidence of
+exactly which file, name and sha256, each distribution was installed from.
 """
 
 from __future__ import annotations
 
 import base64
 import csv
+import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from importlib.metadata import Distribution, distributions
@@ -24,11 +33,23 @@ from pathlib import Path
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
-from pipeline.errors import EnvironmentDrift, InputError
+from pipeline.errors import EnvironmentDrift, Error, InputError
 from pipeline.fsutil import atomic_write_text
 from pipeline.hashing import hash_many, sha256_bytes
 
 PROJECT = "chainproof"
+INSTALL_REPORT = ".chainproof-install-report.json"  # at the environment's root
+WHEELS_ONLY = ("--only-binary", ":all:")
+
+
+class NoWheel(InputError):
+    """A pin has no wheel for this platform: installing it would run its build (exit 2)."""
+
+
+class IndexUnreachable(Error):
+    """The package index could not be asked whether the lock's wheels exist (exit 2)."""
+
+    exit_code = 2
 
 
 @dataclass(frozen=True)
@@ -96,6 +117,9 @@ class Fingerprint:
     distributions_sha256: str
     distributions: int
     files_verified: int
+    # sha256 of pip's install report kept in the environment (which wheel each distribution
+    # came from); "" when the environment was not built with one.
+    install_report_sha256: str = ""
 
     def as_dict(self) -> dict[str, object]:
         return dict(self.__dict__)
@@ -223,7 +247,17 @@ def check_environment(
         distributions_sha256=sha256_bytes(dist_lines.encode()),
         distributions=len(installed),
         files_verified=files,
+        install_report_sha256=_report_digest(site.parent.parent.parent / INSTALL_REPORT),
     )
+
+
+def _report_digest(report: Path) -> str:
+    try:
+        if not report.is_file() or report.stat().st_size > _MAX_REPORT_BYTES:
+            return ""
+        return sha256_bytes(report.read_bytes())
+    except OSError:
+        return ""
 
 
 # --------------------------------------------------------------------------- stage environments
@@ -240,16 +274,176 @@ def project_root() -> Path:
     return root
 
 
+_NO_MATCH = re.compile(r"No matching distribution found for (\S+)")
+_NETWORK = (
+    "NewConnectionError",
+    "Failed to establish a new connection",
+    "Temporary failure in name resolution",
+    "Network is unreachable",
+    "Could not fetch URL",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "ProxyError",
+)
+
+
+@dataclass(frozen=True)
+class InstalledFile:
+    """The file pip installed a distribution from: its name and sha256 (pip's report)."""
+
+    filename: str
+    sha256: str
+
+
+_MAX_REPORT_BYTES = 64 << 20
+
+
+def read_install_report(env_root: Path) -> dict[tuple[str, str], InstalledFile]:
+    """(canonical name, version) -> the file it came from, per the environment's install report.
+
+    Absent or unreadable: {} (an environment built by other means has no such evidence; that
+    is not an error, and nothing is made up in its place).
+    """
+    report = env_root / INSTALL_REPORT
+    try:
+        if report.stat().st_size > _MAX_REPORT_BYTES:
+            return {}
+        doc = json.loads(report.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    out: dict[tuple[str, str], InstalledFile] = {}
+    items = doc.get("install") if isinstance(doc, dict) else None
+    for item in items if isinstance(items, list) else []:
+        try:
+            meta, info = item["metadata"], item["download_info"]
+            key = (canonicalize_name(str(meta["name"])), str(meta["version"]))
+            archive = info["archive_info"]
+            url = str(info.get("url", ""))
+        except (KeyError, TypeError, AttributeError):
+            continue
+        digest = None
+        if isinstance(archive, dict):
+            hashes = archive.get("hashes")
+            if isinstance(hashes, dict) and isinstance(hashes.get("sha256"), str):
+                digest = hashes["sha256"]
+            elif isinstance(archive.get("hash"), str) and archive["hash"].startswith("sha256="):
+                digest = archive["hash"][7:]
+        if digest and re.fullmatch(r"[0-9a-fA-F]{64}", digest):
+            out[key] = InstalledFile(url.rsplit("/", 1)[-1].split("#", 1)[0], digest.lower())
+    return out
+
+
+def platform_tag() -> str:
+    """The most specific wheel tag this interpreter installs, e.g. cp311-cp311-manylinux_2_39."""
+    from packaging.tags import sys_tags
+
+    return str(next(iter(sys_tags())))
+
+
+def check_wheels_only(lock_path: Path, *, timeout: float = 900, rounds: int = 20) -> None:
+    """Refuse `lock_path` unless every pin has a wheel for this platform, before any build.
+
+    Asks pip itself (a dry run with `--only-binary :all:`: metadata only, nothing is built or
+    installed), so the answer is the one the real install would get from the same index.
+    pip stops at the first pin it cannot satisfy, so that pin is set aside and the rest asked
+    again (at most `rounds` times) to name every one. Raises NoWheel naming them,
+    IndexUnreachable when the index cannot be asked.
+    """
+    try:
+        text = lock_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InputError(f"cannot read lock {lock_path}: {e}") from e
+    missing: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="chainproof-wheels-") as tmp:
+        current = lock_path
+        for _ in range(rounds):
+            proc = _dry_run(current, Path(tmp), timeout)
+            if proc.returncode == 0:
+                break
+            found = [m for m in _NO_MATCH.findall(proc.stderr) if m not in missing]
+            if not found:
+                if any(marker in proc.stderr for marker in _NETWORK):
+                    raise IndexUnreachable(
+                        f"cannot reach the package index to check the wheels of {lock_path}",
+                        hint="connect to the index (or a mirror holding these wheels) and retry",
+                    )
+                raise InputError(
+                    f"pip refused the lock {lock_path}:\n{proc.stderr[-2000:]}",
+                    hint="check the lock was compiled with --generate-hashes for this Python",
+                )
+            missing += found
+            current = Path(tmp) / "rest.txt"
+            current.write_text(_without(text, missing), encoding="utf-8")
+    if missing:
+        names = ", ".join(missing)
+        one = len(missing) == 1
+        raise NoWheel(
+            f"refusing to build an environment from {lock_path}: {names} "
+            f"{'has' if one else 'have'} no wheel for this platform ({platform_tag()}); "
+            f"installing {'it' if one else 'them'} would build the sdist, running its setup.py "
+            "before anything could check it",
+            hint="pin a version that publishes a wheel for this platform, or replace the "
+            "package; chainproof installs wheels only (--only-binary :all:)",
+        )
+
+
+def _dry_run(lock: Path, tmp: Path, timeout: float) -> subprocess.CompletedProcess[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--dry-run",
+        "--ignore-installed",
+        "--quiet",
+        "--disable-pip-version-check",
+        "--no-deps",
+        "--require-hashes",
+        *WHEELS_ONLY,
+        "--report",
+        str(tmp / "report.json"),
+        "-r",
+        str(lock),
+    ]
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise IndexUnreachable(
+            f"checking the wheels of {lock} took over {timeout:.0f}s",
+            hint="check the network or the index (pip config list)",
+        ) from e
+
+
+def _without(text: str, pins: list[str]) -> str:
+    """The lock text without the requirements `pins` (as pip printed them, `name==version`)."""
+    drop = {canonicalize_name(p.split("==", 1)[0]) for p in pins}
+    out = []
+    for logical in text.replace("\\\n", " ").splitlines():
+        head = logical.split(" #", 1)[0].strip()
+        if head and not head.startswith(("#", "-")):
+            try:
+                req = " ".join(w for w in head.split() if not w.startswith("--hash"))
+                if canonicalize_name(Requirement(req).name) in drop:
+                    continue
+            except InvalidRequirement:
+                pass
+        out.append(logical)
+    return "\n".join(out) + "\n"
+
+
 def ensure_environment(lock: LockFile, envs_dir: Path, log: Callable[[str], None]) -> Path:
     """The interpreter of the environment built from `lock`, building it once if needed.
 
-    Keyed by the lock's sha256; built in a staging directory with `--require-hashes` and
-    renamed into place, so a half-built environment is never used.
+    Keyed by the lock's sha256; every pin's wheel is checked to exist first (nothing is built
+    from source); built in a staging directory with `--require-hashes --only-binary :all:`
+    and renamed into place, so a half-built environment is never used. pip's install report
+    stays in it (INSTALL_REPORT).
     """
     final = envs_dir / lock.sha256[:32]
     python = final / "bin" / "python"
     if python.exists():
         return python
+    check_wheels_only(lock.path)
     envs_dir.mkdir(parents=True, exist_ok=True)
     staging = envs_dir / f".build-{lock.sha256[:16]}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -261,7 +455,11 @@ def ensure_environment(lock: LockFile, envs_dir: Path, log: Callable[[str], None
             capture_output=True,
         )
         pip = [sys.executable, "-m", "pip", "--python", str(staging / "bin" / "python")]
-        _run(pip + ["install", "--quiet", "--no-deps", "--require-hashes", "-r", str(lock.path)])
+        _run(
+            pip
+            + ["install", "--quiet", "--no-deps", "--require-hashes", *WHEELS_ONLY]
+            + ["--report", str(staging / INSTALL_REPORT), "-r", str(lock.path)]
+        )
         wheel_dir = staging / ".chainproof-wheel"
         wheel = _build_editable_wheel(wheel_dir)
         _run(pip + ["install", "--quiet", "--no-deps", str(wheel)])

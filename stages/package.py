@@ -3,16 +3,21 @@
 The model card (JSON and Markdown) names the training data, held-out metrics, training config
 and environment. The ML-BOM is CycloneDX 1.6 JSON built with cyclonedx-python-lib: the model
 as a machine-learning-model component (hashes, model card), the dataset as a data component,
-and every Python distribution of the lock with its version, purl and hashes. No TensorFlow.
+and every Python distribution of the lock with its version, purl and hashes (every file the
+lock allows). Where the environment kept pip's install report (a wheels-only build does), each
+library also names the wheel actually installed and its sha256, in `chainproof:installed-from`
+and `chainproof:installed-sha256` properties. No TensorFlow.
 """
 
 from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
+from pipeline.envcheck import InstalledFile, read_install_report
 from pipeline.hashing import sha256_file
 from pipeline.stage import Params, Stage, StageContext, StageError, main
 from stages._io import write_json
@@ -122,10 +127,15 @@ Load only with `keras.saving.load_model(path, safe_mode=True)` after verifying t
 """
 
 
-def ml_bom(card: dict, model_files: dict[str, str], locks: list[Path]) -> str:
+def ml_bom(
+    card: dict,
+    model_files: dict[str, str],
+    locks: list[Path],
+    installed: dict[tuple[str, str], InstalledFile] | None = None,
+) -> str:
     """CycloneDX 1.6 ML-BOM; the library has no model-card type yet, so the card is added to
     the serialised model component and the whole document is schema-validated."""
-    from cyclonedx.model import HashAlgorithm, HashType
+    from cyclonedx.model import HashAlgorithm, HashType, Property
     from cyclonedx.model.bom import Bom
     from cyclonedx.model.component import Component, ComponentType
     from cyclonedx.output.json import JsonV1Dot6
@@ -155,6 +165,15 @@ def ml_bom(card: dict, model_files: dict[str, str], locks: list[Path]) -> str:
     bom = Bom(components=[model, dataset])
     for lock in locks:
         for name, version, hashes in _lock_pins(lock):
+            wheel = (installed or {}).get((name, version))
+            props = (
+                [
+                    Property(name="chainproof:installed-from", value=wheel.filename),
+                    Property(name="chainproof:installed-sha256", value=wheel.sha256),
+                ]
+                if wheel
+                else []
+            )
             bom.components.add(
                 Component(
                     type=ComponentType.LIBRARY,
@@ -163,6 +182,7 @@ def ml_bom(card: dict, model_files: dict[str, str], locks: list[Path]) -> str:
                     bom_ref=f"pypi:{name}@{version}",
                     purl=PackageURL(type="pypi", name=name, version=version),
                     hashes=[sha(h) for h in hashes],
+                    properties=props,
                 )
             )
     bom.register_dependency(model, [dataset])
@@ -226,7 +246,9 @@ class PackageStage(Stage):
         write_json(ctx.output(CARD), card)
         ctx.output(CARD_MD).write_text(card_markdown(card))
         locks = [ctx.workdir / rel for rel in ctx.extra.get("locks", [])]
-        ctx.output(BOM).write_text(ml_bom(card, files, locks))
+        # This stage runs in the locked environment: its install report names the wheels.
+        installed = read_install_report(Path(sys.prefix))
+        ctx.output(BOM).write_text(ml_bom(card, files, locks, installed))
 
 
 if __name__ == "__main__":

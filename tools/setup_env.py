@@ -4,18 +4,28 @@ Idempotent and content-keyed (not mtime-keyed, so a fresh clone is not "newer"):
 records the sha256 of the lock and of pyproject.toml it was built from. A changed lock
 rebuilds from scratch, so nothing stale survives. Standard library only: this runs before
 any dependency exists.
+
+Wheels only (`--only-binary :all:`): building an sdist would run its setup.py, code nobody
+checked, during installation. Before any package is installed, a pip dry run confirms that every
+pin has a wheel for this platform and names the first that does not. pip's installation
+report (which file, with which sha256, each distribution came from) is kept as
+`<venv>/.chainproof-install-report.json`.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import re
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+WHEELS_ONLY = ("--only-binary", ":all:")
+INSTALL_REPORT = ".chainproof-install-report.json"
 
 
 def digest(*paths: Path) -> str:
@@ -28,6 +38,42 @@ def digest(*paths: Path) -> str:
 def run(*cmd: str) -> None:
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True, cwd=ROOT)
+
+
+def check_wheels(py: str, lock: Path) -> str | None:
+    """None when every pin of `lock` has a wheel for `py`; else why not (nothing is built)."""
+    with tempfile.TemporaryDirectory(prefix="chainproof-wheels-") as tmp:
+        proc = subprocess.run(
+            [
+                py,
+                "-m",
+                "pip",
+                "install",
+                "--dry-run",
+                "--ignore-installed",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--require-hashes",
+                *WHEELS_ONLY,
+                "--report",
+                str(Path(tmp) / "report.json"),
+                "-r",
+                str(lock),
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
+    if proc.returncode == 0:
+        return None
+    missing = re.findall(r"No matching distribution found for (\S+)", proc.stderr)
+    if missing:
+        return (
+            f"{', '.join(missing)} has no wheel for this platform: installing it would build "
+            "its sdist and run its setup.py. Pin a version with a wheel, or replace it."
+        )
+    return "pip could not check the lock's wheels:\n" + proc.stderr[-2000:]
 
 
 def install_project(py: str) -> None:
@@ -66,6 +112,12 @@ def main() -> int:
     shutil.rmtree(venv, ignore_errors=True)
     run(sys.executable, "-m", "venv", str(venv))
     py = str(venv / "bin/python")
+    # Before any package is fetched for real: does every pin have a wheel here?
+    problem = check_wheels(py, lock)
+    if problem:
+        shutil.rmtree(venv, ignore_errors=True)
+        print(f"error: refusing to set up {venv} from {lock}: {problem}", file=sys.stderr)
+        return 2
     run(
         py,
         "-m",
@@ -74,6 +126,9 @@ def main() -> int:
         "--quiet",
         "--disable-pip-version-check",
         "--require-hashes",
+        *WHEELS_ONLY,
+        "--report",
+        str(venv / INSTALL_REPORT),
         "-r",
         str(lock),
     )

@@ -1,4 +1,5 @@
-"""CLI for the dependency supply chain: `deps graph|why`, `vulndb import|update|info`, `scan deps`.
+"""CLI for the dependency supply chain: `deps graph|why|fix|vex|popular-refresh`,
+`vulndb import|update|info`, `scan deps`.
 
 Each command parses, makes one library call and renders; errors are `pipeline.errors.Error`
 subclasses that the main CLI maps to exit codes (0 clean, 1 findings violate the policy,
@@ -22,8 +23,12 @@ import click
 if TYPE_CHECKING:
     from pipeline.scan.deps import DepGraph
     from pipeline.scan.vulndb import DBInfo
+    from pipeline.scan.vulns import Policy
 
 DEFAULT_LOCK = Path("requirements/main.txt")
+# The `scan deps --format` choices; tests check each maps to exactly one VulnerabilityFormat
+# (importing the renderers here would slow every command's start-up).
+SCAN_FORMATS = ("table", "json", "cyclonedx", "sarif")
 DEFAULT_DB = Path(".chainproof/vulndb.sqlite")
 
 
@@ -66,6 +71,39 @@ max_age_option = click.option(
     default=30,
     show_default=True,
     help="Warn when the newest advisory in the database is older than this.",
+)
+
+
+def vex_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    """--vex FILE (repeatable) and the owner key that must have signed it."""
+    f = click.option(
+        "--owner-key",
+        type=click.Path(dir_okay=False, path_type=Path),
+        default=Path("attestations/keys/owner.pub"),
+        show_default=True,
+        help="The owner public key a VEX document must be signed with.",
+    )(f)
+    return click.option(
+        "--vex",
+        "vex_files",
+        multiple=True,
+        type=click.Path(dir_okay=False, path_type=Path),
+        help="An owner-signed OpenVEX document (chainproof deps vex create). Repeatable.",
+    )(f)
+
+
+popular_option = click.option(
+    "--popular",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The popular-projects list for look-alike names. [default: the shipped one]",
+)
+
+workspace_keys_option = click.option(
+    "--keys-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("attestations/keys"),
+    show_default=True,
+    help="Where the owner key lives.",
 )
 
 
@@ -136,14 +174,18 @@ def _echo_info(info: DBInfo, max_age_days: int) -> None:
 
 
 @vulndb.command("import")
-@click.argument("path", type=click.Path(exists=True, path_type=Path))
+@click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @db_option
 @max_age_option
-def vulndb_import(path: Path, db: Path, max_age_days: int) -> None:
-    """Import OSV records from PATH: a directory of JSON/YAML records or osv.dev's all.zip."""
+def vulndb_import(paths: tuple[Path, ...], db: Path, max_age_days: int) -> None:
+    """Import OSV records from PATH...: directories of JSON/YAML records or osv.dev zips.
+
+    Several sources go into one store, e.g. the PyPA advisory database and the OpenSSF
+    Malicious Packages database (its MAL- records are matched by name and by file hash).
+    """
     from pipeline.scan.vulndb import import_osv
 
-    info = import_osv(path, db, progress=_err)
+    info = import_osv(list(paths), db, progress=_err)
     click.echo(f"imported {info.records} records into {db}")
     _echo_info(info, max_age_days)
 
@@ -181,7 +223,7 @@ def vulndb_info(db: Path, max_age_days: int) -> None:
 @click.option(
     "--format",
     "fmt",
-    type=click.Choice(["table", "json", "cyclonedx", "sarif"]),
+    type=click.Choice(SCAN_FORMATS),
     default="table",
     show_default=True,
 )
@@ -196,9 +238,12 @@ def vulndb_info(db: Path, max_age_days: int) -> None:
     "--policy",
     "policy_file",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="YAML policy: severity, and allow: [{id, reason, expires: YYYY-MM-DD}].",
+    help="YAML policy: severity, allow: [{id, reason, expires: YYYY-MM-DD}], "
+    "accept_lookalikes: [{name, reason, expires}].",
 )
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write here.")
+@vex_options
+@popular_option
 @max_age_option
 def scan_deps(
     lock: Path | None,
@@ -209,17 +254,28 @@ def scan_deps(
     severity: str | None,
     policy_file: Path | None,
     output: Path | None,
+    vex_files: tuple[Path, ...],
+    owner_key: Path,
+    popular: Path | None,
     max_age_days: int,
 ) -> None:
-    """Scan every pinned package, direct and transitive, against the offline OSV database."""
+    """Scan every pinned package, direct and transitive, against the offline OSV database.
+
+    Known-malicious packages (OpenSSF MAL- records, also matched by file hash) and look-alike
+    names of popular projects fail at any severity threshold.
+    """
     from pipeline.fsutil import atomic_write_text
-    from pipeline.scan.vulns import Policy, evaluate, load_policy, render, require_clean, scan
+    from pipeline.scan.lookalike import load_popular
+    from pipeline.scan.vulns import Policy, evaluate, load_policy, require_clean, scan
+    from pipeline.scan.vulns_render import render
 
     graph = _graph(lock, installed, python)
     policy = load_policy(policy_file) if policy_file else Policy()
     if severity:
         policy = dataclasses.replace(policy, threshold=severity)
-    result = scan(graph, db, max_age=timedelta(days=max_age_days))
+    policy = _with_vex(policy, vex_files, owner_key)
+    reference = load_popular(popular) if popular else True
+    result = scan(graph, db, max_age=timedelta(days=max_age_days), popular=reference)
     evaluation = evaluate(result, policy, date.today())
     text = render(result, fmt, evaluation)
     if output is not None:
@@ -231,4 +287,177 @@ def scan_deps(
         _err(f"warning: {result.stale.message()}")
     for entry in evaluation.expired:
         _err(f"warning: allowlist entry {entry.id} expired on {entry.expires}; it allows nothing")
+    for s in evaluation.vex_expired:
+        _err(f"warning: VEX statement for {s.vulnerability} expired on {s.expires}; it counts not")
+    for r in policy.vex_rejected:
+        _err(f"warning: VEX document {r.document} ignored: {r.reason}")
     require_clean(evaluation)
+
+
+def _with_vex(policy: Policy, vex_files: tuple[Path, ...], owner_key: Path) -> Policy:
+    """The policy with the VEX documents that verify against the owner key."""
+    from pipeline.provenance.keys import load_public_key
+    from pipeline.scan.vex import load_all
+
+    if not vex_files:
+        return policy
+    statements, rejected = load_all(vex_files, [load_public_key(owner_key)])
+    return dataclasses.replace(policy, vex=statements, vex_rejected=rejected)
+
+
+# --------------------------------------------------------------------------- deps fix
+
+
+@deps.command("fix")
+@click.option(
+    "--lock",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_LOCK,
+    show_default=True,
+    help="The pip-compile lock whose findings to clear.",
+)
+@click.option(
+    "--in",
+    "in_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The .in file the lock was compiled from. [default: the lock's name with .in]",
+)
+@click.option("--write", is_flag=True, help="Apply the plan to the .in file (then: make upgrade).")
+@db_option
+def deps_fix(lock: Path, in_file: Path | None, write: bool, db: Path) -> None:
+    """The smallest set of direct-requirement changes that clears the lock's findings.
+
+    Exit 0 when the predicted result is clean, 1 when some finding has no fix.
+    """
+    from pipeline.scan.depfix import apply_to_graph, apply_to_in, plan_fix
+    from pipeline.scan.deps import from_lock
+    from pipeline.scan.vulndb import VulnDB
+    from pipeline.scan.vulns import VulnerabilitiesFound, scan
+
+    graph = from_lock(lock)
+    with VulnDB.open(db) as store:
+        result = scan(graph, store, popular=False)
+        if not result.findings:
+            click.echo(f"{lock}: no findings; nothing to fix")
+            return
+        plan = plan_fix(result, store.records_for(result.vulnerable_packages))
+        after = scan(apply_to_graph(graph, plan), store, popular=False)
+    for change in plan.changes:
+        click.echo(change.describe())
+    moved = plan.moved
+    click.echo(
+        f"{len(result.findings)} finding(s) in {len(result.vulnerable_packages)} package(s); "
+        f"the plan moves {moved} package(s); predicted after it: {len(after.findings)} finding(s)"
+    )
+    target = in_file or lock.with_suffix(".in")
+    if write and plan.fixable:
+        apply_to_in(target, plan)
+        _err(f"wrote {target}: now run `make upgrade` to compile and gate it")
+    elif plan.fixable:
+        _err(f"to apply: chainproof deps fix --lock {lock} --in {target} --write")
+    if plan.unfixable or after.findings:
+        raise VulnerabilitiesFound(
+            f"{len(plan.unfixable)} package(s) have no fix: "
+            + ", ".join(c.package for c in plan.unfixable),
+            hint="remove or replace the requirement that pulls them in, or accept with a reason",
+        )
+
+
+# --------------------------------------------------------------------------- VEX
+
+
+@deps.group("vex")
+def vex() -> None:
+    """Owner-signed OpenVEX "not affected" statements."""
+
+
+@vex.command("create")
+@click.option("--id", "vuln_id", required=True, help="The advisory id or alias (PYSEC-, CVE-).")
+@click.option("--package", required=True, help="The package it is about (as locked).")
+@click.option("--all-versions", is_flag=True, help="Cover every version, not only the locked one.")
+@click.option(
+    "--justification",
+    type=click.Choice(
+        [
+            "component_not_present",
+            "vulnerable_code_not_present",
+            "vulnerable_code_not_in_execute_path",
+            "vulnerable_code_cannot_be_controlled_by_adversary",
+            "inline_mitigations_already_exist",
+        ]
+    ),
+    required=True,
+)
+@click.option("--impact", required=True, help="Why it does not apply, in words.")
+@click.option(
+    "--expires",
+    type=click.DateTime(formats=["%Y-%m-%d"]),
+    required=True,
+    help="YYYY-MM-DD; after it the statement counts for nothing.",
+)
+@click.option(
+    "--lock",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=DEFAULT_LOCK,
+    show_default=True,
+    help="Where the package's version and file hashes (the statement's subjects) come from.",
+)
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True)
+@workspace_keys_option
+def vex_create(
+    vuln_id: str,
+    package: str,
+    all_versions: bool,
+    justification: str,
+    impact: str,
+    expires: Any,
+    lock: Path,
+    output: Path,
+    keys_dir: Path,
+) -> None:
+    """Write an OpenVEX not_affected statement signed with the owner key."""
+    from pipeline.provenance.keys import load_signer
+    from pipeline.provenance.statements import write_signed_statement
+    from pipeline.scan.deps import from_lock
+    from pipeline.scan.vex import not_affected_statement
+
+    graph = from_lock(lock)
+    pkg = graph.packages[graph.resolve(package)]
+    owner = load_signer("owner", keys_dir)
+    stmt = not_affected_statement(
+        vulnerability=vuln_id,
+        package=pkg.name,
+        version=None if all_versions else pkg.version,
+        files={f"{pkg.name}=={pkg.version}#{i}": h for i, h in enumerate(pkg.hashes)},
+        justification=justification,
+        impact=impact,
+        expires=expires.date(),
+        author=f"owner key {owner.public.keyid}",
+    )
+    write_signed_statement(output, stmt, owner.signer)
+    click.echo(f"wrote {output}: {vuln_id} not affected in {pkg.name} until {expires.date()}")
+
+
+# --------------------------------------------------------------------------- popular names
+
+
+@deps.command("popular-refresh")
+@click.argument("source", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--top", type=click.IntRange(min=1), default=5000, show_default=True)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the list. [default: the one chainproof ships]",
+)
+@click.option("--label", help="How to name the source in the list's header.")
+def popular_refresh(source: Path, top: int, output: Path | None, label: str | None) -> None:
+    """Rebuild the popular-projects list for look-alike checks from SOURCE.
+
+    SOURCE: hugovk's top-pypi-packages JSON (e.g. top-pypi-packages-30-days.min.json), the
+    same list as GuardDog ships it, or a text file with one name per line.
+    """
+    from pipeline.scan.lookalike import DATA_FILE, refresh_popular
+
+    names = refresh_popular(source, output or DATA_FILE, top=top, label=label)
+    click.echo(f"wrote {names.path}: {len(names.names)} names ({names.source}, {names.date})")

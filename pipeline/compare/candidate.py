@@ -315,8 +315,8 @@ def run_candidate(
         prod_lineage, cand_lineage = load_lineage(production), load_lineage(runner.run_dir)
         d = lineage_diff(prod_lineage, cand_lineage)
         policy: dict[str, Any] = config.candidate.model_dump(exclude_none=True)
-        policy.setdefault("severity", config.security["dependencies"]["severity"])
-        policy["dependencies_required"] = config.security["dependencies"]["required"]
+        policy.setdefault("severity", config.security.dependencies.severity)
+        policy["dependencies_required"] = config.security.dependencies.required
         criteria, digests = evaluate(
             production,
             owner_key,

@@ -51,9 +51,15 @@ def _summary(stmt: dict[str, Any]) -> str:
             return f"{kind}: dependencies NOT SCANNED ({cp.get('reason', 'no database')})"
         db = cp.get("database", {})
         n = sum(len(lock.get("findings", [])) for lock in cp.get("locks", []))
+        vex = [
+            f"{v.get('id')} in {v.get('package')} until {v.get('expires')}"
+            for lock in cp.get("locks", [])
+            for v in lock.get("not_affected", [])
+        ]
         return (
             f"{kind}: {cp.get('verdict')}, db sha256 {str(db.get('sha256'))[:12]}… "
             f"({db.get('records')} records, newest {db.get('newest_modified')}), {n} finding(s)"
+            + (f"; not affected per owner-signed VEX: {', '.join(vex)}" if vex else "")
         )
     if kind.startswith("provenance"):
         build = pred.get("buildDefinition", {})

@@ -184,7 +184,12 @@ class Runner:
             )
         for lock in self.locks():
             self.lock_for(lock)
-        gate = check_dependencies(self.locks(), self.config.security["dependencies"], self.ws.root)
+        gate = check_dependencies(
+            self.locks(),
+            self.config.security.dependencies,
+            self.ws.root,
+            vex_keys=[self.owner_key],  # VEX counts only when the owner signed it
+        )
         for warning in gate.warnings:
             self.say(f"WARNING: {warning}")
         self.say(f"dependency gate: {gate.summary}")
@@ -330,7 +335,7 @@ class Runner:
                 "dependencies": f"../{DEPENDENCIES}",
                 "models": f"../{MODELS}",
                 **({"candidate": f"../{CANDIDATE}"} if self.candidate else {}),
-                "dependencies_required": self.config.security["dependencies"]["required"],
+                "dependencies_required": self.config.security.dependencies.required,
                 "functionary_key": str(self.run_dir / "keys/functionary.pub"),
             }
             extra["gate"] = {
@@ -400,7 +405,7 @@ class Runner:
         if stage.impl.gate:
             write_signed_statement(
                 self.run_dir / MODELS,
-                model_scan_statement(self.model_scans, self.config.security["models"]["fail_on"]),
+                model_scan_statement(self.model_scans, self.config.security.models.fail_on),
                 self.functionary.signer,
             )
             named.update(list_tree(self.run_dir / CHECKS_DIR, prefix=f"{CHECKS_DIR}/"))
@@ -510,7 +515,7 @@ class Runner:
         self, stage: StageConfig, workdir: Path, logs: sandbox.StageLogs
     ) -> list[dict[str, Any]]:
         """Model files a stage produced are scanned before any link calls them good."""
-        fail_on = self.config.security["models"]["fail_on"]
+        fail_on = self.config.security.models.fail_on
         try:
             return scan_models(stage.name, workdir, self.run_dir, fail_on)
         except UnsafeModelError as e:

@@ -23,6 +23,7 @@ from packaging.markers import InvalidMarker, UndefinedComparison, UndefinedEnvir
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
+from pipeline.envcheck import read_install_report
 from pipeline.errors import InputError
 
 PROJECT = "chainproof"
@@ -36,11 +37,17 @@ CYCLE = "(only reachable through a cycle)"
 
 @dataclass(frozen=True)
 class Package:
-    """One node: a canonical name pinned to one version. `line` is its line in the lock."""
+    """One node: a canonical name pinned to one version. `line` is its line in the lock.
+
+    `hashes` are the sha256 digests of the files this pin may come from: the lock's `--hash`
+    entries, or for an installed distribution the file pip's install report says it came from.
+    Malicious-package records are matched against them, whatever the name.
+    """
 
     name: str
     version: str
     line: int | None = None
+    hashes: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,10 @@ class _Entry:
     version: str
     line: int
     via: list[str]
+    hashes: tuple[str, ...] = ()
+
+
+_HASH = re.compile(r"--hash[= ]sha256:([0-9a-fA-F]{64})\b")
 
 
 def from_lock(path: Path) -> DepGraph:
@@ -115,16 +126,16 @@ def from_lock(path: Path) -> DepGraph:
             f"{path}: no pinned requirements (name==version) found",
             hint="pass a lock compiled by pip-compile, e.g. requirements/main.txt",
         )
-    packages = {e.name: Package(e.name, e.version, e.line) for e in entries}
+    packages = {en.name: Package(en.name, en.version, en.line, en.hashes) for en in entries}
     requires: dict[str, set[str]] = {name: set() for name in packages}
     roots: dict[str, set[str]] = {}
-    for e in entries:
-        for via in e.via:
+    for entry in entries:
+        for via in entry.via:
             parent, declared_in = _classify_via(via)
             if declared_in is not None:
-                roots.setdefault(e.name, set()).add(declared_in)
-            elif parent in packages and parent != e.name:
-                requires[parent].add(e.name)
+                roots.setdefault(entry.name, set()).add(declared_in)
+            elif parent in packages and parent != entry.name:
+                requires[parent].add(entry.name)
             # A parent that is not pinned here (excluded by a marker, or listed as unsafe and
             # left out) has no node: the edge has nowhere to start, so it is dropped.
     return _finish(str(path), "lock", packages, requires, roots, tuple(unpinned))
@@ -174,7 +185,8 @@ def _parse_lock_text(text: str, path: Path) -> tuple[list[_Entry], list[str]]:
         if req.url or len(spec) != 1 or spec[0].operator not in _PIN_OPERATORS:
             unpinned.append(str(req))
             continue
-        entry = _Entry(canonicalize_name(req.name), spec[0].version, start, [])
+        hashes = tuple(sorted({h.lower() for h in _HASH.findall(requirement)}))
+        entry = _Entry(canonicalize_name(req.name), spec[0].version, start, [], hashes)
         if _VIA.match(inline):  # pip-tools <5 and --annotation-style=line
             inline = inline.strip()
             entry.via.extend(_split_via(inline[3:].strip()))
@@ -232,7 +244,11 @@ def from_installed(site_packages: Path) -> DepGraph:
     active = _active_requirements(reqs, set(dists))
     project_roots = active.pop(PROJECT, None)
     keep = [n for n in sorted(dists) if n != PROJECT or project_roots is None]
-    packages = {n: Package(n, dists[n].version) for n in keep}
+    installed_from = install_report_hashes(site_packages)
+    packages = {
+        n: Package(n, dists[n].version, None, installed_from.get((n, dists[n].version), ()))
+        for n in keep
+    }
     requires = {n: {c for c in active.get(n, set()) if c in packages and c != n} for n in packages}
     roots: dict[str, set[str]] = {}
     if project_roots is not None:
@@ -241,6 +257,17 @@ def from_installed(site_packages: Path) -> DepGraph:
             if child in packages:
                 roots.setdefault(child, set()).add(label)
     return _finish(str(site_packages), "installed", packages, requires, roots, ())
+
+
+def install_report_hashes(site_packages: Path) -> dict[tuple[str, str], tuple[str, ...]]:
+    """(name, version) -> sha256 of the file pip installed it from, per the venv's install report.
+
+    The report (`pip install --report`, kept by the environment builder at the venv's root)
+    names the exact wheel of each distribution. Absent or unreadable: no hashes, not an error
+    (an environment built by other means simply has no such evidence).
+    """
+    env_root = site_packages.parent.parent.parent  # <env>/lib/pythonX.Y/site-packages
+    return {k: (f.sha256,) for k, f in read_install_report(env_root).items()}
 
 
 def _requirements(dist: Distribution) -> list[Requirement]:

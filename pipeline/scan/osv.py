@@ -30,10 +30,45 @@ from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 ECOSYSTEM = "PyPI"
+MALICIOUS_PREFIX = "MAL-"
 RATINGS = ("none", "low", "medium", "high", "critical")  # ascending; "unknown" is outside it
 UNKNOWN = "unknown"
 
 Record = Mapping[str, Any]
+
+
+# --------------------------------------------------------------------------- shape
+
+
+def record_problem(record: Record) -> str | None:
+    """What makes `record` unusable for matching (a wrong type where a list or an object must
+    be), or None. Records are hostile input: checked once, at import, so matching can rely on
+    the shapes below instead of guarding every access."""
+    for key in ("aliases", "related", "severity", "affected"):
+        if record.get(key) is not None and not isinstance(record.get(key), list):
+            return f"'{key}' is not a list"
+    if not all(isinstance(s, Mapping) for s in record.get("severity") or []):
+        return "'severity' holds something that is not an object"
+    for i, affected in enumerate(record.get("affected") or []):
+        where = f"affected[{i}]"
+        if not isinstance(affected, Mapping):
+            return f"{where} is not an object"
+        if affected.get("package") is not None and not isinstance(affected["package"], Mapping):
+            return f"{where}.package is not an object"
+        for key in ("versions", "ranges", "severity"):
+            if affected.get(key) is not None and not isinstance(affected[key], list):
+                return f"{where}.{key} is not a list"
+        if not all(isinstance(s, Mapping) for s in affected.get("severity") or []):
+            return f"{where}.severity holds something that is not an object"
+        for j, rng in enumerate(affected.get("ranges") or []):
+            if not isinstance(rng, Mapping):
+                return f"{where}.ranges[{j}] is not an object"
+            events = rng.get("events")
+            if events is not None and not isinstance(events, list):
+                return f"{where}.ranges[{j}].events is not a list"
+            if not all(isinstance(e, Mapping) for e in events or []):
+                return f"{where}.ranges[{j}].events holds something that is not an object"
+    return None
 
 
 # --------------------------------------------------------------------------- versions
@@ -315,6 +350,11 @@ class Advisory:
     published: str | None
     modified: str | None
 
+    @property
+    def malicious(self) -> bool:
+        """An OpenSSF Malicious Packages record (MAL- id): the package is malware, not buggy."""
+        return any(i.startswith(MALICIOUS_PREFIX) for i in (*self.ids, *self.aliases))
+
 
 def _prefer(record_id: str) -> tuple[int, str]:
     order = ("PYSEC-", "GHSA-")
@@ -352,25 +392,22 @@ def _groups(records: Sequence[Record]) -> list[list[Record]]:
 def match(records: Iterable[Record], name: str, version: str) -> list[Advisory]:
     """The advisories for `name==version` among `records`, aliases merged, sorted by id."""
     hits = [r for r in records if is_affected(r, name, version)]
-    out = []
-    for group in _groups(hits):
-        group.sort(key=lambda r: _prefer(r["id"]))
-        ids = tuple(sorted((r["id"] for r in group), key=_prefer))
-        aliases = sorted({str(a) for r in group for a in r.get("aliases") or []} - set(ids))
-        out.append(
-            Advisory(
-                id=ids[0],
-                ids=ids,
-                aliases=tuple(aliases),
-                summary=next((s for s in map(_summary, group) if s), ""),
-                severity=worst(severity_of(r, name) for r in group),
-                fixed=fixed_versions(group, name, version),
-                published=min(
-                    (str(r["published"]) for r in group if r.get("published")), default=None
-                ),
-                modified=max(
-                    (str(r["modified"]) for r in group if r.get("modified")), default=None
-                ),
-            )
-        )
+    out = [advisory_of(group, name, version) for group in _groups(hits)]
     return sorted(out, key=lambda a: _prefer(a.id))
+
+
+def advisory_of(group: list[Record], name: str, version: str) -> Advisory:
+    """One Advisory from records that describe the same vulnerability of `name`."""
+    group = sorted(group, key=lambda r: _prefer(r["id"]))
+    ids = tuple(sorted((r["id"] for r in group), key=_prefer))
+    aliases = sorted({str(a) for r in group for a in r.get("aliases") or []} - set(ids))
+    return Advisory(
+        id=ids[0],
+        ids=ids,
+        aliases=tuple(aliases),
+        summary=next((s for s in map(_summary, group) if s), ""),
+        severity=worst(severity_of(r, name) for r in group),
+        fixed=fixed_versions(group, name, version),
+        published=min((str(r["published"]) for r in group if r.get("published")), default=None),
+        modified=max((str(r["modified"]) for r in group if r.get("modified")), default=None),
+    )

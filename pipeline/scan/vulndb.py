@@ -8,6 +8,10 @@ in it: a content digest (sha256 over the sorted per-record digests, so the same 
 same digest whatever the source layout), the record count, the newest `modified`, when and from
 where it was imported.
 
+Malicious-package records (OpenSSF, `MAL-` ids) import the same way. The sha256 of each file
+their `affected[].database_specific.indicators.package_integrity` lists is indexed too, so a
+lock or an installed distribution carrying one of those files is caught under any name.
+
 Age: `check_age` measures how old the *data* is from the newest `modified` timestamp among the
 records (falling back to the import time only when no record has one). Importing an old snapshot
 today does not make it fresh, so import time alone would hide exactly the staleness that matters.
@@ -19,12 +23,13 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import sqlite3
 import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
@@ -34,11 +39,13 @@ from packaging.utils import canonicalize_name
 
 from pipeline.errors import Error, InputError
 from pipeline.fsutil import atomic_write_bytes
+from pipeline.scan.osv import record_problem
 
 OSV_PYPI_EXPORT = "https://osv-vulnerabilities.storage.googleapis.com/PyPI/all.zip"
 DEFAULT_MAX_AGE = timedelta(days=30)
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"  # 2: the integrity table (file hashes of malicious packages)
 ECOSYSTEM = "PyPI"
+MALICIOUS_PREFIX = "MAL-"
 _RECORD_SUFFIXES = (".json", ".yaml", ".yml")
 
 Progress = Callable[[str], None]
@@ -70,6 +77,8 @@ class DBInfo:
     imported_at: str
     source: str
     schema: str
+    malicious: int = 0  # records with MAL- ids (OpenSSF Malicious Packages)
+    file_hashes: int = 0  # distinct malicious-file sha256s indexed
 
     def as_dict(self) -> dict[str, object]:
         d = dict(self.__dict__)
@@ -169,7 +178,7 @@ def _iter_source(source: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _record_files(root: Path) -> list[Path]:
-    found = []
+    found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # .git and friends
         found.extend(Path(dirpath) / f for f in filenames if f.endswith(_RECORD_SUFFIXES))
@@ -181,6 +190,13 @@ def _as_records(where: str, doc: Any) -> list[dict[str, Any]]:
     for d in docs:
         if not isinstance(d, dict) or not isinstance(d.get("id"), str) or not d["id"]:
             raise InputError(f"{where}: not an OSV record (an object with a string 'id')")
+        problem = record_problem(d)
+        if problem:
+            raise InputError(
+                f"{where}: record {d['id']} is not valid OSV: {problem}",
+                hint="fix or remove that file (schema: https://ossf.github.io/osv-schema/); "
+                "nothing was imported",
+            )
     return docs
 
 
@@ -208,6 +224,9 @@ CREATE TABLE record (
 );
 CREATE TABLE affects (package TEXT NOT NULL, record_id TEXT NOT NULL,
                       PRIMARY KEY (package, record_id)) WITHOUT ROWID;
+CREATE TABLE integrity (sha256 TEXT NOT NULL, record_id TEXT NOT NULL, package TEXT NOT NULL,
+                        filename TEXT NOT NULL,
+                        PRIMARY KEY (sha256, record_id, filename)) WITHOUT ROWID;
 """
 
 
@@ -219,15 +238,35 @@ class _Row:
     sha256: str
     body: str
     packages: frozenset[str]
+    integrity: frozenset[tuple[str, str, str]] = frozenset()  # (sha256, package, filename)
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _integrity(affected: Any, package: str) -> set[tuple[str, str, str]]:
+    """(sha256, package, filename) of each file an affected entry's indicators list."""
+    specific = affected.get("database_specific") if isinstance(affected, dict) else None
+    indicators = specific.get("indicators") if isinstance(specific, dict) else None
+    files = indicators.get("package_integrity") if isinstance(indicators, dict) else None
+    out = set()
+    for f in files if isinstance(files, list) else []:
+        hashes = f.get("hashes") if isinstance(f, dict) else None
+        digest = hashes.get("sha256") if isinstance(hashes, dict) else None
+        if isinstance(digest, str) and _SHA256.match(digest.lower()):
+            out.add((digest.lower(), package, str(f.get("filename") or "")[:300]))
+    return out
 
 
 def _row(record: dict[str, Any]) -> _Row:
     body = json.dumps(_plain(record), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     packages = set()
+    integrity: set[tuple[str, str, str]] = set()
     for affected in record.get("affected") or []:
         pkg = (affected or {}).get("package") or {}
         if pkg.get("ecosystem") == ECOSYSTEM and isinstance(pkg.get("name"), str):
             packages.add(canonicalize_name(pkg["name"]))
+            integrity |= _integrity(affected, canonicalize_name(pkg["name"]))
     withdrawn = record.get("withdrawn")
     return _Row(
         id=record["id"],
@@ -236,6 +275,7 @@ def _row(record: dict[str, Any]) -> _Row:
         sha256=hashlib.sha256(body.encode("utf-8")).hexdigest(),
         body=body,
         packages=frozenset(packages),
+        integrity=frozenset(integrity),
     )
 
 
@@ -248,32 +288,41 @@ def content_digest(record_digests: Iterable[str]) -> str:
 
 
 def import_osv(
-    source: Path,
+    source: Path | Sequence[Path],
     db_path: Path,
     *,
     source_label: str | None = None,
     progress: Progress | None = None,
     now: datetime | None = None,
 ) -> DBInfo:
-    """Import every OSV record under `source` into a new store at `db_path` (replacing it).
+    """Import every OSV record under `source` (one path or several, e.g. the PyPA advisories
+    and the OpenSSF malicious packages) into a new store at `db_path` (replacing it).
 
     Two records with the same id (e.g. a directory holding two copies) keep the newer
     `modified`. Records of other ecosystems are stored but not indexed, so they never match.
     """
-    if not source.exists():
-        raise InputError(f"{source} does not exist", hint="pass an OSV directory or all.zip")
+    sources = [source] if isinstance(source, Path) else list(source)
+    if not sources:
+        raise InputError("nothing to import", hint="pass an OSV directory or all.zip")
+    for s in sources:
+        if not s.exists():
+            raise InputError(f"{s} does not exist", hint="pass an OSV directory or all.zip")
     rows: dict[str, _Row] = {}
-    for n, (where, doc) in enumerate(_iter_source(source), 1):
-        for record in _as_records(where, doc):
-            row = _row(record)
-            old = rows.get(row.id)
-            if old is None or (row.modified, row.sha256) > (old.modified, old.sha256):
-                rows[row.id] = row
-        if progress and n % 2000 == 0:
-            progress(f"read {n} files")
+    n = 0
+    for one in sources:
+        for where, doc in _iter_source(one):
+            n += 1
+            for record in _as_records(where, doc):
+                row = _row(record)
+                old = rows.get(row.id)
+                if old is None or (row.modified, row.sha256) > (old.modified, old.sha256):
+                    rows[row.id] = row
+            if progress and n % 2000 == 0:
+                progress(f"read {n} files")
+    label = " + ".join(map(str, sources))
     if not rows:
         raise InputError(
-            f"{source}: no OSV records found (looked for *.json, *.yaml, *.yml)",
+            f"{label}: no OSV records found (looked for *.json, *.yaml, *.yml)",
             hint="point at the directory that holds the records, e.g. advisory-database/vulns",
         )
     meta = {
@@ -282,9 +331,11 @@ def import_osv(
         "records": str(len(rows)),
         "withdrawn": str(sum(1 for r in rows.values() if r.withdrawn)),
         "packages": str(len({p for r in rows.values() for p in r.packages})),
+        "malicious": str(sum(1 for r in rows.values() if r.id.startswith(MALICIOUS_PREFIX))),
+        "file_hashes": str(len({h[0] for r in rows.values() for h in r.integrity})),
         "newest_modified": _newest(r.modified for r in rows.values()),
         "imported_at": _iso(now or datetime.now(UTC)),
-        "source": source_label or str(source),
+        "source": source_label or label,
     }
     data = _build(rows.values(), meta)
     atomic_write_bytes(db_path, data)
@@ -313,6 +364,10 @@ def _build(rows: Iterable[_Row], meta: dict[str, str]) -> bytes:
             con.executemany(
                 "INSERT INTO affects VALUES (?, ?)",
                 ((p, r.id) for r in rows for p in sorted(r.packages)),
+            )
+            con.executemany(
+                "INSERT INTO integrity VALUES (?, ?, ?, ?)",
+                ((h, r.id, p, f) for r in rows for h, p, f in sorted(r.integrity)),
             )
             con.executemany("INSERT INTO meta VALUES (?, ?)", sorted(meta.items()))
         return con.serialize()
@@ -409,7 +464,11 @@ class VulnDB:
             ) from e
         if meta.get("schema") != SCHEMA_VERSION or count == 0:
             con.close()
-            problem = "is empty" if count == 0 else f"has schema {meta.get('schema')!r}"
+            problem = (
+                "is empty"
+                if count == 0
+                else f"has schema {meta.get('schema')!r} (this chainproof reads {SCHEMA_VERSION!r})"
+            )
             raise ScanUnavailable(
                 f"vulnerability database {path} {problem}: nothing was scanned",
                 hint="re-create it with `chainproof vulndb import` or `chainproof vulndb update`",
@@ -441,8 +500,45 @@ class VulnDB:
             )
             for package, rid, body in rows:
                 if rid not in cache:
-                    cache[rid] = json.loads(body)
+                    cache[rid] = self._load(rid, body)
                 out[package].append(cache[rid])
+        return out
+
+    def _load(self, rid: str, body: str) -> dict[str, Any]:
+        """A stored record, re-checked: the store file is only as trustworthy as its disk."""
+        try:
+            record = json.loads(body)
+        except ValueError:
+            record = None
+        problem = record_problem(record) if isinstance(record, dict) else "not a JSON object"
+        if problem:
+            raise ScanUnavailable(
+                f"vulnerability database {self.path} holds a malformed record {rid} ({problem}): "
+                "nothing was scanned",
+                hint="re-create it with `chainproof vulndb import` or `chainproof vulndb update`",
+            )
+        return record
+
+    def records_for_hashes(
+        self, hashes: Iterable[str]
+    ) -> dict[str, list[tuple[dict[str, Any], str, str]]]:
+        """sha256 -> [(record, package it was published as, filename)] for each known file."""
+        wanted = sorted({h.lower() for h in hashes})
+        out: dict[str, list[tuple[dict[str, Any], str, str]]] = {}
+        cache: dict[str, dict[str, Any]] = {}
+        for i in range(0, len(wanted), 500):
+            chunk = wanted[i : i + 500]
+            marks = ",".join("?" * len(chunk))
+            rows = self._con.execute(
+                "SELECT i.sha256, i.package, i.filename, r.id, r.body FROM integrity i"
+                f" JOIN record r ON r.id = i.record_id WHERE i.sha256 IN ({marks})"
+                " ORDER BY i.sha256, r.id, i.filename",
+                chunk,
+            )
+            for digest, package, filename, rid, body in rows:
+                if rid not in cache:
+                    cache[rid] = self._load(rid, body)
+                out.setdefault(digest, []).append((cache[rid], package, filename))
         return out
 
     def record(self, record_id: str) -> dict[str, Any] | None:
@@ -457,6 +553,8 @@ def _info_from_meta(path: Path, meta: dict[str, str]) -> DBInfo:
         records=int(meta.get("records", "0")),
         withdrawn=int(meta.get("withdrawn", "0")),
         packages=int(meta.get("packages", "0")),
+        malicious=int(meta.get("malicious", "0")),
+        file_hashes=int(meta.get("file_hashes", "0")),
         newest_modified=meta.get("newest_modified") or None,
         imported_at=meta.get("imported_at", ""),
         source=meta.get("source", ""),

@@ -8,6 +8,7 @@ from datetime import date
 
 import pytest
 
+from pipeline.config import DependencyPolicySpec
 from pipeline.errors import VerificationError
 from pipeline.release.verify import verify_target
 from pipeline.runner.gates import check_dependencies, recheck
@@ -24,15 +25,17 @@ VULNERABLE_LOCK = (
 )
 
 
-def policy(db, **kw) -> dict:
-    return {
-        "database": str(db),
-        "required": False,
-        "severity": "high",
-        "max_age_days": 30,
-        "allow": (),
-        **kw,
-    }
+def policy(db, **kw) -> DependencyPolicySpec:
+    return DependencyPolicySpec.model_validate(
+        {
+            "database": str(db),
+            "required": False,
+            "severity": "high",
+            "max_age_days": 30,
+            "allow": (),
+            **kw,
+        }
+    )
 
 
 def vulnerable_pipeline(tmp_path, db, extra: str = "") -> object:
@@ -126,3 +129,60 @@ def test_release_records_the_database_it_was_checked_against(tmp_path, osv_db):
     out = chainproof("verify", bundle, "--owner-key", owner)
     assert out.returncode == 0, out.stderr
     assert "checks/dependencies.intoto.json: vulns/v0.2: pass, db sha256" in out.stdout
+
+
+def test_a_signed_vex_statement_lets_the_run_through_and_deploy_and_verify_show_it(tmp_path):
+    from datetime import UTC, datetime
+
+    from pipeline.envcheck import parse_lock
+    from pipeline.scan.vulndb import import_osv
+
+    ws = tmp_path / "ws"
+    version = parse_lock(MAIN_LOCK).pins["packaging"].version
+    osv = tmp_path / "osv"
+    osv.mkdir()
+    (osv / "PYSEC-TEST-1.json").write_text(
+        json.dumps(
+            {
+                "id": "PYSEC-TEST-1",
+                "modified": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+                "summary": "a test advisory against the locked packaging",
+                "severity": [
+                    {"type": "CVSS_V3", "score": "CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:U/C:H/I:N/A:N"}
+                ],
+                "affected": [
+                    {"package": {"ecosystem": "PyPI", "name": "packaging"}, "versions": [version]}
+                ],
+            }
+        )
+    )
+    import_osv(osv, ws / ".chainproof" / "vulndb.sqlite")
+    body = (
+        FAST_PIPELINE.replace("lock: @MAIN_LOCK@", f"lock: {MAIN_LOCK}")
+        + "lineage: {enabled: false}\n"
+    )
+    refused = chainproof("run", write_config(tmp_path, body), "--workspace", ws)
+    assert refused.returncode == 1 and "PYSEC-TEST-1 (high) in packaging" in refused.stderr
+
+    assert chainproof("keys", "init", "--workspace", ws).returncode == 0
+    vex = ws / "vex" / "packaging.vex.json"
+    made = chainproof(
+        "deps", "vex", "create", "--id", "PYSEC-TEST-1", "--package", "packaging",
+        "--justification", "vulnerable_code_not_in_execute_path",
+        "--impact", "the affected function is never called", "--expires", "2999-01-01",
+        "--lock", MAIN_LOCK, "-o", vex, "--keys-dir", ws / "attestations" / "keys",
+    )  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    body += "security:\n  dependencies:\n    vex: [vex/packaging.vex.json]\n"
+    proc = chainproof("run", write_config(tmp_path, body), "--workspace", ws)
+    assert proc.returncode == 0, proc.stderr
+    assert "1 not affected (signed VEX)" in proc.stderr
+    (bundle,) = [p for p in (ws / "releases" / "digits-fast").iterdir() if not p.is_symlink()]
+    release = json.loads((bundle / "artifacts" / "deploy" / "release.json").read_text())
+    assert "signed VEX: PYSEC-TEST-1 in packaging" in release["gate"]["dependencies"]
+    owner = json.loads((ws / "attestations/keys/owner.pub").read_text())["keyid"]
+    out = chainproof("verify", bundle, "--owner-key", owner)
+    assert out.returncode == 0, out.stderr
+    assert "not affected per owner-signed VEX: PYSEC-TEST-1 in packaging until 2999-01-01" in (
+        out.stdout
+    )

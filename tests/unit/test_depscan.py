@@ -27,7 +27,7 @@ from click.testing import CliRunner
 from pipeline.cli.deps import scan_deps
 from pipeline.cli.deps import vulndb as vulndb_group
 from pipeline.errors import InputError
-from pipeline.scan import vulndb, vulns
+from pipeline.scan import vulndb, vulns, vulns_render
 from pipeline.scan.deps import from_lock
 from pipeline.scan.vulndb import ScanUnavailable, UpdateFailed, VulnDB, import_osv
 from pipeline.scan.vulns import AllowEntry, Policy, VulnerabilitiesFound, evaluate, scan
@@ -170,7 +170,7 @@ def test_findings_carry_paths_aliases_fixes_and_the_direct_requirement(
     assert cookie.advisory.fixed == ("1.26.17", "2.0.6")
     assert (cookie.severity.rating, cookie.severity.score) == ("high", 8.1)
     assert by_id["PYSEC-2020-96"].direct == ("pyyaml",)
-    table = vulns.render_table(old_result)
+    table = vulns_render.render_table(old_result)
     assert "path: urllib3 1.23 <- requests 2.19.0 <- old.in" in table
 
 
@@ -416,7 +416,7 @@ def test_policy_file_shape_is_checked(tmp_path: Path) -> None:
 
 def test_json_output(old_result: vulns.ScanResult) -> None:
     ev = evaluate(old_result, Policy("high"), TODAY)
-    doc = json.loads(vulns.render_json(old_result, ev))
+    doc = json.loads(vulns_render.render_json(old_result, ev))
     crlf = next(f for f in doc["findings"] if f["id"] == "PYSEC-2019-132")
     assert crlf["paths_text"] == ["urllib3 1.23 <- requests 2.19.0 <- old.in"]
     assert crlf["direct_requirements"] == ["requests"]
@@ -428,7 +428,7 @@ def test_cyclonedx_validates_against_the_1_6_schema(old_result: vulns.ScanResult
     from cyclonedx.schema import SchemaVersion
     from cyclonedx.validation.json import JsonStrictValidator
 
-    text = vulns.render_cyclonedx(old_result)
+    text = vulns_render.render_cyclonedx(old_result)
     assert JsonStrictValidator(SchemaVersion.V1_6).validate_str(text) is None
     bom = json.loads(text)
     refs = {c["bom-ref"] for c in bom["components"]}
@@ -442,11 +442,11 @@ def test_cyclonedx_validates_against_the_1_6_schema(old_result: vulns.ScanResult
         "vector": "CVSS:3.1/AV:N/AC:L/PR:N/UI:N/S:U/C:N/I:N/A:H",
     }
     assert idna["affects"][0]["ref"] == "pkg:pypi/idna@2.7"
-    assert text == vulns.render_cyclonedx(old_result)  # deterministic
+    assert text == vulns_render.render_cyclonedx(old_result)  # deterministic
 
 
 def test_sarif_points_at_the_pin_in_the_lock(old_result: vulns.ScanResult) -> None:
-    doc = json.loads(vulns.render_sarif(old_result))
+    doc = json.loads(vulns_render.render_sarif(old_result))
     assert doc["version"] == "2.1.0"
     run = doc["runs"][0]
     rules = run["tool"]["driver"]["rules"]
