@@ -13,14 +13,22 @@ from pipeline.cli.options import echo_progress, owner_key_option, workspace_opti
 @click.command()
 @click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
 @workspace_option
-def run(config: Path, workspace: Path) -> None:
+@click.option(
+    "--no-sandbox",
+    is_flag=True,
+    help="Run stages without bubblewrap (where it cannot be installed); recorded in run.json "
+    "and in every link as sandbox: none.",
+)
+def run(config: Path, workspace: Path, no_sandbox: bool) -> None:
     """Run every stage of CONFIG, sign each link, verify the chain, publish the release."""
     from pipeline.config import load_config
     from pipeline.runner.run import Runner
     from pipeline.workspace import Workspace
 
     cfg = load_config(config)
-    result = Runner(cfg, Workspace(workspace.resolve()), on_event=echo_progress).run()
+    result = Runner(
+        cfg, Workspace(workspace.resolve()), on_event=echo_progress, sandbox=not no_sandbox
+    ).run()
     ws = workspace.resolve()
     rel = lambda p: str(p.relative_to(ws)) if p.is_relative_to(ws) else str(p)  # noqa: E731
     click.echo(f"run id:    {result.run_id}")
