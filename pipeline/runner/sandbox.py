@@ -17,6 +17,7 @@ import os
 import shutil
 import signal
 import subprocess
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.util import find_spec
@@ -71,6 +72,9 @@ ETC_FILES = (
     "/etc/pki",
 )
 PROBE_TIMEOUT = 20
+# bubblewrap takes at most 9000 arguments, three per bind: beyond this many materials they
+# are bound by directory (see coalesce).
+MAX_BINDS = 2000
 
 
 class SandboxUnavailable(Error):
@@ -274,6 +278,21 @@ def resolve_external(value: str, base_dir: Path, forbidden: Iterable[Path]) -> P
     return path
 
 
+def coalesce(paths: Iterable[Path], limit: int = MAX_BINDS) -> list[Path]:
+    """At most `limit` bind sources covering `paths`: files one by one while they fit (a
+    rename over one on the host is then not seen), else whole directories, fullest first.
+    A directory bound whole shows renames and new files made in it on the host while the
+    stage runs; the re-hash after the stage still catches any change that stays."""
+    entries = list(dict.fromkeys(Path(os.path.abspath(p)) for p in paths))
+    while len(entries) > limit:
+        parent, n = Counter(p.parent for p in entries).most_common(1)[0]
+        if n == 1:  # every entry alone in its directory: lift the deepest one a level
+            parent = max(entries, key=lambda p: len(p.parts)).parent
+        entries = [p for p in entries if parent not in p.parents and p != parent] + [parent]
+    covered = set(entries)
+    return [p for p in entries if not any(a in covered for a in p.parents)]
+
+
 def _system_args() -> list[str]:
     args: list[str] = []
     for d in SYSTEM_DIRS:
@@ -297,15 +316,17 @@ def bwrap_args(
 ) -> list[str]:
     """bubblewrap's options for one stage (everything before `--` and the command).
 
-    Order matters: bubblewrap applies them in turn, so the tmpfs /tmp comes before anything
-    bound beneath it, and the read-write directories last, on top of any read-only parent.
+    Order matters: bubblewrap applies them in turn, so the read-write directories come
+    last, on top of any read-only parent. There is no writable /tmp: TMPDIR and HOME are
+    the stage's scratch directory, and everything else (the directories bubblewrap creates
+    to hold the binds, /tmp among them) is read-only.
     """
     args = ["--unshare-all", "--die-with-parent", "--new-session"]
     if mounts.network:
         args.append("--share-net")
     args += _system_args()
-    args += ["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"]
-    ro = [*interpreter_roots(python), *packages, *mounts.read_only]
+    args += ["--proc", "/proc", "--dev", "/dev"]
+    ro = [*interpreter_roots(python), *packages, *coalesce(mounts.read_only)]
     rw = [workdir, scratch, *mounts.read_write]
     check_visible([*ro, *rw], mounts.forbidden)
     for p in dict.fromkeys(Path(os.path.abspath(p)) for p in ro):
@@ -314,7 +335,9 @@ def bwrap_args(
         args += ["--ro-bind", os.path.realpath(p), str(p)]
     for p in dict.fromkeys(Path(os.path.abspath(p)) for p in rw):
         args += ["--bind", os.path.realpath(p), str(p)]
-    args += ["--chdir", str(workdir)]
+    # The directories bubblewrap created to hold the binds (../source/ around a bound
+    # dataset) live on its root tmpfs; read-only, so a stage cannot add files beside them.
+    args += ["--remount-ro", "/", "--chdir", str(workdir)]
     return args
 
 
@@ -329,15 +352,15 @@ def _memfd(name: str, data: bytes = b"") -> int:
     return fd
 
 
-def _started(status_fd: int) -> tuple[bool, int | None]:
-    """(did bubblewrap start the command, its exit code) from --json-status-fd's documents."""
+def _exit_code(status_fd: int) -> int | None:
+    """The command's exit code from --json-status-fd, or None when it never ran.
+
+    bubblewrap writes `child-pid` as soon as it forks (before the mounts, which can still
+    fail) and `exit-code` only for a command that ran, so only the latter proves a start.
+    """
     os.lseek(status_fd, 0, os.SEEK_SET)
-    raw = b""
-    while chunk := os.read(status_fd, 1 << 16):
-        raw += chunk
-        if len(raw) > 1 << 20:  # written by bubblewrap, not the stage; bounded all the same
-            break
-    started, code = False, None
+    raw = os.read(status_fd, 1 << 16)  # a few hundred bytes, written by bubblewrap itself
+    code = None
     decoder = json.JSONDecoder()
     text, pos = raw.decode(errors="replace"), 0
     while pos < len(text):
@@ -349,11 +372,9 @@ def _started(status_fd: int) -> tuple[bool, int | None]:
             doc, pos = decoder.raw_decode(text, pos)
         except ValueError:
             break
-        if isinstance(doc, dict):
-            started = started or "child-pid" in doc
-            if isinstance(doc.get("exit-code"), int):
-                code = doc["exit-code"]
-    return started, code
+        if isinstance(doc, dict) and isinstance(doc.get("exit-code"), int):
+            code = doc["exit-code"]
+    return code
 
 
 def execute(
@@ -374,7 +395,6 @@ def execute(
     is created here and removed afterwards, whatever happens. Raises SandboxUnavailable when
     bubblewrap could not set the sandbox up (the stage never started).
     """
-    (scratch / "home").mkdir(parents=True)
     fds: list[int] = []
     status_fd = -1
     if sandbox.enabled:
@@ -403,6 +423,7 @@ def execute(
     else:
         command = argv
     try:
+        (scratch / "home").mkdir(parents=True)
         with open(logs.stdout, "wb") as out, open(logs.stderr, "wb") as err:
             proc = subprocess.Popen(
                 command,
@@ -428,8 +449,8 @@ def execute(
                 proc.wait()
                 raise
         if sandbox.enabled and rc is not None:
-            started, code = _started(status_fd)
-            if not started:
+            code = _exit_code(status_fd)
+            if code is None:
                 raise SandboxUnavailable(
                     f"bubblewrap could not set up the sandbox (exit {rc}): "
                     + (logs.tail().splitlines()[-1:] or ["no message"])[0],
@@ -437,7 +458,7 @@ def execute(
                     "unusual place (a special file, a path bubblewrap cannot create) is the "
                     "usual cause. Or run with --no-sandbox (recorded)",
                 )
-            rc = code if code is not None else rc
+            rc = code
     finally:
         for fd in fds:
             os.close(fd)
