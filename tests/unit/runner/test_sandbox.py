@@ -119,7 +119,7 @@ def test_a_stage_sees_no_repository_root_and_no_other_run(ws: Workspace, bwrap: 
 
 def test_a_stage_cannot_write_into_its_materials(ws: Workspace, bwrap: sb.Sandbox):
     rc = ws.execute(
-        f"""
+        """
         import os
         print(open("../source/dataset.npz", "rb").read())
         for attempt in (lambda: open("../source/dataset.npz", "wb"),
