@@ -36,7 +36,7 @@ def one(
         logs=logs,
         timeout=120,
         sandbox=box,
-        mounts=sb.Mounts(read_only=materials),
+        mounts=sb.Mounts(read_only=materials, anchor=root),
         packages=packages,
     )
     elapsed = time.perf_counter() - t0

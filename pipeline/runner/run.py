@@ -408,7 +408,10 @@ class Runner:
             timeout=stage.timeout,
             sandbox=self.sandbox,
             mounts=sandbox.Mounts(
-                read_only=tuple(visible), network=stage.network, forbidden=(self.ws.keys,)
+                read_only=tuple(visible),
+                network=stage.network,
+                forbidden=(self.ws.keys,),
+                anchor=self.run_dir,
             ),
             packages=sandbox.package_dirs(("pipeline", stage.impl.module.split(".")[0])),
         )

@@ -19,7 +19,7 @@ import signal
 import subprocess
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
@@ -72,9 +72,10 @@ ETC_FILES = (
     "/etc/pki",
 )
 PROBE_TIMEOUT = 20
-# bubblewrap takes at most 9000 arguments, three per bind: beyond this many materials they
-# are bound by directory (see coalesce).
-MAX_BINDS = 2000
+# Files bound one by one (those outside the run's hard-link view) beyond which they are bound
+# by directory (see coalesce): bubblewrap takes at most 9000 arguments, and its set-up time
+# grows with the square of the number of mounts (1,500 binds: tens of seconds).
+MAX_BINDS = 200
 
 
 class SandboxUnavailable(Error):
@@ -161,10 +162,13 @@ def find_bubblewrap(search_path: str | None = None) -> Sandbox:
 class Mounts:
     """What one stage sees besides the system and its interpreter, each at its own path."""
 
-    read_only: tuple[Path, ...] = ()  # files (bound one by one) and directories
+    read_only: tuple[Path, ...] = ()  # files and directories
     read_write: tuple[Path, ...] = ()
     network: bool = False
     forbidden: tuple[Path, ...] = field(default=())  # never visible, whatever asks for it
+    # The run directory: read-only files under it are shown through a private tree of hard
+    # links, one bind per top-level directory (see link_view); others are bound one by one.
+    anchor: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -278,6 +282,44 @@ def resolve_external(value: str, base_dir: Path, forbidden: Iterable[Path]) -> P
     return path
 
 
+def link_view(
+    paths: Iterable[Path], anchor: Path, view: Path
+) -> tuple[list[tuple[Path, Path]], list[Path]]:
+    """Hard links of the files under `anchor` in a private tree `view` (outside anything the
+    stage sees): ([(view dir, where the stage sees it)], what is left to bind on its own).
+
+    A hard link pins the inode the runner hashed, so a rename over the host path during the
+    stage changes nothing the stage reads, and a file added on the host is not in the view —
+    with one bind per top-level directory instead of one per file (bubblewrap's cost grows
+    with the square of the number of mounts). A file that cannot be linked (another
+    filesystem) is bound on its own over an empty placeholder in the view.
+    """
+    anchor = Path(os.path.abspath(anchor))
+    tops: dict[str, None] = {}
+    loose: list[Path] = []
+    for path in paths:
+        path = Path(os.path.abspath(path))
+        try:
+            rel = path.relative_to(anchor)
+        except ValueError:
+            loose.append(path)
+            continue
+        if len(rel.parts) < 2 or path.is_symlink() or not path.is_file():
+            loose.append(path)
+            continue
+        target = view / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, target, follow_symlinks=False)
+        except FileExistsError:
+            pass
+        except OSError:
+            target.touch()
+            loose.append(path)
+        tops[rel.parts[0]] = None
+    return [(view / t, anchor / t) for t in tops], loose
+
+
 def coalesce(paths: Iterable[Path], limit: int = MAX_BINDS) -> list[Path]:
     """At most `limit` bind sources covering `paths`: files one by one while they fit (a
     rename over one on the host is then not seen), else whole directories, fullest first.
@@ -313,6 +355,7 @@ def bwrap_args(
     scratch: Path,
     mounts: Mounts,
     packages: Sequence[Path],
+    view: Sequence[tuple[Path, Path]] = (),
 ) -> list[str]:
     """bubblewrap's options for one stage (everything before `--` and the command).
 
@@ -326,10 +369,15 @@ def bwrap_args(
         args.append("--share-net")
     args += _system_args()
     args += ["--proc", "/proc", "--dev", "/dev"]
-    ro = [*interpreter_roots(python), *packages, *coalesce(mounts.read_only)]
+    base = [*interpreter_roots(python), *packages]
+    loose = coalesce(mounts.read_only)
     rw = [workdir, scratch, *mounts.read_write]
-    check_visible([*ro, *rw], mounts.forbidden)
-    for p in dict.fromkeys(Path(os.path.abspath(p)) for p in ro):
+    check_visible([*base, *loose, *rw, *(p for pair in view for p in pair)], mounts.forbidden)
+    for p in dict.fromkeys(Path(os.path.abspath(p)) for p in base):
+        args += ["--ro-bind", os.path.realpath(p), str(p)]
+    for src, dest in view:
+        args += ["--ro-bind", str(src), str(dest)]
+    for p in dict.fromkeys(Path(os.path.abspath(p)) for p in loose):
         # Bound at the path the stage uses, from the file it resolves to now: a later
         # rename over the host path does not change what the stage reads.
         args += ["--ro-bind", os.path.realpath(p), str(p)]
@@ -397,32 +445,40 @@ def execute(
     """
     fds: list[int] = []
     status_fd = -1
-    if sandbox.enabled:
-        assert sandbox.path is not None  # an enabled Sandbox always comes from find_bubblewrap
-        opts = bwrap_args(
-            python=Path(argv[0]),
-            workdir=workdir,
-            scratch=scratch,
-            mounts=mounts,
-            packages=package_dirs(("pipeline",)) if packages is None else packages,
-        )
-        status_fd = _memfd("bwrap-status")
-        # Options through a file descriptor, not argv: a stage with thousands of material
-        # files would otherwise exceed the kernel's argument size limit.
-        args_fd = _memfd("bwrap-args", b"".join(a.encode() + b"\0" for a in opts))
-        fds = [status_fd, args_fd]
-        command = [
-            str(sandbox.path),
-            "--args",
-            str(args_fd),
-            "--json-status-fd",
-            str(status_fd),
-            "--",
-            *argv,
-        ]
-    else:
-        command = argv
+    view = scratch.with_name(scratch.name + ".view")  # beside the scratch, never bound itself
     try:
+        command = argv
+        if sandbox.enabled:
+            assert sandbox.path is not None  # an enabled Sandbox comes from find_bubblewrap
+            view_binds: list[tuple[Path, Path]] = []
+            if mounts.anchor is not None:
+                check_visible(mounts.read_only, mounts.forbidden)  # before linking anything
+                shutil.rmtree(view, ignore_errors=True)  # never a stale link from a crash
+                view_binds, loose = link_view(mounts.read_only, mounts.anchor, view)
+                mounts = replace(mounts, read_only=tuple(loose))
+            opts = bwrap_args(
+                python=Path(argv[0]),
+                workdir=workdir,
+                scratch=scratch,
+                mounts=mounts,
+                packages=package_dirs(("pipeline",)) if packages is None else packages,
+                view=view_binds,
+            )
+            status_fd = _memfd("bwrap-status")
+            fds.append(status_fd)
+            # Options through a file descriptor, not argv: a stage with thousands of
+            # material files would otherwise exceed the kernel's argument size limit.
+            args_fd = _memfd("bwrap-args", b"".join(a.encode() + b"\0" for a in opts))
+            fds.append(args_fd)
+            command = [
+                str(sandbox.path),
+                "--args",
+                str(args_fd),
+                "--json-status-fd",
+                str(status_fd),
+                "--",
+                *argv,
+            ]
         (scratch / "home").mkdir(parents=True)
         with open(logs.stdout, "wb") as out, open(logs.stderr, "wb") as err:
             proc = subprocess.Popen(
@@ -463,6 +519,7 @@ def execute(
         for fd in fds:
             os.close(fd)
         shutil.rmtree(scratch, ignore_errors=True)
+        shutil.rmtree(view, ignore_errors=True)
         with contextlib.suppress(OSError):
             scratch.parent.rmdir()  # only when no other stage's scratch is left
     return rc

@@ -64,6 +64,7 @@ class Workspace:
                 read_only=(self.material,) if read_only is None else read_only,
                 network=network,
                 forbidden=(self.keys,),
+                anchor=self.run,
             ),
         )
 
@@ -195,7 +196,7 @@ def test_a_stage_that_declares_network_reaches_it(
     assert ws.out.strip() == "connected b'hello'"
 
 
-def test_a_rename_swap_of_a_material_during_the_stage_is_not_what_it_reads(
+def test_a_rename_swap_or_a_new_file_during_the_stage_is_not_what_it_reads(
     ws: Workspace, bwrap: sb.Sandbox
 ):
     code = """
@@ -205,7 +206,7 @@ def test_a_rename_swap_of_a_material_during_the_stage_is_not_what_it_reads(
         deadline = time.monotonic() + 30
         while not os.path.exists("go") and time.monotonic() < deadline:
             time.sleep(0.02)
-        print(first, open("../source/dataset.npz", "rb").read())
+        print(first, open("../source/dataset.npz", "rb").read(), sorted(os.listdir("../source")))
     """
     done: list[int | None] = []
     t = threading.Thread(target=lambda: done.append(ws.execute(code, bwrap)))
@@ -216,10 +217,11 @@ def test_a_rename_swap_of_a_material_during_the_stage_is_not_what_it_reads(
     poisoned = ws.material.with_name("poisoned")
     poisoned.write_bytes(b"poisoned")
     os.replace(poisoned, ws.material)  # swapped on the host while the stage runs
+    (ws.run / "source" / "extra.npz").write_bytes(b"planted")  # and a file added beside it
     (ws.workdir / "go").touch()
     t.join()
     assert done == [0], ws.err
-    assert ws.out.strip() == "b'original' b'original'"
+    assert ws.out.strip() == "b'original' b'original' ['dataset.npz']"
     assert ws.material.read_bytes() == b"poisoned", "the runner's re-hash sees the swap"
 
 
