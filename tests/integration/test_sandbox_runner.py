@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import load_config
-from pipeline.errors import ConfigError, StageFailed
+from pipeline.errors import StageFailed
 from pipeline.runner import sandbox as sb
 from pipeline.runner.run import Runner
 from pipeline.workspace import Workspace
@@ -200,14 +200,6 @@ URL_SOURCE = """
         {network}
         params: {{url: "{url}", sha256: {sha}, download_timeout: 5}}
 """
-
-
-def test_a_url_source_must_declare_network(tmp_path: Path):
-    body = URL_SOURCE.format(network="", url="http://127.0.0.1:9/d.npz", sha="a" * 64)
-    with pytest.raises(ConfigError) as info:
-        load_config(write_config(tmp_path, body))
-    assert "stages[0].network" in info.value.diagnostics()
-    assert "add `network: true`" in info.value.diagnostics()
 
 
 def test_a_url_source_that_declares_network_downloads_and_records_it(

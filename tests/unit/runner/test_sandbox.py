@@ -369,3 +369,33 @@ def test_materials_beyond_the_bind_limit_are_bound_by_directory(tmp_path: Path):
     assert sorted(sb.coalesce(files, limit=3)) == sorted([a, b / "x", tmp_path / "c" / "y"])
     lifted = sb.coalesce(files, limit=1)
     assert len(lifted) == 1 and all(lifted[0] in f.parents for f in files)
+
+
+def test_a_url_source_must_declare_network(tmp_path: Path):
+    from pipeline.config import load_config
+    from pipeline.errors import ConfigError
+
+    cfg = tmp_path / "pipeline.yaml"
+    body = f"""
+        schema: 1
+        name: tiny
+        lock: {tmp_path / "lock.txt"}
+        stages:
+          - name: source
+            kind: source
+            params: {{url: "http://127.0.0.1:9/d.npz", sha256: {"a" * 64}}}
+    """
+    cfg.write_text(textwrap.dedent(body))
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    assert "stages[0].network" in info.value.diagnostics()
+    assert "add `network: true`" in info.value.diagnostics()
+    cfg.write_text(
+        textwrap.dedent(body).replace("kind: source\n", "kind: source\n    network: true\n")
+    )
+    assert load_config(cfg).stages[0].network is True
+    cfg.write_text(
+        textwrap.dedent(body).replace("kind: source\n", "kind: source\n    network: yes-please\n")
+    )
+    with pytest.raises(ConfigError):
+        load_config(cfg)
