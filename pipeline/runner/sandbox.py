@@ -3,9 +3,10 @@ a timeout, logs. Running a stage's command is kept apart from the run's bookkeep
 keeps `dvc/stage/run.py` apart from the Stage object): this module knows nothing of links.
 
 Under bubblewrap a stage sees a root made only of what it needs: the system's read-only
-directories, its interpreter and locked environment, chainproof's own packages, each of its
-materials bound file by file (read-only), its working directory and scratch (read-write). No
-key of the workspace, no other run, no repository root, and no network unless declared.
+directories, its interpreter and locked environment, chainproof's own packages, its
+materials (read-only, as hard links to the very files the runner hashed), its working
+directory and scratch (read-write). No key of the workspace, no other run, no repository
+root, and no network unless declared.
 """
 
 from __future__ import annotations
