@@ -25,15 +25,21 @@ if TYPE_CHECKING:
     from pipeline.release.loading import load_verified
 
 
-def run(config, *, workspace=".", on_event=None):
-    """Run a loaded config in `workspace`; returns the RunResult (see pipeline.runner.run)."""
+def run(config, *, workspace=".", on_event=None, sandbox=True):
+    """Run a loaded config in `workspace`; returns the RunResult (see pipeline.runner.run).
+
+    Stages run under bubblewrap; `sandbox=False` is the recorded `--no-sandbox`.
+    """
     from pathlib import Path
 
     from pipeline.runner.run import Runner
     from pipeline.workspace import Workspace
 
     return Runner(
-        config, Workspace(Path(workspace).resolve()), on_event=on_event or (lambda m: None)
+        config,
+        Workspace(Path(workspace).resolve()),
+        on_event=on_event or (lambda m: None),
+        sandbox=sandbox,
     ).run()
 
 

@@ -14,7 +14,15 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictBool,
+    StrictInt,
+    StrictStr,
+    ValidationError,
+)
 
 from pipeline.errors import ConfigError, ConfigProblem
 from pipeline.hashing import sha256_bytes
@@ -34,6 +42,7 @@ class StageSpec(_Strict):
     needs: tuple[StrictStr, ...] = ()
     timeout: StrictInt = Field(600, gt=0, description="seconds before the stage is killed")
     lock: StrictStr | None = Field(None, description="own lock file (relative to the config)")
+    network: StrictBool = Field(False, description="let the sandboxed stage reach the network")
     outputs: tuple[StrictStr, ...] | None = None
     params: dict[str, Any] = Field(default_factory=dict)
 
@@ -117,6 +126,7 @@ class StageConfig:
     outputs: tuple[str, ...]
     params: Mapping[str, Any]
     impl: StageKind  # the kind, resolved once from the registry
+    network: bool = False  # the sandbox shares the host's network only when this is declared
 
 
 @dataclass(frozen=True)
@@ -323,6 +333,15 @@ def load_config(path: str | Path, *, base_dir: Path | None = None) -> PipelineCo
         except ValidationError as e:
             problems.extend(_pydantic_problems(e, loc, at + ("params",)))
             continue
+        if cls.needs_network(params) and not st.network:
+            problems.append(
+                ConfigProblem(
+                    loc.line(at + ("params",)),
+                    _dotted(at + ("network",)),
+                    "this stage reaches the network with these params (a url: source), but "
+                    "stages run without one; add `network: true` to the stage",
+                )
+            )
         outputs = st.outputs if st.outputs is not None else tuple(cls.outputs)
         for j, out in enumerate(outputs):
             if _escapes(out):
@@ -354,6 +373,7 @@ def load_config(path: str | Path, *, base_dir: Path | None = None) -> PipelineCo
                 outputs=tuple(outputs),
                 params=MappingProxyType(params),
                 impl=cls,
+                network=st.network,
             )
         )
     for i, st in enumerate(raw.stages):

@@ -8,7 +8,7 @@ frozen `StageKind`; everything downstream asks it, never the stage class.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib.metadata import entry_points
@@ -33,6 +33,10 @@ class StageKind:
     publishes: bool  # a release is published after it (its products name their run)
     model_output: str | None  # the model file it writes, if any
     determinism: Mapping[str, Any]  # switches recorded in its link's environment
+    # given validated params (as dumped into StageConfig.params): does it reach the network,
+    # and which files outside the run does it read (param name -> path as configured)
+    needs_network: Callable[[Mapping[str, Any]], bool]
+    external_inputs: Callable[[Mapping[str, Any]], dict[str, str]]
 
 
 @cache
@@ -61,6 +65,8 @@ def stage_kind(name: str) -> StageKind | None:
         publishes=bool(cls.publishes),
         model_output=cls.model_output,
         determinism=MappingProxyType(dict(cls.determinism)),
+        needs_network=lambda p: bool(cls.needs_network(cls.Params.model_validate(dict(p)))),
+        external_inputs=lambda p: dict(cls.external_inputs(cls.Params.model_validate(dict(p)))),
     )
 
 

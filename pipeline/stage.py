@@ -85,6 +85,24 @@ class Stage(ABC):
     # The model file this stage writes (what a comparison or a candidate gate reads).
     model_output: ClassVar[str | None] = None
 
+    @classmethod
+    def needs_network(cls, params: Any) -> bool:
+        """Whether the stage itself reaches the network with these params (e.g. a URL source).
+
+        The config must then declare `network: true`; every other stage runs with none.
+        """
+        return False
+
+    @classmethod
+    def external_inputs(cls, params: Any) -> dict[str, str]:
+        """Files outside the run the stage reads, by parameter name, as the config gives them.
+
+        The runner resolves each against the config's directory, refuses one inside the
+        signing keys, binds it read-only into the sandbox and passes the resolved path in the
+        spec's `extra.external`.
+        """
+        return {}
+
     @abstractmethod
     def run(self, ctx: StageContext) -> None:
         """Do the work; write every declared output under ctx.workdir."""

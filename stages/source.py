@@ -73,6 +73,14 @@ class SourceStage(Stage):
     Params = SourceParams
     outputs = (DATASET, MANIFEST)
 
+    @classmethod
+    def needs_network(cls, params: SourceParams) -> bool:
+        return params.url is not None
+
+    @classmethod
+    def external_inputs(cls, params: SourceParams) -> dict[str, str]:
+        return {"path": params.path} if params.path else {}
+
     def run(self, ctx: StageContext) -> None:
         p: SourceParams = ctx.params
         if p.path or p.url:
@@ -147,8 +155,14 @@ class SourceStage(Stage):
             _fetch(p.url, local, p.download_timeout)
             where = p.url
         else:
-            # A relative path is relative to the config file, like every path in a config.
-            local = Path(ctx.extra.get("config_dir", ".")) / Path(p.path).expanduser()  # type: ignore[arg-type]
+            # The runner resolved the path (relative to the config file, like every path in
+            # a config) and bound that file read-only into the sandbox.
+            resolved = (ctx.extra.get("external") or {}).get("path")
+            local = (
+                Path(resolved)
+                if resolved
+                else Path(ctx.extra.get("config_dir", ".")) / Path(p.path).expanduser()  # type: ignore[arg-type]
+            )
             if not local.is_file():
                 raise StageError(f"data file {local} does not exist")
             where = str(local)

@@ -25,6 +25,24 @@ CHAINPROOF = [sys.executable, "-m", "pipeline.cli"]
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Real stages run under bubblewrap: where it is unusable, skip them and say why."""
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    if not slow:
+        return
+    from pipeline.runner.sandbox import SandboxUnavailable, find_bubblewrap
+
+    try:
+        find_bubblewrap()
+    except SandboxUnavailable as e:
+        skip = pytest.mark.skip(
+            reason=f"stages run under bubblewrap, which is not usable here ({e.message}); "
+            "`make setup` as root installs it"
+        )
+        for item in slow:
+            item.add_marker(skip)
+
+
 def free_port() -> int:
     """A free TCP port on 127.0.0.1 for a server a test starts."""
     import socket

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -81,6 +82,31 @@ def install_project(py: str) -> None:
     run(py, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "-e", str(ROOT))
 
 
+def ensure_bubblewrap() -> None:
+    """Stages run under bubblewrap: install it from Debian's packages when it is missing and
+    we may (root, apt-get: CI on a fresh machine); otherwise say how, and carry on (a run then
+    refuses with the same advice, or runs with an explicit, recorded --no-sandbox)."""
+    if shutil.which("bwrap"):
+        return
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        print("bubblewrap (bwrap) is missing; installing it for the stage sandbox", flush=True)
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        try:
+            for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "bubblewrap"]):
+                print("+", " ".join(cmd), flush=True)
+                subprocess.run(cmd, check=True, env=env)
+        except (OSError, subprocess.CalledProcessError) as e:
+            print(f"warning: could not install bubblewrap ({e})", file=sys.stderr)
+        if shutil.which("bwrap"):
+            return
+    print(
+        "warning: bubblewrap (bwrap) is not installed, and stages run inside it.\n"
+        "  install it: sudo apt-get install -y bubblewrap   (or run `make setup` as root)\n"
+        "  or run without isolation, recorded as such: chainproof run --no-sandbox CONFIG",
+        file=sys.stderr,
+    )
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--venv", default=".venv")
@@ -89,6 +115,8 @@ def main() -> int:
         "--no-project", action="store_true", help="only the lock (the dev tools' environment)"
     )
     args = ap.parse_args()
+    if not args.no_project:
+        ensure_bubblewrap()
     venv, lock = ROOT / args.venv, ROOT / args.lock
     stamp = venv / ".chainproof-setup"
     want_lock, want_project = digest(lock), digest(ROOT / "pyproject.toml")

@@ -21,12 +21,19 @@ from pipeline.cli.options import echo_progress, trust_options, workspace_option
 )
 @trust_options
 @workspace_option
+@click.option(
+    "--no-sandbox",
+    is_flag=True,
+    help="Run stages without bubblewrap (where it cannot be installed); recorded in run.json "
+    "and in every link as sandbox: none.",
+)
 def run(
     config: Path,
     layout_file: Path | None,
     owner_key: str | None,
     owner_key_file: Path | None,
     workspace: Path,
+    no_sandbox: bool,
 ) -> None:
     """Run every stage of CONFIG, sign each link, verify the chain, publish the release."""
     from pipeline.config import load_config
@@ -50,7 +57,14 @@ def run(
         )
     elif owner_key or owner_key_file:
         raise InputError("--owner-key and --owner-key-file go with --layout")
-    result = Runner(cfg, ws, on_event=echo_progress, layout=layout_file, owner=owner).run()
+    result = Runner(
+        cfg,
+        ws,
+        on_event=echo_progress,
+        layout=layout_file,
+        owner=owner,
+        sandbox=not no_sandbox,
+    ).run()
     root = ws.root
     rel = lambda p: str(p.relative_to(root)) if p.is_relative_to(root) else str(p)  # noqa: E731
     click.echo(f"run id:    {result.run_id}")

@@ -1,10 +1,11 @@
 """One run's lifecycle: start -> stages -> verify -> publish, every failure recorded in one place.
 
 Per stage: environment check against its lock -> spec written -> materials hashed ->
-`python -I -m <stage module> ../specs/<stage>.json` in a scrubbed environment with a
-timeout (runner/sandbox.py) -> products hashed and model files scanned -> link signed and
-written atomically. A failing stage stops the run and gets no link. Only the runner holds
-the functionary key; stages never see it.
+`python -I -m <stage module> ../specs/<stage>.json` under bubblewrap, in a scrubbed
+environment with a timeout (runner/sandbox.py) -> materials re-hashed (a change fails the
+stage) -> products hashed and model files scanned -> link signed and written atomically. A
+failing stage stops the run and gets no link. Only the runner holds the functionary key;
+stages never see it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ from pipeline.runner.record import (
     new_run_id,
     utc_now,
 )
+from pipeline.runner.sandbox import NO_SANDBOX
 from pipeline.runner.signing import (
     accept_layout,
     config_code,
@@ -93,6 +95,7 @@ class Runner:
         candidate: bool = False,
         layout: Path | None = None,
         owner: TrustedOwner | None = None,
+        sandbox: bool = True,
     ) -> None:
         """`layout` (with the `owner` key that signed it): run under a layout the owner signed
         beforehand, with only the functionary key here. Without it, the one-machine
@@ -106,6 +109,8 @@ class Runner:
         self.ws = workspace
         self.say = on_event
         self.verify_files = verify_environment_files
+        self.use_sandbox = sandbox  # False only for an explicit --no-sandbox, recorded
+        self.sandbox = NO_SANDBOX
         self.run_id = new_run_id()
         self.run_dir = workspace.runs / self.run_id
         self.links_dir = workspace.links(self.run_id)
@@ -169,6 +174,11 @@ class Runner:
         Everything that can refuse the run (bad lock, a dependency policy violation) happens
         before the run directory exists.
         """
+        if self.use_sandbox:
+            self.sandbox = sandbox.find_bubblewrap()  # refuses (exit 2) before anything runs
+            self.say(f"sandbox: bubblewrap {self.sandbox.version}")
+        else:
+            self.say("WARNING: --no-sandbox: stages run unisolated; run.json and every link say so")
         self.code = config_code(self.config)
         self.git = git_state(package_dir("pipeline"))
         if self.given_layout is None or self.trusted_owner is None:
@@ -233,6 +243,7 @@ class Runner:
                 "layout_signed_by": self.layout_signed_by,
                 "status": "running",
                 "dependency_scan": gate.summary,
+                "sandbox": self.sandbox.describe(),
             }
         )
         atomic_symlink(self.run_id, self.ws.runs / "latest")
@@ -306,13 +317,22 @@ class Runner:
         for stage in stages:
             self.run_stage(stage)
 
-    def _hash(self, named: dict[str, Path]) -> dict[str, dict[str, str]]:
-        """Artifact digests; a file unchanged since this run hashed it is not read again."""
+    def _hash(self, named: dict[str, Path], *, reread: bool = False) -> dict[str, dict[str, str]]:
+        """Artifact digests; a file unchanged since this run hashed it is not read again.
+
+        `reread`: read every file whatever its stat says (the check after a stage, which must
+        not trust timestamps a writer could have preserved); a file that is gone is left out.
+        """
         out, todo = {}, {}
         for name, path in named.items():
-            st = path.stat()
+            try:
+                st = path.stat()
+            except FileNotFoundError:
+                if reread:
+                    continue
+                raise
             key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-            if key in self._digest_cache:
+            if key in self._digest_cache and not reread:
                 out[name] = {"sha256": self._digest_cache[key]}
             else:
                 todo[name] = (path, key)
@@ -387,6 +407,12 @@ class Runner:
         workdir.mkdir()
         spec_path = self.run_dir / spec_name(stage.name)
         spec = self._spec(stage)
+        external = {
+            param: sandbox.resolve_external(value, self.config.base_dir, [self.ws.keys])
+            for param, value in stage.impl.external_inputs(stage.params).items()
+        }
+        if external:
+            spec["extra"]["external"] = {k: str(v) for k, v in external.items()}
         if base is not None:
             spec["extra"]["base_model"] = {
                 "path": f"../{base_model_name(stage.name)}",
@@ -420,12 +446,28 @@ class Runner:
             stdout=self.run_dir / "logs" / f"{stage.name}.stdout",
             stderr=self.run_dir / "logs" / f"{stage.name}.stderr",
         )
+        visible = [*named.values(), *(p for p in external.values() if p.exists())]
+        if stage.impl.gate:  # it re-verifies the chain so far: the run's files and its links
+            visible += [
+                p
+                for n, p in list_tree(self.run_dir).items()
+                if n.split("/", 1)[0] not in ("logs", "tmp", stage.name)
+            ]
+            visible.append(self.links_dir)
         rc = sandbox.execute(
             [str(python), *command[1:]],
             workdir=workdir,
             scratch=self.run_dir / "tmp" / stage.name,
             logs=logs,
             timeout=stage.timeout,
+            sandbox=self.sandbox,
+            mounts=sandbox.Mounts(
+                read_only=tuple(visible),
+                network=stage.network,
+                forbidden=(self.ws.keys,),
+                anchor=self.run_dir,
+            ),
+            packages=sandbox.package_dirs(("pipeline", stage.impl.module.split(".")[0])),
         )
         timings["execute"] = time.perf_counter() - t0
         self._check_code(stage, "while it ran")
@@ -436,6 +478,16 @@ class Runner:
                 f"{reason}; no link was written, so nothing it produced counts as attested",
                 log_tail=logs.tail(),
                 hint=f"read {logs.stderr} and fix the cause, then run again",
+            )
+        t0 = time.perf_counter()
+        changed = sandbox.changed_materials(materials, self._hash(named, reread=True))
+        timings["materials_recheck"] = time.perf_counter() - t0
+        if changed:
+            raise StageFailed(
+                stage.name,
+                "its materials changed while it ran; no link was written\n  "
+                + "\n  ".join(changed),
+                hint="something outside the stage rewrote its inputs: find what, then run again",
             )
 
         t0 = time.perf_counter()
@@ -472,6 +524,7 @@ class Runner:
             "determinism": determinism(stage),
             **({"base_model": base.origin} if base is not None else {}),
             "stage_environment": "own lock" if stage.lock else "pipeline lock",
+            "sandbox": self.sandbox.record(network=stage.network),
             "run_id": self.run_id,
             "config_sha256": self.config.sha256,
             "code": {"sha256": self.code.sha256, **self.git, "manifest": dict(self.code.files)},
