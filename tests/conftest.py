@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 MAIN_LOCK = ROOT / "requirements" / "main.txt"
 SMALL_LOCK = ROOT / "tests" / "data" / "locks" / "small.txt"
 SHARED = ROOT.parent / "shared"
-CHAINPROOF = [sys.executable, "-m", "pipeline.cli"]
+# As the console script starts it: isolated, site-packages checked before it is importable.
+CHAINPROOF = [sys.executable, "-I", "-S", str(ROOT / "pipeline" / "bootstrap.py")]
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -2,8 +2,9 @@
 
 Idempotent and content-keyed (not mtime-keyed, so a fresh clone is not "newer"): the venv
 records the sha256 of the lock and of pyproject.toml it was built from. A changed lock
-rebuilds from scratch, so nothing stale survives. Standard library only: this runs before
-any dependency exists.
+rebuilds from scratch, so nothing stale survives. Every build ends with `chainproof env seal`:
+byte-compile site-packages and seal a manifest of every file in it. Standard library only:
+this runs before any dependency exists.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+MANIFEST = ".chainproof-manifest.json"  # pipeline.envmanifest.MANIFEST_NAME (stdlib-only here)
 
 
 def digest(*paths: Path) -> str:
@@ -35,6 +37,13 @@ def install_project(py: str) -> None:
     run(py, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "-e", str(ROOT))
 
 
+def seal(py: str, lock: Path) -> None:
+    """Record and seal the manifest of every installed file, right after the build (so the
+    environment check compares against what the hash-pinned wheels installed, not RECORD)."""
+    bootstrap = str(ROOT / "pipeline" / "bootstrap.py")
+    run(py, "-I", "-S", bootstrap, "env", "seal", "--force", "--lock", str(lock))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--venv", default=".venv")
@@ -49,10 +58,15 @@ def main() -> int:
     have = stamp.read_text().split() if stamp.is_file() else []
     py = str(venv / "bin/python")
     if have[:1] == [want_lock] and (venv / "bin/python").exists():
-        if have[1:2] == [want_project] or args.no_project:
+        if args.no_project:
+            return 0
+        if have[1:2] == [want_project]:
+            if not (venv / MANIFEST).is_file():  # built before environments were sealed
+                seal(py, lock)
             return 0
         # Only the project's metadata changed (entry points, scripts): reinstall it alone.
         install_project(py)
+        seal(py, lock)
         stamp.write_text(f"{want_lock} {want_project}\n")
         return 0
     if sys.version_info[:2] != (3, 11):
@@ -80,6 +94,7 @@ def main() -> int:
     # The project itself, without dependencies: the lock already supplied every one of them.
     if not args.no_project:
         install_project(py)
+        seal(py, lock)
     stamp.write_text(f"{want_lock} {want_project}\n")
     print(f"{venv} is ready", flush=True)
     return 0
