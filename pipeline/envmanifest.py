@@ -38,7 +38,9 @@ _PREFIX = b'{"seal":"'
 _MIDDLE = b'","body":'
 _HEAD = len(_PREFIX) + 64 + len(_MIDDLE)
 
-StatKey = tuple[int, int, int, int, int]
+# "dev:ino:size:mtime_ns:ctime_ns": one string per file parses several times faster than a
+# list of five ints when 50k of them are read back at every start.
+StatKey = str
 CHANGED = "differs from the sealed manifest (modified after install)"
 
 
@@ -125,7 +127,7 @@ def _walk(directory: str, rel: str, tree: Tree) -> None:
                 _walk(entry.path, name + "/", tree)
             elif entry.is_file(follow_symlinks=False):
                 st = entry.stat(follow_symlinks=False)
-                key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+                key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
                 tree.files[name] = (entry.path, st.st_size, key)
             else:
                 tree.other.append(name)
@@ -278,7 +280,7 @@ def _file_sha256(path: Path) -> str:
 def _write_cache(venv: Path, key: bytes, manifest_sha: str, entries: dict[str, StatKey]) -> None:
     body: dict[str, object] = {
         "manifest_sha256": manifest_sha,
-        "entries": {p: list(k) for p, k in entries.items()},
+        "entries": entries,
     }
     # A read-only environment (a sandbox) keeps no cache: the check is only slower next time.
     with contextlib.suppress(OSError):
@@ -299,11 +301,9 @@ def _read_cache(venv: Path, key: bytes, manifest_sha: str) -> dict[str, StatKey]
     entries = body.get("entries")
     if not isinstance(entries, dict):
         return {}
-    out: dict[str, StatKey] = {}
-    for rel, k in entries.items():
-        if isinstance(k, list) and len(k) == 5 and all(type(x) is int for x in k):
-            out[rel] = (k[0], k[1], k[2], k[3], k[4])
-    return out
+    # Values are only ever compared for equality with a fresh stat string: a malformed one
+    # (impossible under a valid seal) simply never matches.
+    return entries
 
 
 # --------------------------------------------------------------------------- the check

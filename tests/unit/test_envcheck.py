@@ -198,13 +198,9 @@ def test_a_warm_check_reads_no_file_and_a_forged_cache_is_ignored(env, tmp_path)
     cache = venv / CACHE_NAME
     body = json.loads(cache.read_bytes())
     st = target.stat()
-    body["body"]["entries"]["alpha/__init__.py"] = [
-        st.st_dev,
-        st.st_ino,
-        st.st_size,
-        st.st_mtime_ns,
-        st.st_ctime_ns,
-    ]
+    body["body"]["entries"]["alpha/__init__.py"] = (
+        f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+    )
     cache.write_text(json.dumps(body))
     result = check_tree(venv)
     assert result.hashed == 6, "a cache whose seal fails is no cache"
