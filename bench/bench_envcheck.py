@@ -39,14 +39,18 @@ sys.path.insert(0, {root!r})
 def load(name, path):
     src = subprocess.run(["git", "show", f"{base}:{{path}}"], cwd={root!r},
                          capture_output=True, text=True, check=True).stdout
-    mod = types.ModuleType(name); mod.__file__ = path
+    mod = types.ModuleType(name); mod.__file__ = path; sys.modules[name] = mod
     exec(compile(src, path, "exec"), mod.__dict__)
     return mod
 hashing = load("old_hashing", "pipeline/hashing.py")
 envcheck = load("old_envcheck", "pipeline/envcheck.py")
 envcheck.hash_many = hashing.hash_many
-fp = envcheck.check_environment(envcheck.parse_lock(__import__("pathlib").Path({lock!r})))
-print(fp.files_verified)
+try:
+    fp = envcheck.check_environment(envcheck.parse_lock(__import__("pathlib").Path({lock!r})))
+    print(fp.files_verified)
+except Exception as e:  # the old check flags the isolated bin/chainproof (pip's RECORD row)
+    assert all("bin/chainproof" in line for line in e.diff), e.diff
+    print("all files hashed; only bin/chainproof (the isolated start script) differs")
 """
 
 NEW_CHECK = """

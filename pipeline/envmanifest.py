@@ -117,26 +117,38 @@ class Tree:
     other: list[str] = field(default_factory=list)
 
 
-def _walk(directory: str, rel: str, tree: Tree) -> None:
-    with os.scandir(directory) as it:
-        for entry in it:
+def _walk(top: str, tree: Tree) -> None:
+    # Iterative, so a hostile tree nested thousands deep is drift, never a RecursionError.
+    stack = [(top, "")]
+    while stack:
+        directory, rel = stack.pop()
+        try:
+            with os.scandir(directory) as it:
+                entries = list(it)
+        except OSError as e:
+            tree.other.append(f"{rel or './'}: cannot be listed ({e.strerror})")
+            continue
+        for entry in entries:
             name = rel + entry.name
-            if entry.is_symlink():
-                tree.links[name] = os.readlink(entry.path)
-            elif entry.is_dir(follow_symlinks=False):
-                _walk(entry.path, name + "/", tree)
-            elif entry.is_file(follow_symlinks=False):
-                st = entry.stat(follow_symlinks=False)
-                key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
-                tree.files[name] = (entry.path, st.st_size, key)
-            else:
-                tree.other.append(name)
+            try:
+                if entry.is_symlink():
+                    tree.links[name] = os.readlink(entry.path)
+                elif entry.is_dir(follow_symlinks=False):
+                    stack.append((entry.path, name + "/"))
+                elif entry.is_file(follow_symlinks=False):
+                    st = entry.stat(follow_symlinks=False)
+                    key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+                    tree.files[name] = (entry.path, st.st_size, key)
+                else:
+                    tree.other.append(f"{name}: not a regular file")
+            except OSError as e:  # vanished or unreadable while we looked
+                tree.other.append(f"{name}: {e.strerror}")
 
 
 def scan_site(site: Path) -> Tree:
     """One pass over site-packages with os.scandir (symlinks recorded, never followed)."""
     tree = Tree()
-    _walk(str(site), "", tree)
+    _walk(str(site), tree)
     return tree
 
 
@@ -455,11 +467,13 @@ def check_tree(venv: Path, *, key: bytes | None = None) -> TreeCheck:
             diff.append(f"+ {rel}: a symlink not in the sealed manifest (-> {target})")
     for rel in sorted(set(manifest.links) - set(tree.links)):
         diff.append(f"- {rel}: a symlink in the sealed manifest, missing on disk")
-    diff.extend(f"? {rel}: not a regular file" for rel in sorted(tree.other))
+    diff.extend(f"? {what}" for what in sorted(tree.other))
     diff.extend(_startup_on_path(interpreter_dirs()))
-    digests = hash_many([t[1] for t in todo], [t[2] for t in todo])
+    digests = _hash_or_none([t[1] for t in todo], [t[2] for t in todo])
     for (rel, _, _), digest in zip(todo, digests, strict=True):
-        if digest == manifest.files[rel][1]:
+        if digest is None:
+            diff.append(f"? {rel}: cannot be read")
+        elif digest == manifest.files[rel][1]:
             verified[rel] = tree.files[rel][2]
         else:
             changed.append(rel)
@@ -476,6 +490,20 @@ def check_tree(venv: Path, *, key: bytes | None = None) -> TreeCheck:
         changed=tuple(changed),
         startup_extra=tuple(startup_extra),
     )
+
+
+def _hash_or_none(paths: list[str], sizes: list[int]) -> list[str | None]:
+    """hash_many, except that a file that cannot be read is None instead of an abort."""
+    try:
+        return list(hash_many(paths, sizes))
+    except OSError:
+        out: list[str | None] = []
+        for p, size in zip(paths, sizes, strict=True):
+            try:
+                out.append(hash_many([p], [size])[0])
+            except OSError:
+                out.append(None)
+        return out
 
 
 def _diff_order(line: str) -> str:

@@ -299,3 +299,13 @@ def test_a_seal_key_readable_by_others_is_refused(env, tmp_path, seal_key):
     seal_key.chmod(0o644)
     diff = drift(env, lock_file(tmp_path, MATCHING))
     assert "readable by others" in diff[0]
+
+
+def test_a_fifo_or_a_dangling_symlink_is_drift_not_a_crash(env, tmp_path):
+    os.mkfifo(env.site / "pipe")  # opening it to hash it would block forever
+    (env.site / "alpha" / "link.py").symlink_to("/nonexistent/evil.py")
+    diff = drift(env, lock_file(tmp_path, MATCHING))
+    assert diff == [
+        "+ alpha/link.py: a symlink not in the sealed manifest (-> /nonexistent/evil.py)",
+        "? pipe: not a regular file",
+    ]
