@@ -128,17 +128,24 @@ def _walk(top: str, tree: Tree) -> None:
         except OSError as e:
             tree.other.append(f"{rel or './'}: cannot be listed ({e.strerror})")
             continue
+        files = tree.files
         for entry in entries:
             name = rel + entry.name
             try:
-                if entry.is_symlink():
-                    tree.links[name] = os.readlink(entry.path)
-                elif entry.is_dir(follow_symlinks=False):
+                # d_type answers "directory?" without a syscall; one lstat answers the rest.
+                if entry.is_dir(follow_symlinks=False):
                     stack.append((entry.path, name + "/"))
-                elif entry.is_file(follow_symlinks=False):
-                    st = entry.stat(follow_symlinks=False)
-                    key = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
-                    tree.files[name] = (entry.path, st.st_size, key)
+                    continue
+                st = entry.stat(follow_symlinks=False)
+                kind = st.st_mode & 0o170000
+                if kind == 0o100000:  # regular file
+                    files[name] = (
+                        entry.path,
+                        st.st_size,
+                        f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}",
+                    )
+                elif kind == 0o120000:  # symlink: recorded, never followed
+                    tree.links[name] = os.readlink(entry.path)
                 else:
                     tree.other.append(f"{name}: not a regular file")
             except OSError as e:  # vanished or unreadable while we looked
@@ -439,27 +446,29 @@ def check_tree(venv: Path, *, key: bytes | None = None) -> TreeCheck:
     todo: list[tuple[str, str, int]] = []
     changed: list[str] = []
     verified: dict[str, StatKey] = {}
-    for rel in sorted(set(manifest.files) - set(tree.files)):
+    sealed = manifest.files
+    for rel in sorted(sealed.keys() - tree.files.keys()):
         diff.append(f"- {rel}: in the sealed manifest, missing on disk")
     for rel, (path, size, stat_key) in tree.files.items():
-        want = manifest.files.get(rel)
+        if cache.get(rel) == stat_key:  # a cache entry exists only for a sealed, verified rel
+            verified[rel] = stat_key
+            continue
+        want = sealed.get(rel)
         if want is None:
             continue
         if want[0] != size:
             changed.append(rel)
             diff.append(f"! {rel}: {CHANGED}")
-        elif cache.get(rel) == stat_key:
-            verified[rel] = stat_key
         else:
             todo.append((rel, path, size))
-    extra = sorted(set(tree.files) - set(manifest.files))
+    extra = sorted(tree.files.keys() - sealed.keys())
     startup_extra = [rel for rel in extra if is_startup_file(rel)]
     for rel in extra:
         if is_startup_file(rel):
             diff.append(f"+ {rel}: a start-up file in site-packages, not in the sealed manifest")
         else:
             diff.append(f"+ {rel}: in site-packages, not in the sealed manifest (added after)")
-    for rel in sorted(manifest.files):
+    for rel in sorted(r for r in sealed if r.startswith(STARTUP_MODULES)):
         if rel.split("/", 1)[0].split(".", 1)[0] in STARTUP_MODULES:
             diff.append(f"! {rel}: a start-up module runs in every interpreter; refused")
     for rel, target in sorted(tree.links.items()):
