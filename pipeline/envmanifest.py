@@ -439,7 +439,11 @@ def check_tree(venv: Path, *, key: bytes | None = None) -> TreeCheck:
     manifest = load_manifest(venv, key)
     site = site_packages(venv)
     diff: list[str] = []
-    if _file_sha256(venv / "pyvenv.cfg") != manifest.pyvenv_cfg_sha256:
+    try:
+        cfg_sha = _file_sha256(venv / "pyvenv.cfg")
+    except OSError as e:
+        cfg_sha = f"unreadable: {e.strerror}"
+    if cfg_sha != manifest.pyvenv_cfg_sha256:
         diff.append(f"! {venv / 'pyvenv.cfg'}: differs from when the environment was sealed")
     tree = scan_site(site)
     cache = _read_cache(venv, key, manifest.sha256)

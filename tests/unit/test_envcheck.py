@@ -309,3 +309,16 @@ def test_a_fifo_or_a_dangling_symlink_is_drift_not_a_crash(env, tmp_path):
         "+ alpha/link.py: a symlink not in the sealed manifest (-> /nonexistent/evil.py)",
         "? pipe: not a regular file",
     ]
+
+
+def test_pyvenv_cfg_changed_or_removed_is_drift(env, tmp_path):
+    # include-system-site-packages = true would put the base interpreter's site on the path
+    cfg = env.root / "pyvenv.cfg"
+    cfg.write_text("include-system-site-packages = true\n")
+    assert drift(env, lock_file(tmp_path, MATCHING)) == [
+        f"! {cfg}: differs from when the environment was sealed"
+    ]
+    cfg.unlink()
+    assert drift(env, lock_file(tmp_path, MATCHING)) == [
+        f"! {cfg}: differs from when the environment was sealed"
+    ]
