@@ -163,3 +163,12 @@ def test_a_sitecustomize_on_pythonpath_never_runs(tmp_path, command):
     assert not marker.exists(), "a sitecustomize on PYTHONPATH ran inside chainproof"
     control = subprocess.run([sys.executable, "-c", "pass"], env=env)
     assert control.returncode == 0 and marker.exists(), "the attack is real without -I"
+
+
+def test_a_sitecustomize_in_site_packages_is_refused_and_never_runs(tiny, tmp_path):
+    marker = tmp_path / "sitecustomize-ran"
+    (tiny.site / "sitecustomize.py").write_text(f"open({str(marker)!r}, 'w').close()\n")
+    proc = tiny.bootstrap("--version")
+    assert proc.returncode == 3, proc.stderr
+    assert "+ sitecustomize.py: a start-up file in site-packages" in proc.stderr
+    assert not marker.exists(), "judged before anything could import it"
