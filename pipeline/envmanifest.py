@@ -94,7 +94,10 @@ def load_seal_key(*, create: bool = False) -> bytes:
         raise EnvironmentDrift(
             str(path),
             [f"! {path}: the seal key is readable by others (mode {st.st_mode & 0o777:o})"],
-            hint=f"chmod 600 {path}, then re-seal: `chainproof env seal --force`",
+            hint=(
+                f"treat it as leaked: `rm {path}`, then rebuild and re-seal every environment "
+                "(rm -rf .venv && make setup)"
+            ),
         )
     if not re.fullmatch(r"[0-9a-f]{64}", text):
         raise EnvironmentDrift(
