@@ -2,7 +2,9 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
-CP     := $(VENV)/bin/chainproof
+# Isolated (-I: no PYTHONPATH, PYTHONSTARTUP, user site; -S: no site-packages until the
+# stdlib-only bootstrap has checked them against the sealed manifest).
+CP     := $(PY) -I -S pipeline/bootstrap.py
 CONFIG ?= configs/digits-cnn.yaml
 LOCK   := requirements/main.txt
 export TF_CPP_MIN_LOG_LEVEL := 2

@@ -1,9 +1,10 @@
 """Locked environments: parse a pip-compile lock, check an interpreter against it, build one.
 
-An environment matches its lock when every pinned distribution is installed at its version,
-nothing else is installed but chainproof itself, every installed file still has the sha256
-its wheel RECORD gives, and no unowned `.pth` or top-level module sits in site-packages
-(the classic place to hide start-up code). Anything else is drift, refused with a diff.
+An environment matches its lock when every pinned distribution is installed at its version
+from the lock's wheels, nothing else is installed but chainproof itself, and every entry of
+site-packages still matches the manifest sealed when the environment was built
+(`pipeline.envmanifest`): no file missing, changed or added, `.pyc` and `.pth` included.
+RECORD files are never trusted: they sit in the tree they would vouch for.
 
 Environments are built from wheels only (`--only-binary :all:`): building an sdist runs its
 `setup.py`, code chosen by whoever uploaded it, before anything could check it. A pin with no
@@ -33,9 +34,10 @@ from pathlib import Path
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.utils import canonicalize_name
 
+from pipeline import envmanifest
 from pipeline.errors import EnvironmentDrift, Error, InputError
 from pipeline.fsutil import atomic_write_text
-from pipeline.hashing import hash_many, sha256_bytes
+from pipeline.hashing import sha256_bytes, sha256_file
 
 PROJECT = "chainproof"
 INSTALL_REPORT = ".chainproof-install-report.json"  # at the environment's root
@@ -116,7 +118,9 @@ class Fingerprint:
     machine: str
     distributions_sha256: str
     distributions: int
-    files_verified: int
+    files_verified: int  # distribution files (RECORD rows) confirmed by the sealed manifest
+    files_sealed: int = 0  # every file under site-packages, checked against the manifest
+    manifest_sha256: str = ""
     # sha256 of pip's install report kept in the environment (which wheel each distribution
     # came from); "" when the environment was not built with one.
     install_report_sha256: str = ""
@@ -129,67 +133,78 @@ def site_packages_of(python: Path | None) -> Path:
     """site-packages of the current interpreter, or of the venv that owns `python`."""
     if python is None:
         return Path(sysconfig.get_paths()["purelib"])
-    venv = python.parent.parent
-    return (
-        venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
-    )
-
-
-# (dev, ino, size, mtime_ns, ctime_ns) -> urlsafe b64 sha256. ctime cannot be set from user
-# space, so a file rewritten since it was hashed always misses this cache.
-_RECORD_CACHE: dict[tuple[int, int, int, int, int], str] = {}
+    return envmanifest.site_packages(envmanifest.venv_of(python))
 
 
 def _b64(hexdigest: str) -> str:
     return base64.urlsafe_b64encode(bytes.fromhex(hexdigest)).rstrip(b"=").decode()
 
 
-def _record_entries(dist: Distribution, site: str) -> list[tuple[str, str, str]]:
-    """(absolute path, expected urlsafe-b64 sha256, RECORD name) for each hashed file.
+def _record_rows(dists: list[Distribution]) -> dict[str, tuple[str, str]]:
+    """{RECORD name: (distribution, urlsafe-b64 sha256 or "")} over every distribution.
 
-    Read straight from RECORD with string joins: PackagePath.resolve() per file costs
-    seconds on a TensorFlow-sized environment.
+    Only used to explain drift and to count distribution files; never to accept a file.
     """
-    text = dist.read_text("RECORD") or ""
-    out = []
-    for row in csv.reader(text.splitlines()):
-        if len(row) < 2 or not row[1].startswith("sha256="):
+    rows: dict[str, tuple[str, str]] = {}
+    for d in dists:
+        name = canonicalize_name(d.metadata["Name"] or "")
+        for row in csv.reader((d.read_text("RECORD") or "").splitlines()):
+            if row:
+                digest = row[1][7:] if len(row) > 1 and row[1].startswith("sha256=") else ""
+                rows[os.path.normpath(row[0]).replace(os.sep, "/")] = (name, digest)
+    return rows
+
+
+def _explain(
+    tree: envmanifest.TreeCheck, site: Path, rows: dict[str, tuple[str, str]]
+) -> list[str]:
+    """The tree's drift, with what RECORD claims about each changed or start-up file."""
+    refined: dict[str, str] = {}
+    for rel in tree.changed:
+        owner = rows.get(rel)
+        if owner is None or not owner[1]:
             continue
-        out.append((os.path.normpath(os.path.join(site, row[0])), row[1][7:], row[0]))
+        if _b64(sha256_file(site / rel)) != owner[1]:
+            refined[rel] = f"! {rel}: sha256 differs from its wheel RECORD (modified after install)"
+        else:
+            refined[rel] = (
+                f"! {rel}: differs from the sealed manifest; its RECORD row was rewritten to match"
+            )
+    for rel in tree.startup_extra:
+        owner = rows.get(rel)
+        if owner is None:
+            refined[rel] = f"+ {rel}: in site-packages but owned by no installed distribution"
+        else:
+            refined[rel] = (
+                f"+ {rel}: a start-up file not in the sealed manifest (listed in {owner[0]}'s "
+                "RECORD, which proves nothing)"
+            )
+    out = []
+    for line in tree.diff:
+        rel = line[2:].split(": ", 1)[0]
+        out.append(refined.get(rel, line) if line[:1] in "!+" else line)
     return out
 
 
-def _owned_top_level(dists: list[Distribution]) -> set[str]:
-    owned = set()
-    for d in dists:
-        for row in csv.reader((d.read_text("RECORD") or "").splitlines()):
-            if row:
-                owned.add(row[0].split("/", 1)[0])
-    return owned
-
-
-def _verify_records(entries: list[tuple[str, str, str]], diff: list[str]) -> None:
-    """Hash every RECORD-listed file (cache misses only) and note mismatches in `diff`."""
-    keys: list[tuple[int, int, int, int, int] | None] = []
-    misses: list[tuple[str, int, tuple[int, int, int, int, int]]] = []
-    for path, _, _ in entries:
-        try:
-            st = os.stat(path)
-        except OSError:
-            keys.append(None)
-            continue
-        key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        keys.append(key)
-        if key not in _RECORD_CACHE:
-            misses.append((path, st.st_size, key))
-    digests = hash_many([m[0] for m in misses], [m[1] for m in misses])
-    for (_, _, key), hexdigest in zip(misses, digests, strict=True):
-        _RECORD_CACHE[key] = _b64(hexdigest)
-    for (_, want, rel), maybe in zip(entries, keys, strict=True):
-        if maybe is None:
-            diff.append(f"- {rel}: listed in a RECORD, missing on disk")
-        elif _RECORD_CACHE[maybe] != want:
-            diff.append(f"! {rel}: sha256 differs from its wheel RECORD (modified after install)")
+def _check_pins(
+    lock: LockFile, installed: dict[str, Distribution], manifest: envmanifest.Manifest
+) -> list[str]:
+    """Pins whose version matches but whose wheels are not those the environment was built
+    from (the same versions, other hashes: another lock's wheels)."""
+    diff = []
+    for name, pin in sorted(lock.pins.items()):
+        have = installed.get(name)
+        if have is None or have.version != pin.version:
+            continue  # already reported
+        sealed = manifest.pins.get(name)
+        if sealed is None:
+            diff.append(f"~ {name}=={pin.version}: not in the lock the environment was built from")
+        elif sealed[0] != pin.version or sorted(pin.hashes) != sealed[1]:
+            diff.append(
+                f"~ {name}=={pin.version}: the environment was built from other wheels "
+                f"({sealed[0]}, other hashes)"
+            )
+    return diff
 
 
 def check_environment(
@@ -204,6 +219,7 @@ def check_environment(
     Raises EnvironmentDrift listing every difference; returns the fingerprint otherwise.
     """
     site = site_packages_of(python)
+    venv = envmanifest.venv_of(python) if python is not None else site.parent.parent.parent
     dists = list(distributions(path=[str(site)]))
     installed: dict[str, Distribution] = {}
     diff: list[str] = []
@@ -223,17 +239,20 @@ def check_environment(
     for extra, d in sorted(installed.items()):
         if extra not in lock.pins and extra != PROJECT:
             diff.append(f"+ {extra}=={d.version}: installed, not in the lock")
-    owned = _owned_top_level(dists)
-    for entry in sorted(os.listdir(site)):
-        if entry.endswith((".pth", ".py")) and entry not in owned:
-            diff.append(f"+ {entry}: in site-packages but owned by no installed distribution")
-    files = 0
+    files = sealed = 0
+    manifest_sha = ""
     if verify_files:
-        entries = [e for d in dists for e in _record_entries(d, str(site))]
-        files = len(entries)
-        if progress:
-            progress(f"checking {files} installed files against their RECORD hashes")
-        _verify_records(entries, diff)
+        tree = envmanifest.take_checked(venv)
+        if tree is None:
+            if progress:
+                progress(f"checking {site} against its sealed install manifest")
+            tree = envmanifest.check_tree(venv)
+        assert tree.manifest is not None
+        rows = _record_rows(dists)
+        diff.extend(_check_pins(lock, installed, tree.manifest))
+        diff.extend(_explain(tree, site, rows))
+        files = sum(1 for rel, (_, h) in rows.items() if h and rel in tree.manifest.files)
+        sealed, manifest_sha = tree.files, tree.manifest.sha256
     if diff:
         raise EnvironmentDrift(str(lock.path), diff)
     dist_lines = "".join(f"{n}=={installed[n].version}\n" for n in sorted(installed))
@@ -248,6 +267,8 @@ def check_environment(
         distributions=len(installed),
         files_verified=files,
         install_report_sha256=_report_digest(site.parent.parent.parent / INSTALL_REPORT),
+        files_sealed=sealed,
+        manifest_sha256=manifest_sha,
     )
 
 
@@ -435,9 +456,9 @@ def ensure_environment(lock: LockFile, envs_dir: Path, log: Callable[[str], None
     """The interpreter of the environment built from `lock`, building it once if needed.
 
     Keyed by the lock's sha256; every pin's wheel is checked to exist first (nothing is built
-    from source); built in a staging directory with `--require-hashes --only-binary :all:`
-    and renamed into place, so a half-built environment is never used. pip's install report
-    stays in it (INSTALL_REPORT).
+    from source); built in a staging directory with `--require-hashes --only-binary :all:`,
+    sealed (`envmanifest.seal`) and renamed into place, so a half-built or unsealed
+    environment is never used. pip's install report stays in it (INSTALL_REPORT).
     """
     final = envs_dir / lock.sha256[:32]
     python = final / "bin" / "python"
@@ -465,6 +486,11 @@ def ensure_environment(lock: LockFile, envs_dir: Path, log: Callable[[str], None
         _run(pip + ["install", "--quiet", "--no-deps", str(wheel)])
         shutil.rmtree(wheel_dir)
         atomic_write_text(staging / ".chainproof-lock", f"{lock.sha256}  {lock.path}\n")
+        # Sealed before it is ever used: byte-compiled, every file of site-packages in a
+        # manifest that the check of each later use compares against.
+        python_staged = staging / "bin" / "python"
+        seal = envmanifest.isolated_command(python_staged) + ["env", "seal", "--force"]
+        _run(seal + ["--lock", str(lock.path)])
         try:
             os.rename(staging, final)
         except OSError:  # another run built it first

@@ -20,7 +20,8 @@ SHARED = ROOT.parent / "shared"
 # record apart from the user's, for this process and every CLI it starts.
 os.environ.setdefault("CHAINPROOF_STATE_DIR", tempfile.mkdtemp(prefix="chainproof-state-"))
 
-CHAINPROOF = [sys.executable, "-m", "pipeline.cli"]
+# As the console script starts it: isolated, site-packages checked before it is importable.
+CHAINPROOF = [sys.executable, "-I", "-S", str(ROOT / "pipeline" / "bootstrap.py")]
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 

@@ -3,7 +3,8 @@
 Idempotent and content-keyed (not mtime-keyed, so a fresh clone is not "newer"): the venv
 records the sha256 of the lock and of pyproject.toml it was built from. A changed lock
 rebuilds from scratch, so nothing stale survives. Standard library only: this runs before
-any dependency exists.
+any dependency exists. Every build ends with `chainproof env seal`: byte-compile
+site-packages and seal a manifest of every file in it.
 
 Wheels only (`--only-binary :all:`): building an sdist would run its setup.py, code nobody
 checked, during installation. Before any package is installed, a pip dry run confirms that every
@@ -27,6 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 WHEELS_ONLY = ("--only-binary", ":all:")
 INSTALL_REPORT = ".chainproof-install-report.json"
+MANIFEST = ".chainproof-manifest.json"  # pipeline.envmanifest.MANIFEST_NAME (stdlib-only here)
 
 
 def digest(*paths: Path) -> str:
@@ -107,6 +109,13 @@ def ensure_bubblewrap() -> None:
     )
 
 
+def seal(py: str, lock: Path) -> None:
+    """Record and seal the manifest of every installed file, right after the build (so the
+    environment check compares against what the hash-pinned wheels installed, not RECORD)."""
+    bootstrap = str(ROOT / "pipeline" / "bootstrap.py")
+    run(py, "-I", "-S", bootstrap, "env", "seal", "--force", "--lock", str(lock))
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--venv", default=".venv")
@@ -123,10 +132,15 @@ def main() -> int:
     have = stamp.read_text().split() if stamp.is_file() else []
     py = str(venv / "bin/python")
     if have[:1] == [want_lock] and (venv / "bin/python").exists():
-        if have[1:2] == [want_project] or args.no_project:
+        if args.no_project:
+            return 0
+        if have[1:2] == [want_project]:
+            if not (venv / MANIFEST).is_file():  # built before environments were sealed
+                seal(py, lock)
             return 0
         # Only the project's metadata changed (entry points, scripts): reinstall it alone.
         install_project(py)
+        seal(py, lock)
         stamp.write_text(f"{want_lock} {want_project}\n")
         return 0
     if sys.version_info[:2] != (3, 11):
@@ -163,6 +177,7 @@ def main() -> int:
     # The project itself, without dependencies: the lock already supplied every one of them.
     if not args.no_project:
         install_project(py)
+        seal(py, lock)
     stamp.write_text(f"{want_lock} {want_project}\n")
     print(f"{venv} is ready", flush=True)
     return 0

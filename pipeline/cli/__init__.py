@@ -95,6 +95,13 @@ def run_cli(args: list[str] | None = None) -> int:
 
 
 def main() -> None:
+    from pipeline import envmanifest
+
+    if not envmanifest.bootstrapped():
+        # Started some other way (pip's console script, `python -m pipeline`): by now site,
+        # PYTHONPATH and every .pth may have run, so start over isolated, checked first.
+        cmd = envmanifest.isolated_command(sys.executable)
+        os.execv(cmd[0], [*cmd, *sys.argv[1:]])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # only serve imports TensorFlow here
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate)

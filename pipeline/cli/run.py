@@ -180,13 +180,39 @@ def env() -> None:
     help="Check another environment's interpreter instead of this one.",
 )
 def env_check(lock: Path, python: Path | None) -> None:
-    """Check this interpreter against LOCK: versions, extras, installed-file hashes."""
+    """Check an environment against LOCK and every installed file against its sealed manifest."""
     from pipeline.envcheck import check_environment, parse_lock
 
     fp = check_environment(parse_lock(lock), python=python, progress=echo_progress)
     click.echo(f"environment matches {lock}")
     for key, value in fp.as_dict().items():
         click.echo(f"  {key:<22} {value}")
+
+
+@env.command("seal")
+@click.option(
+    "--lock",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("requirements/main.txt"),
+    show_default=True,
+    help="The lock the environment was just built from.",
+)
+@click.option("--force", is_flag=True, help="Re-seal an environment that is already sealed.")
+@click.option("--no-compile", is_flag=True, help="Keep the existing .pyc files as they are.")
+def env_seal(lock: Path, force: bool, no_compile: bool) -> None:
+    """Byte-compile this environment's site-packages and seal a manifest of every file.
+
+    The last step of building an environment from its lock (`make setup` runs it): the
+    environment check compares against this manifest from then on. Started as
+    `.venv/bin/chainproof env seal`, it runs in the stdlib-only bootstrap, before anything
+    from site-packages is imported.
+    """
+    from pipeline import envmanifest
+
+    venv = envmanifest.venv_of(sys.executable)
+    dest = envmanifest.seal(venv, lock, force=force, compile_pyc=not no_compile)
+    envmanifest.install_wrapper(venv)
+    click.echo(f"sealed {dest} (lock {lock}; key {envmanifest.seal_key_path()})")
 
 
 @click.group()

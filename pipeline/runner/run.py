@@ -117,6 +117,7 @@ class Runner:
         self.layout_path = self.links_dir / LAYOUT_NAME
         self.record = RunRecord(self.run_dir / RUN_RECORD)
         self._locks: dict[Path, LockFile] = {}
+        self._environments: dict[str, tuple[Path, Fingerprint]] = {}  # lock sha256 -> checked
         self._digest_cache: dict[tuple[int, ...], str] = {}
         self._final: dict[str, Any] = {"status": "succeeded"}
         self.stage_seconds: dict[str, dict[str, float]] = {}
@@ -297,15 +298,22 @@ class Runner:
         return self._locks[path]
 
     def environment_for(self, stage: StageConfig) -> tuple[Path, Fingerprint]:
-        """(interpreter, fingerprint) for the stage; drift raises EnvironmentDrift."""
+        """(interpreter, fingerprint) for the stage; drift raises EnvironmentDrift.
+
+        Each lock's environment is checked once per run (the bootstrap already checked this
+        interpreter's files at start-up, and check_environment reuses that).
+        """
         default = self.lock_for(self.config.lock)
         lock = self.lock_for(stage.lock) if stage.lock else default
+        if lock.sha256 in self._environments:
+            return self._environments[lock.sha256]
         if lock.sha256 == default.sha256:
             python = Path(sys.executable)
             fp = check_environment(lock, verify_files=self.verify_files)
         else:
             python = ensure_environment(lock, self.ws.envs, self.say)
             fp = check_environment(lock, python=python, verify_files=self.verify_files)
+        self._environments[lock.sha256] = (python, fp)
         return python, fp
 
     # ------------------------------------------------------------------ stages

@@ -66,6 +66,7 @@ def test_the_environment_fingerprint_names_the_install_report(tmp_path: Path) ->
     env = FakeEnv(tmp_path / "venv")
     env.install("alpha", "1.0", {"alpha/__init__.py": b"A = 1\n"})
     lock = parse_lock(lock_file(tmp_path, {"alpha": "1.0"}))
+    env.seal(lock.path)  # environments are sealed when they are built
     assert check_environment(lock, python=env.python).install_report_sha256 == ""
     text = report([six(hashes={"sha256": SHA})])
     (tmp_path / "venv" / INSTALL_REPORT).write_text(text)  # at the root, not in site-packages
