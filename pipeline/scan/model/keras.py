@@ -1,0 +1,190 @@
+"""Keras configs judged as data: .keras config.json, .h5 model_config/training_config attributes
+and SavedModel Keras metadata; Lambda layers, serialized functions and objects outside Keras."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+import json
+from dataclasses import replace
+from typing import IO, Any
+
+from pipeline.scan.model.pickle import judge_global
+from pipeline.scan.model.report import Collector, Location, Severity, names
+
+# Keras' own encodings of tensors, arrays, slices...: data, not importable names.
+_KERAS_SPECIAL = names(
+    "__keras_tensor__ __tensor__ __numpy__ __bytes__ __ellipsis__ __slice__ __typespec__ "
+    "__passive_serialization__"
+)
+
+
+def is_keras_module(module: str) -> bool:
+    return module == "keras" or module.startswith("keras.")
+
+
+def scan_keras_json_bytes(out: Collector, loc: Location, data: bytes | str) -> None:
+    try:
+        doc = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        out.add(Severity.HIGH, "keras-config-malformed", f"config is not valid JSON: {e}", loc)
+        return
+    check_keras_config(out, loc, doc)
+
+
+def check_keras_config(out: Collector, loc: Location, doc: object) -> None:
+    """Flag Lambda layers, serialized lambdas, TFSMLayer and objects from outside Keras."""
+    try:
+        _walk_keras(out, loc, doc, "$", layer=None, is_layer=True, in_lambda=False)
+    except RecursionError:
+        out.add(Severity.HIGH, "keras-config-malformed", "config nested too deeply to check", loc)
+
+
+def _walk_keras(
+    out: Collector,
+    loc: Location,
+    node: object,
+    path: str,
+    layer: str | None,
+    is_layer: bool,
+    in_lambda: bool,
+) -> None:
+    if isinstance(node, list):
+        for i, item in enumerate(node):
+            _walk_keras(out, loc, item, f"{path}[{i}]", layer, is_layer, in_lambda)
+        return
+    if not isinstance(node, dict):
+        return
+    class_name = node.get("class_name")
+    if isinstance(class_name, str):
+        inner = node.get("config")
+        name = inner.get("name") if isinstance(inner, dict) else None
+        if is_layer and isinstance(name, str):
+            layer = name
+        here = replace(loc, layer=layer, key=f"{loc.key} {path}" if loc.key else path)
+        in_lambda = _judge_keras_object(out, here, node, class_name, inner, in_lambda)
+    for key, value in node.items():
+        child_is_layer = key == "layers" or (key == "layer" and isinstance(value, dict))
+        _walk_keras(out, loc, value, f"{path}.{key}", layer, child_is_layer, in_lambda)
+
+
+def _judge_keras_object(
+    out: Collector,
+    loc: Location,
+    node: dict[str, Any],
+    class_name: str,
+    inner: object,
+    in_lambda: bool,
+) -> bool:
+    """Report what this one object would make Keras do; returns the new in-Lambda flag."""
+    if class_name == "Lambda":
+        fn = inner.get("function") if isinstance(inner, dict) else None
+        out.add(
+            Severity.CRITICAL,
+            "keras-lambda",
+            f"Lambda layer: {_describe_lambda_function(fn, inner)}; it runs when the model is "
+            "loaded with safe_mode=False or called",
+            loc,
+        )
+        return True
+    if class_name == "__lambda__" and not in_lambda:
+        out.add(
+            Severity.CRITICAL,
+            "keras-lambda-function",
+            f"serialized Python lambda ({_describe_code(inner)}) used as a function argument",
+            loc,
+        )
+    if class_name == "TFSMLayer":
+        target = inner.get("filepath") if isinstance(inner, dict) else None
+        out.add(
+            Severity.HIGH,
+            "keras-tfsmlayer",
+            f"TFSMLayer loads an external SavedModel ({target!r}) whose graph this scan "
+            "cannot see; scan that SavedModel too",
+            loc,
+        )
+    _judge_keras_module(out, loc, node, class_name, inner)
+    return in_lambda
+
+
+def _judge_keras_module(
+    out: Collector, loc: Location, node: dict[str, Any], class_name: str, inner: object
+) -> None:
+    module = node.get("module")
+    registered = node.get("registered_name")
+    if class_name in _KERAS_SPECIAL or class_name == "__lambda__":
+        return
+    if isinstance(module, str) and not is_keras_module(module):
+        attr = inner if class_name == "function" and isinstance(inner, str) else class_name
+        verdict = judge_global(module, attr)
+        severity = verdict[0] if verdict and verdict[0] is Severity.CRITICAL else Severity.HIGH
+        why = f" ({verdict[1]})" if severity is Severity.CRITICAL and verdict else ""
+        out.add(
+            severity,
+            "keras-custom-object",
+            f"{class_name!r} resolves to {module}.{attr}, outside Keras{why}: loading imports "
+            "that module and runs its code",
+            loc,
+        )
+    elif isinstance(registered, str) and ">" in registered:
+        out.add(
+            Severity.HIGH,
+            "keras-custom-object",
+            f"custom registered object {registered!r}: its code comes from whatever package "
+            "registers it in the loading process",
+            loc,
+        )
+
+
+def _describe_lambda_function(fn: object, inner: object) -> str:
+    if isinstance(fn, dict):
+        if fn.get("class_name") == "__lambda__":
+            return _describe_code(fn.get("config"))
+        if fn.get("class_name") == "function":
+            return f"calls function {fn.get('module')}.{fn.get('config')}"
+    if isinstance(fn, list | tuple) and fn:
+        return _describe_code({"code": fn[0]})  # tf.keras 2: [code, defaults, closure]
+    if isinstance(fn, str):
+        kind = inner.get("function_type") if isinstance(inner, dict) else None
+        return _describe_code({"code": fn}) if kind == "lambda" else f"calls function {fn!r}"
+    return "function of unknown form"
+
+
+def _describe_code(config: object) -> str:
+    """Say what a serialized lambda holds, by base64-decoding only (never unmarshalling)."""
+    code = None
+    if isinstance(config, dict):
+        code = config.get("code", config.get("value"))
+    if not isinstance(code, str):
+        return "serialized function"
+    try:
+        raw = base64.b64decode(code.encode("ascii"), validate=False)
+    except (binascii.Error, ValueError, UnicodeEncodeError):
+        return f"undecodable serialized function ({len(code)} chars)"
+    # marshal writes a code object as type byte 'c', with 0x80 set when it is referenced.
+    if raw[:1] in (b"c", b"\xe3"):
+        return f"holds marshalled Python bytecode ({len(raw)} bytes)"
+    return f"holds a serialized function ({len(raw)} bytes)"
+
+
+# --------------------------------------------------------------------------------------------
+# HDF5 (.h5 / .hdf5 / legacy .keras): attributes only
+# --------------------------------------------------------------------------------------------
+
+
+def scan_h5(out: Collector, loc: Location, fh: IO[bytes]) -> None:
+    import h5py
+
+    # h5py reads a real file through its own driver, much faster than through Python.
+    source: Any = fh.name if isinstance(fh, io.BufferedReader) else fh
+    try:
+        with h5py.File(source, "r") as f:
+            configs = {k: f.attrs[k] for k in ("model_config", "training_config") if k in f.attrs}
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        out.add(Severity.HIGH, "h5-malformed", f"unreadable HDF5 file: {e}", loc)
+        return
+    for key, raw in configs.items():
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        scan_keras_json_bytes(out, replace(loc, key=key), text)
+    # Without model_config it is a weights file: tensors only, nothing Keras would execute.
