@@ -10,14 +10,66 @@ import json
 from dataclasses import replace
 from typing import IO, Any
 
-from pipeline.scan.model.pickle import judge_global
-from pipeline.scan.model.report import Collector, Location, Severity, names
+from pipeline.scan.model.collect import Collector
+from pipeline.scan.model.policy import dangerous_global, judge_global
+from pipeline.scan.model.report import Location, Severity, names
 
 # Keras' own encodings of tensors, arrays, slices...: data, not importable names.
 _KERAS_SPECIAL = names(
     "__keras_tensor__ __tensor__ __numpy__ __bytes__ __ellipsis__ __slice__ __typespec__ "
     "__passive_serialization__"
 )
+
+
+# Keras callables that do more than compute: judged by what they do, not by living in keras.*.
+# A config that names one makes loading call it (the CVE-2025-8747 shape: keras.utils.get_file
+# fetching a URL and writing a file, with safe_mode on).
+_KERAS_UNSAFE_NAMES: dict[str, str] = {
+    **dict.fromkeys(("get_file",), "downloads a URL and writes the file anywhere"),
+    **dict.fromkeys(
+        ("load_model", "load_weights", "load_img", "load_from_saved_model"),
+        "loads another, unscanned file",
+    ),
+    **dict.fromkeys(
+        ("save_model", "save_weights", "save", "save_img", "export", "export_saved_model"),
+        "writes files",
+    ),
+    **dict.fromkeys(("plot_model", "model_to_dot"), "runs Graphviz and writes an image file"),
+    **dict.fromkeys(
+        (
+            "image_dataset_from_directory",
+            "text_dataset_from_directory",
+            "audio_dataset_from_directory",
+        ),
+        "reads a directory tree",
+    ),
+    **dict.fromkeys(
+        ("enable_unsafe_deserialization", "set_backend"), "changes how everything after loads"
+    ),
+}
+_KERAS_UNSAFE_MODULES: dict[str, str] = {
+    "callbacks": "writes files or talks to servers (checkpoints, logs, RemoteMonitor)",
+    "datasets": "downloads data sets",
+    "file_utils": "downloads, extracts or writes files",
+    "io_utils": "reads or writes files",
+    "export": "writes SavedModels",
+    "legacy.saving": "loads or writes model files",
+}
+
+
+def keras_callable_risk(module: str, attr: str) -> str | None:
+    """Why a callable inside Keras is not pure compute, or None when it only computes."""
+    full = f"{module}.{attr}"
+    why = dangerous_global(full)
+    if why is not None:
+        return why
+    if attr in _KERAS_UNSAFE_NAMES:
+        return _KERAS_UNSAFE_NAMES[attr]
+    dotted = f".{module}."
+    for part, what in _KERAS_UNSAFE_MODULES.items():
+        if f".{part}." in dotted:  # a whole module path segment, e.g. keras.src.callbacks.x
+            return what
+    return None
 
 
 def is_keras_module(module: str) -> bool:
@@ -115,9 +167,21 @@ def _judge_keras_module(
     registered = node.get("registered_name")
     if class_name in _KERAS_SPECIAL or class_name == "__lambda__":
         return
+    if isinstance(module, str) and is_keras_module(module):
+        attr = inner if class_name == "function" and isinstance(inner, str) else class_name
+        why = keras_callable_risk(module, attr)
+        if why is not None:
+            out.add(
+                Severity.CRITICAL,
+                "keras-unsafe-callable",
+                f"{class_name!r} resolves to {module}.{attr}, which {why}: Keras' own code, "
+                "but loading the config calls it with arguments the file chooses",
+                loc,
+            )
+            return
     if isinstance(module, str) and not is_keras_module(module):
         attr = inner if class_name == "function" and isinstance(inner, str) else class_name
-        verdict = judge_global(module, attr)
+        verdict = judge_global(module, attr, out.policy.profiles)
         severity = verdict[0] if verdict and verdict[0] is Severity.CRITICAL else Severity.HIGH
         why = f" ({verdict[1]})" if severity is Severity.CRITICAL and verdict else ""
         out.add(

@@ -11,89 +11,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
 from typing import IO, Any
 
-from pipeline.scan.model.report import Collector, Location, Severity, names
+from pipeline.scan.model.collect import Collector
+from pipeline.scan.model.policy import judge_global
+from pipeline.scan.model.report import Location, Severity, names
 
-# Constructors that rebuild plain data: arrays, tensors, containers. Anything else is a finding.
-SAFE_GLOBALS = names(
-    """
-    collections.OrderedDict collections.defaultdict collections.deque
-    copyreg._reconstructor copy_reg._reconstructor _codecs.encode
-    builtins.object builtins.set builtins.frozenset builtins.slice builtins.complex
-    builtins.bytearray builtins.bytes builtins.range builtins.int builtins.float builtins.str
-    builtins.bool builtins.tuple builtins.list builtins.dict
-    __builtin__.object __builtin__.set __builtin__.frozenset __builtin__.slice
-    __builtin__.complex __builtin__.bytearray
-    datetime.datetime datetime.date datetime.time datetime.timedelta decimal.Decimal
-    numpy.ndarray numpy.dtype
-    numpy.core.multiarray._reconstruct numpy._core.multiarray._reconstruct
-    numpy.core.multiarray.scalar numpy._core.multiarray.scalar
-    numpy.core.numeric._frombuffer numpy._core.numeric._frombuffer
-    joblib.numpy_pickle.NumpyArrayWrapper
-    torch._utils._rebuild_tensor torch._utils._rebuild_tensor_v2 torch._utils._rebuild_tensor_v3
-    torch._utils._rebuild_parameter torch._utils._rebuild_parameter_with_state
-    torch.Size torch.device
-    torch.FloatStorage torch.DoubleStorage torch.HalfStorage torch.BFloat16Storage
-    torch.LongStorage torch.IntStorage torch.ShortStorage torch.CharStorage torch.ByteStorage
-    torch.BoolStorage torch.ComplexFloatStorage torch.ComplexDoubleStorage torch.UntypedStorage
-    torch.float32 torch.float64 torch.float16 torch.bfloat16 torch.int64 torch.int32
-    torch.int16 torch.int8 torch.uint8 torch.bool torch.complex64 torch.complex128
-    """
-)
-# (_codecs.encode: protocol 2 spells bytes as _codecs.encode(str, 'latin1').)
-
-# Dotted prefixes that run code, touch files, processes or the network, or load more pickles.
-# Matched against "module.qualname", so "os" also covers "os.path.join"; on Linux os.system
-# pickles as "posix.system".
-_PROCESS = """os posix nt subprocess pty commands popen2 platform.popen"""
-_CODE = """
-    runpy importlib imp code codeop timeit pdb bdb trace profile cProfile doctest pydoc ctypes
-    _ctypes marshal types pip ensurepip venv distutils setuptools numpy.testing numpy.f2py
-    numpy.distutils torch._inductor torch.utils.cpp_extension signal threading _thread
-    multiprocessing asyncio concurrent
-"""
-_LOADERS = """
-    pickle _pickle cPickle dill cloudpickle shelve joblib.load numpy.load torch.load
-    torch.serialization torch.jit torch.hub keras.models.load_model tensorflow
-"""
-_NETWORK = """
-    socket _socket ssl http httplib urllib urllib2 urllib3 requests aiohttp ftplib smtplib
-    telnetlib xmlrpc webbrowser paramiko
-"""
-_FILES = """shutil io _io tempfile pathlib glob fileinput codecs.open zipfile tarfile sys"""
-_BUILTINS = " ".join(
-    f"{mod}.{fn}"
-    for mod in ("builtins", "__builtin__")
-    for fn in sorted(
-        names(
-            "eval exec execfile compile open file __import__ getattr setattr delattr globals "
-            "locals vars breakpoint input apply reload help exit quit"
-        )
-    )
-)
-_GADGETS = (
-    """operator.attrgetter operator.methodcaller _operator.attrgetter _operator.methodcaller"""
-)
-
-DANGEROUS_GLOBALS: dict[str, str] = {
-    **dict.fromkeys(names(_PROCESS), "runs processes or touches the filesystem"),
-    **dict.fromkeys(names(_CODE), "imports or executes Python code"),
-    **dict.fromkeys(names(_LOADERS), "loads another (unscanned) model or pickle"),
-    **dict.fromkeys(names(_NETWORK), "opens network connections"),
-    **dict.fromkeys(names(_FILES), "reads or writes files or interpreter state"),
-    **dict.fromkeys(names(_BUILTINS), "a builtin that runs code or reaches any attribute"),
-    **dict.fromkeys(names(_GADGETS), "calls an arbitrary attribute or method (a gadget)"),
-}
-
-
-def judge_global(module: str, name: str) -> tuple[Severity, str] | None:
-    """None for an allowlisted constructor; otherwise the severity and why."""
-    full = f"{module}.{name}"
-    if full in SAFE_GLOBALS:
-        return None
-    for prefix, why in DANGEROUS_GLOBALS.items():
-        if full == prefix or full.startswith(prefix + "."):
-            return Severity.CRITICAL, why
-    return Severity.HIGH, "not an allowlisted data constructor; loading would import and call it"
+__all__ = ["judge_global", "scan_pickle_file", "scan_pickle_stream"]
 
 
 class _Mark:
@@ -341,7 +263,7 @@ class _PickleMachine:
 
     def report(self) -> None:
         for pos, g in sorted(self.imports.items()):
-            verdict = judge_global(g.module, g.name)
+            verdict = judge_global(g.module, g.name, self.out.policy.profiles)
             if verdict is None:
                 continue
             severity, why = verdict

@@ -1,13 +1,12 @@
 """What a model scan reports: severities, findings with their locations, the files read, and the
-collector every format module writes into while the walker dispatches streams to them."""
+plain-text table. Immutable values, built once a scan ends."""
 
 from __future__ import annotations
 
 import enum
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import IO, Any
+from dataclasses import dataclass
+from typing import Any
 
 from pipeline.errors import InputError, VerificationError
 
@@ -194,37 +193,3 @@ def render_table(report: ScanReport) -> str:
 def names(text: str) -> frozenset[str]:
     """A table written as whitespace-separated names (keeps long data lists readable)."""
     return frozenset(text.split())
-
-
-# How a format module hands a nested stream (a zip member, an asset) back to the walker without
-# importing it: the walker installs itself here, so format modules never import upward.
-StreamScanner = Callable[["Collector", Location, str, IO[bytes], int], None]
-
-
-def _no_dispatch(out: Collector, loc: Location, name: str, fh: IO[bytes], depth: int) -> None:
-    raise RuntimeError("Collector used without a stream dispatcher")  # a wiring bug, exit 70
-
-
-@dataclass
-class Collector:
-    """Findings and files of one scan, and the dispatchers for nested content."""
-
-    findings: list[Finding] = field(default_factory=list)
-    files: list[ScannedFile] = field(default_factory=list)
-    dispatch: StreamScanner = _no_dispatch
-    dispatch_asset: StreamScanner = _no_dispatch
-
-    def add(self, severity: Severity, rule: str, message: str, loc: Location) -> None:
-        self.findings.append(Finding(severity, rule, message, loc))
-
-    def seen(self, loc: Location, fmt: str, size: int, sha256: str | None = None) -> None:
-        name = loc.file + (f"!{loc.member}" if loc.member else "")
-        self.files.append(ScannedFile(name, fmt, size, sha256))
-
-    def nested(self, loc: Location, name: str, fh: IO[bytes], depth: int) -> None:
-        """Scan a nested stream of any format (the walker's dispatch)."""
-        self.dispatch(self, loc, name, fh, depth)
-
-    def nested_asset(self, loc: Location, name: str, fh: IO[bytes], depth: int) -> None:
-        """Scan an asset: data read by ops, inspected when its format is known."""
-        self.dispatch_asset(self, loc, name, fh, depth)

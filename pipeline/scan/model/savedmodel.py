@@ -11,8 +11,9 @@ from functools import cache
 from pathlib import Path
 from typing import Any
 
+from pipeline.scan.model.collect import Collector, read_document
 from pipeline.scan.model.keras import check_keras_config
-from pipeline.scan.model.report import Collector, Location, Severity, names
+from pipeline.scan.model.report import Location, Severity, names
 
 # Ops judged here by name, attribute or place; generated COMPUTE_OPS excludes all of them.
 _TF_WRITES = "WriteFile"
@@ -154,12 +155,18 @@ def tf_messages() -> dict[str, Any]:
     }
 
 
+def _read_proto(out: Collector, file: Path, inner: str) -> bytes:
+    with open(file, "rb") as fh:
+        return read_document(fh, out.limits.protobuf_bytes, inner)
+
+
 def scan_saved_model_file(out: Collector, loc: Location, file: Path, inner: str) -> None:
     """One file of a SavedModel directory, judged by its role there."""
     if inner in ("saved_model.pb", "saved_model.pbtxt"):
-        _scan_saved_model_proto(out, loc, file.read_bytes(), text=inner.endswith(".pbtxt"))
+        data = _read_proto(out, file, inner)
+        _scan_saved_model_proto(out, loc, data, text=inner.endswith(".pbtxt"))
     elif inner == "keras_metadata.pb":
-        _scan_keras_metadata(out, loc, file.read_bytes())
+        _scan_keras_metadata(out, loc, _read_proto(out, file, inner))
     elif inner == "fingerprint.pb" or re.fullmatch(
         r"variables/variables\.(index|data-\d+-of-\d+)", inner
     ):
