@@ -516,3 +516,74 @@ def write_tf_samples(dest: Path, sentinel: Path) -> list[Sample]:
         Sample("tf.io.write_file (SavedModel)", dropper, True, "tf-unsafe-op", {"op": "WriteFile"})
     )
     return samples
+
+
+# --- issue 19: loader-mirroring formats (unit tests, bench) -------------------------------------
+
+
+def modern_torch_zip(data_pkl: bytes, prefix: str = "model") -> bytes:
+    """What torch >= 2.1 writes: the legacy members plus .format_version/.storage_alignment."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr(f"{prefix}/data.pkl", data_pkl)
+        zf.writestr(f"{prefix}/.format_version", "1")
+        zf.writestr(f"{prefix}/.storage_alignment", "64")
+        zf.writestr(f"{prefix}/byteorder", "little")
+        zf.writestr(f"{prefix}/data/0", np.arange(4, dtype=np.float32).tobytes())
+        zf.writestr(f"{prefix}/version", "3\n")
+        zf.writestr(f"{prefix}/.data/serialization_id", "0123456789")
+    return buf.getvalue()
+
+
+def h5_with_user_block(path: Path, block: bytes, config: dict[str, Any] | None) -> Path:
+    """An HDF5 file whose first 512 bytes are a user block holding `block` (h5py accepts it)."""
+    import h5py
+
+    assert len(block) <= 512
+    with h5py.File(path, "w", userblock_size=512) as f:
+        f.create_dataset("model_weights/dense/kernel", data=np.zeros((4, 2), dtype=np.float32))
+        if config is not None:
+            f.attrs["model_config"] = json.dumps(config)
+    with open(path, "r+b") as fh:
+        fh.write(block)
+    return path
+
+
+def gguf_bytes(
+    metadata: dict[str, str | int] | None = None,
+    tensors: list[tuple[str, list[int], int, int]] | None = None,
+    data: bytes = b"",
+) -> bytes:
+    """A GGUF v3 file: string/uint32 metadata, tensor infos (name, dims, type, offset), data."""
+
+    def s(text: str) -> bytes:
+        raw = text.encode()
+        return struct.pack("<Q", len(raw)) + raw
+
+    meta = {"general.architecture": "llama", **(metadata or {})}
+    tensors = tensors if tensors is not None else [("w", [4], 0, 0)]
+    out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(meta))
+    for key, value in meta.items():
+        if isinstance(value, int):
+            out += s(key) + struct.pack("<II", 4, value)
+        else:
+            out += s(key) + struct.pack("<I", 8) + s(value)
+    for name, dims, ggml_type, offset in tensors:
+        out += s(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
+        out += struct.pack("<IQ", ggml_type, offset)
+    out += b"\0" * (-len(out) % 32)
+    return out + (data or np.arange(4, dtype=np.float32).tobytes())
+
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if loop.index0 == 0 and "
+    "message['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + "
+    "message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+SSTI_TEMPLATE = (
+    "{% for x in ().__class__.__base__.__subclasses__() %}{% if 'warning' in x.__name__ %}"
+    "{{ x()._module.__builtins__['__import__']('os').popen('id').read() }}{% endif %}"
+    "{% endfor %}"
+)

@@ -109,7 +109,13 @@ def tf_messages() -> dict[str, Any]:
         ("meta_info_def", 1, M, OPT, "MetaInfoDef"),
         ("graph_def", 2, M, OPT, "GraphDef"),
         ("saver_def", 3, M, OPT, "SaverDef"),
+        ("object_graph_def", 7, M, OPT, "SavedObjectGraph"),
     )
+    # SavedObjectGraph.nodes -> SavedObject.user_object -> SavedUserObject.metadata: the Keras
+    # config old loaders read when keras_metadata.pb is absent.
+    message("SavedObjectGraph", ("nodes", 1, M, REP, "GraphObject"))
+    message("GraphObject", ("user_object", 4, M, OPT, "SavedUserObject"))
+    message("SavedUserObject", ("identifier", 1, S, OPT, None), ("metadata", 3, S, OPT, None))
     message("MetaInfoDef", ("tags", 4, S, REP, None))
     message(
         "SaverDef",
@@ -139,7 +145,8 @@ def tf_messages() -> dict[str, Any]:
     map_entry(nal, "AttrEntry", "AttrValue")
     message("FunctionLib", ("function", 1, M, REP, "FunctionDef"))
     message("FunctionDef", ("signature", 1, M, OPT, "OpDef"), ("node_def", 3, M, REP, "NodeDef"))
-    message("OpDef", ("name", 1, S, OPT, None))
+    message("OpDef", ("name", 1, S, OPT, None), ("input_arg", 2, M, REP, "ArgDef"))
+    message("ArgDef", ("name", 1, S, OPT, None))
     message("SavedMetadata", ("nodes", 1, M, REP, "SavedObject"))
     message(
         "SavedObject",
@@ -164,7 +171,8 @@ def scan_saved_model_file(out: Collector, loc: Location, file: Path, inner: str)
     """One file of a SavedModel directory, judged by its role there."""
     if inner in ("saved_model.pb", "saved_model.pbtxt"):
         data = _read_proto(out, file, inner)
-        _scan_saved_model_proto(out, loc, data, text=inner.endswith(".pbtxt"))
+        legacy = not (file.parent / "keras_metadata.pb").exists()
+        _scan_saved_model_proto(out, loc, data, text=inner.endswith(".pbtxt"), legacy=legacy)
     elif inner == "keras_metadata.pb":
         _scan_keras_metadata(out, loc, _read_proto(out, file, inner))
     elif inner == "fingerprint.pb" or re.fullmatch(
@@ -196,7 +204,7 @@ def _parse_proto(out: Collector, loc: Location, name: str, data: bytes, text: bo
 
 
 def _scan_saved_model_proto(
-    out: Collector, loc: Location, data: bytes, *, text: bool = False
+    out: Collector, loc: Location, data: bytes, *, text: bool = False, legacy: bool = True
 ) -> None:
     sm = _parse_proto(out, loc, "SavedModel", data, text)
     if sm is None:
@@ -206,6 +214,8 @@ def _scan_saved_model_proto(
     for mg in sm.meta_graphs:
         tags = ",".join(mg.meta_info_def.tags) or "untagged"
         _scan_meta_graph(out, replace(loc, key=f"meta_graph[{tags}]"), mg)
+        if legacy:
+            _scan_object_graph_metadata(out, replace(loc, key=f"meta_graph[{tags}]"), mg)
 
 
 def _node_key(ref: str) -> str:
@@ -276,6 +286,7 @@ def _scan_meta_graph(out: Collector, loc: Location, mg: Any) -> None:
         floc = replace(loc, function=fname)
         for n in f.node_def:
             _judge_node(out, replace(floc, node=n.name), n, fname in saver_only, names, unknown)
+    _check_saver_paths(out, loc, mg, saver_nodes, [functions[f] for f in sorted(saver_only)])
     for (where, op), nodes in sorted(unknown.items()):
         more = f" (+{len(nodes) - 1} more)" if len(nodes) > 1 else ""
         out.add(
@@ -359,3 +370,105 @@ def _scan_keras_metadata(out: Collector, loc: Location, data: bytes) -> None:
             out.add(Severity.HIGH, "keras-config-malformed", f"metadata not JSON: {e}", where)
             continue
         check_keras_config(out, where, doc)
+
+
+def _scan_object_graph_metadata(out: Collector, loc: Location, mg: Any) -> None:
+    """tf.keras 2 also wrote each layer's config into the object graph (SavedUserObject
+    .metadata); without keras_metadata.pb, older loaders rebuild the model from these."""
+    for i, node in enumerate(mg.object_graph_def.nodes):
+        meta = node.user_object.metadata
+        if not meta:
+            continue
+        where = replace(loc, key=f"{loc.key} object_graph_def.nodes[{i}].user_object.metadata")
+        try:
+            doc = json.loads(meta)
+        except json.JSONDecodeError as e:
+            out.add(Severity.HIGH, "keras-config-malformed", f"metadata not JSON: {e}", where)
+            continue
+        check_keras_config(out, where, doc)
+
+
+# Which inputs of a checkpoint op name a file: the op writes or reads whatever path they hold.
+_PATH_INPUTS = {
+    "Save": (0,),
+    "SaveV2": (0,),
+    "SaveSlices": (0,),
+    "Restore": (0,),
+    "RestoreV2": (0,),
+    "RestoreSlice": (0,),
+    "MergeV2Checkpoints": (0, 1),
+    "ShardedFilename": (0,),
+    "ShardedFilespec": (0,),
+}
+# How a saver builds paths from its filename: these keep the prefix (input 0) ...
+_PREFIX_OPS = {"Identity", "StringJoin", "ShardedFilename", "ShardedFilespec"}
+# ... these combine alternatives, each of which must be a saver path.
+_ALL_INPUT_OPS = {"Pack": None, "Select": (1, 2), "SelectV2": (1, 2)}
+_MAX_TRACE = 10_000
+
+
+def _check_saver_paths(
+    out: Collector, loc: Location, mg: Any, saver_nodes: set[str], saver_fns: list[Any]
+) -> None:
+    """A checkpoint op in the saver may only touch paths built from the saver's filename.
+
+    In the graph (TF1 savers) that is the SaverDef's filename tensor; inside the saver's
+    functions (TF2) it is the function's own arguments, which the saver feeds the filename.
+    """
+    graph = mg.graph_def
+    filename = _node_key(mg.saver_def.filename_tensor_name)
+    by_name = {n.name: n for n in graph.node}
+    sources = {filename} if filename else set()
+    for n in graph.node:
+        if n.name in saver_nodes:
+            _check_path_inputs(out, replace(loc, node=n.name, op=n.op), n, by_name, sources)
+    for f in saver_fns:
+        nodes = {n.name: n for n in f.node_def}
+        args = {a.name for a in f.signature.input_arg}
+        floc = replace(loc, function=f.signature.name)
+        for n in f.node_def:
+            _check_path_inputs(out, replace(floc, node=n.name, op=n.op), n, nodes, args)
+
+
+def _check_path_inputs(
+    out: Collector, loc: Location, node: Any, nodes: dict[str, Any], sources: set[str]
+) -> None:
+    for index in _PATH_INPUTS.get(node.op, ()):
+        if index >= len(node.input):
+            continue
+        ref = node.input[index]
+        if not _derives(ref, nodes, sources):
+            out.add(
+                Severity.HIGH,
+                "tf-saver-foreign-path",
+                f"{node.op} in the saver takes its path from {_node_key(ref)!r}, not from the "
+                "saver's filename: restoring or saving would touch a path the file chose",
+                loc,
+            )
+
+
+def _derives(ref: str, nodes: dict[str, Any], sources: set[str]) -> bool:
+    """Whether a path input is the filename (or an argument), as a saver builds it."""
+    todo, seen = [_node_key(ref)], 0
+    while todo:
+        name = todo.pop()
+        seen += 1
+        if seen > _MAX_TRACE:
+            return False
+        if name in sources:
+            continue
+        node = nodes.get(name)
+        if node is None:
+            return False
+        data = [i for i in node.input if not i.startswith("^")]
+        if node.op in _PREFIX_OPS and data:
+            todo.append(_node_key(data[0]))
+        elif node.op in _ALL_INPUT_OPS and data:
+            picks = _ALL_INPUT_OPS[node.op]
+            chosen = data if picks is None else [data[i] for i in picks if i < len(data)]
+            if not chosen:
+                return False
+            todo.extend(_node_key(i) for i in chosen)
+        else:
+            return False
+    return True
