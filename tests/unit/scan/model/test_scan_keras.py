@@ -129,3 +129,49 @@ def test_h5_model_config_lambda_tf_keras2_style(tmp_path: Path) -> None:
 def test_h5_weights_only_is_clean(tmp_path: Path) -> None:
     report = scan_path(ms.h5_with_config(tmp_path / "w.h5", None))
     assert report.findings == () and report.files[0].format == "hdf5"
+
+
+# --- callables judged by what they do, not by living under keras.* -------------------------------
+
+
+def _fn_ref(module: str, name: str) -> dict:
+    return {"module": module, "class_name": "function", "config": name, "registered_name": name}
+
+
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        ("keras.utils", "get_file"),  # the CVE-2025-8747 shape: fetch a URL, write a file
+        ("keras.src.utils.file_utils", "get_file"),
+        ("keras.models", "load_model"),
+        ("keras.src.callbacks.remote_monitor", "RemoteMonitor"),
+        ("keras.config", "enable_unsafe_deserialization"),
+    ],
+)
+def test_keras_callable_that_touches_files_or_network(
+    tmp_path: Path, module: str, name: str
+) -> None:
+    layer = ms.dense_layer("d")
+    layer["config"]["activation"] = _fn_ref(module, name)
+    (hit,) = _keras(tmp_path, layer).findings
+    assert (hit.rule, hit.severity, hit.location.layer) == (
+        "keras-unsafe-callable",
+        Severity.CRITICAL,
+        "d",
+    )
+    assert f"{module}.{name}" in hit.message
+
+
+@pytest.mark.parametrize(
+    ("module", "name"),
+    [
+        ("keras.src.activations.activations", "relu"),
+        ("keras.activations", "gelu"),
+        ("keras.src.ops.nn", "softmax"),
+        ("keras.src.layers.preprocessing.exporter_like", "Rescale"),  # no whole-segment match
+    ],
+)
+def test_keras_compute_callables_pass(tmp_path: Path, module: str, name: str) -> None:
+    layer = ms.dense_layer("d")
+    layer["config"]["activation"] = _fn_ref(module, name)
+    assert _keras(tmp_path, layer).findings == ()

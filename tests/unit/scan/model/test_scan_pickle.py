@@ -178,3 +178,51 @@ def test_legacy_torch_save_streams_then_raw_storage(
 def test_pickle_magic_in_an_unknown_extension_is_scanned(tmp_path: Path, sentinel: Path) -> None:
     (tmp_path / "weights.model").write_bytes(ms.pickle_os_system(sentinel))
     assert scan_path(tmp_path / "weights.model").max_severity is Severity.CRITICAL
+
+
+# --- allowlist profiles ----------------------------------------------------------------------
+
+
+def _sklearn_model() -> bytes:
+    from sklearn.ensemble import RandomForestClassifier
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    X = [[0.0, 1.0], [1.0, 0.0], [0.5, 0.5], [0.9, 0.1]]
+    y = [0, 1, 0, 1]
+    forest = RandomForestClassifier(n_estimators=2, random_state=0).fit(X, y)
+    linear = make_pipeline(StandardScaler(), LogisticRegression()).fit(X, y)
+    return pickle.dumps({"forest": forest, "linear": linear}, protocol=4)
+
+
+def test_sklearn_model_needs_the_sklearn_profile(tmp_path: Path) -> None:
+    (tmp_path / "m.pkl").write_bytes(_sklearn_model())
+    default = scan_path(tmp_path / "m.pkl")
+    assert default.max_severity is Severity.HIGH
+    assert all("allow the sklearn profile" in f.message for f in default.findings)
+    assert scan_path(tmp_path / "m.pkl", profiles=["sklearn"]).findings == ()
+
+
+def test_sklearn_profile_never_allows_what_runs_code(tmp_path: Path, sentinel: Path) -> None:
+    (tmp_path / "e.pkl").write_bytes(ms.pickle_os_system(sentinel))
+    assert scan_path(tmp_path / "e.pkl", profiles=["sklearn"]).max_severity is Severity.CRITICAL
+    # A function (not an estimator class) or a downloader inside sklearn stays a finding.
+    (tmp_path / "f.pkl").write_bytes(b"\x80\x04\x8c\x10sklearn.datasets\x8c\x0cfetch_openml\x93)R.")
+    assert not scan_path(tmp_path / "f.pkl", profiles=["sklearn"]).ok()
+
+
+def test_torch_profile_can_be_left_out(tmp_path: Path) -> None:
+    (tmp_path / "m.pt").write_bytes(ms.torch_zip(ms.torch_style_clean_pickle()))
+    assert scan_path(tmp_path / "m.pt").findings == ()
+    strict = scan_path(tmp_path / "m.pt", profiles=["numpy"])
+    assert strict.max_severity is Severity.HIGH
+    assert "allow the torch profile" in strict.findings[0].message
+
+
+def test_unknown_profile_is_an_input_error(tmp_path: Path) -> None:
+    from pipeline.errors import InputError
+
+    (tmp_path / "m.pkl").write_bytes(pickle.dumps([1]))
+    with pytest.raises(InputError, match="unknown allowlist profile"):
+        scan_path(tmp_path / "m.pkl", profiles=["tensorflow"])

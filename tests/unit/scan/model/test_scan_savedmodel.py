@@ -11,6 +11,7 @@ import pytest
 from pipeline.scan.model import ScanReport, Severity, scan_path
 from pipeline.scan.model.report import Finding
 from pipeline.scan.model.savedmodel import tf_messages
+from tests import model_samples as ms
 
 ROOT = Path(__file__).resolve().parents[4]
 
@@ -189,3 +190,95 @@ def test_saved_model_scan_does_not_import_tensorflow(tmp_path: Path) -> None:
         "if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code, str(d)], check=True, cwd=ROOT, timeout=60)
+
+
+# --- TF1 savers: the path must come from the saver's filename tensor ----------------------------
+
+
+def _tf1_saver(mg: object, extra_save_path: str | None = None) -> None:
+    """The graph tf.compat.v1.train.Saver builds: save/Const is the filename tensor."""
+    g = mg.graph_def.node  # type: ignore[attr-defined]
+    _node(g, "save/Const", "Const")
+    _node(g, "save/SaveV2/tensor_names", "Const")
+    _node(g, "save/SaveV2/shape_and_slices", "Const")
+    _node(g, "w", "VarHandleOp")
+    _node(
+        g,
+        "save/SaveV2",
+        "SaveV2",
+        ("save/Const", "save/SaveV2/tensor_names", "save/SaveV2/shape_and_slices", "w"),
+    )
+    _node(g, "save/control_dependency", "Identity", ("save/Const", "^save/SaveV2"))
+    restore_inputs = ["save/Const", "save/SaveV2/tensor_names", "save/SaveV2/shape_and_slices"]
+    _node(g, "save/RestoreV2", "RestoreV2", tuple(restore_inputs))
+    _node(g, "save/Assign", "AssignVariableOp", ("w", "save/RestoreV2"))
+    restore_deps = ["^save/Assign"]
+    if extra_save_path is not None:
+        # A Save that only hangs off the restore op: part of the saver by reachability, but
+        # writing to a path of its own choosing.
+        _node(g, "evil/path", "Const", attrs={"value": extra_save_path.encode()})
+        _node(g, "evil/Save", "Save", ("evil/path", "save/SaveV2/tensor_names", "w"))
+        restore_deps.append("^evil/Save")
+    _node(g, "save/restore_all", "NoOp", tuple(restore_deps))
+    mg.saver_def.filename_tensor_name = "save/Const:0"  # type: ignore[attr-defined]
+    mg.saver_def.save_tensor_name = "save/control_dependency:0"  # type: ignore[attr-defined]
+    mg.saver_def.restore_op_name = "save/restore_all"  # type: ignore[attr-defined]
+
+
+def test_tf1_saver_is_clean(tmp_path: Path) -> None:
+    assert scan_path(_saved_model(tmp_path, _tf1_saver)).findings == ()
+
+
+def test_tf1_save_reachable_from_restore_with_its_own_path(tmp_path: Path) -> None:
+    report = scan_path(_saved_model(tmp_path, lambda mg: _tf1_saver(mg, "/etc/cron.d/x")))
+    (hit,) = report.findings
+    assert (hit.rule, hit.location.node, hit.location.op) == (
+        "tf-saver-foreign-path",
+        "evil/Save",
+        "Save",
+    )
+    assert "evil/path" in hit.message
+
+
+def test_tf2_saver_function_path_must_come_from_its_argument(tmp_path: Path) -> None:
+    def build(mg: object, evil: bool) -> None:
+        _with_saver(mg)
+        f = next(
+            f
+            for f in mg.graph_def.library.function  # type: ignore[attr-defined]
+            if f.signature.name == "__inference__traced_save_9"
+        )
+        f.signature.input_arg.add(name="file_prefix")
+        _node(f.node_def, "other", "Const")
+        _node(f.node_def, "join", "StringJoin", ("file_prefix", "other:output:0"))
+        _node(f.node_def, "save2", "SaveV2", ("other:output:0" if evil else "join:output:0",))
+
+    assert scan_path(_saved_model(tmp_path, lambda mg: build(mg, False), "ok")).findings == ()
+    (hit,) = scan_path(_saved_model(tmp_path, lambda mg: build(mg, True), "bad")).findings
+    assert hit.rule == "tf-saver-foreign-path" and hit.location.function == (
+        "__inference__traced_save_9"
+    )
+
+
+# --- legacy Keras metadata in the object graph -------------------------------------------------
+
+
+def _with_object_graph_metadata(mg: object, layer: dict) -> None:
+    node = mg.object_graph_def.nodes.add()  # type: ignore[attr-defined]
+    node.user_object.identifier = "_tf_keras_layer"
+    import json
+
+    node.user_object.metadata = json.dumps(layer)
+
+
+def test_legacy_object_graph_metadata_lambda_is_found(tmp_path: Path) -> None:
+    layer = ms.lambda_layer("old_lam")
+    d = _saved_model(tmp_path, lambda mg: _with_object_graph_metadata(mg, layer))
+    (hit,) = scan_path(d).findings
+    assert (hit.rule, hit.location.layer) == ("keras-lambda", "old_lam")
+    assert "object_graph_def" in (hit.location.key or "")
+
+
+def test_legacy_object_graph_metadata_clean_layer_passes(tmp_path: Path) -> None:
+    d = _saved_model(tmp_path, lambda mg: _with_object_graph_metadata(mg, ms.dense_layer()))
+    assert scan_path(d).findings == ()

@@ -124,3 +124,24 @@ def test_cli_fail_on_threshold(cli: click.Group, tmp_path: Path) -> None:
 def test_cli_missing_path_is_input_error(cli: click.Group, tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["scan", "model", str(tmp_path / "missing.pt")])
     assert isinstance(result.exception, InputError) and result.exception.exit_code == 2
+
+
+def test_cli_profile_option(cli: click.Group, tmp_path: Path) -> None:
+    (tmp_path / "m.pt").write_bytes(ms.torch_zip(ms.torch_style_clean_pickle()))
+    args = ["scan", "model", str(tmp_path / "m.pt")]
+    assert CliRunner().invoke(cli, args).exit_code == 0
+    strict = CliRunner().invoke(cli, [*args, "--profile", "numpy"])
+    assert isinstance(strict.exception, UnsafeModelError)
+    assert (
+        CliRunner().invoke(cli, [*args, "--profile", "torch", "--profile", "sklearn"]).exit_code
+        == 0
+    )
+
+
+def test_cli_directory_with_documents_passes(cli: click.Group, tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "w.npy").write_bytes(ms.clean_npy())
+    (tmp_path / "d" / "README.md").write_text("# model\n")
+    result = CliRunner().invoke(cli, ["scan", "model", str(tmp_path / "d")])
+    assert result.exit_code == 0, result.output
+    assert "not-a-model" in result.output
