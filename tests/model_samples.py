@@ -19,6 +19,7 @@ import pickle
 import runpy
 import struct
 import subprocess
+import tarfile
 import timeit
 import zipfile
 from collections import OrderedDict
@@ -587,3 +588,125 @@ SSTI_TEMPLATE = (
     "{{ x()._module.__builtins__['__import__']('os').popen('id').read() }}{% endif %}"
     "{% endfor %}"
 )
+
+
+def _onnx_model(domain: str = "", op: str = "Relu", external: str | None = None) -> bytes:
+    """A small ONNX ModelProto through the scanner's subset schema (the onnx package is not
+    locked); field numbers are upstream's, so any ONNX reader parses it the same."""
+    from pipeline.scan.model.onnx import onnx_messages
+
+    model = onnx_messages()["ModelProto"]()
+    model.ir_version = 9
+    model.producer_name = "chainproof-samples"
+    model.opset_import.add(domain="", version=17)
+    if domain:
+        model.opset_import.add(domain=domain, version=1)
+    model.graph.name = "g"
+    model.graph.node.add(name="mm", op_type="MatMul")
+    model.graph.node.add(name="act", op_type=op, domain=domain)
+    init = model.graph.initializer.add(name="W")
+    if external is not None:
+        init.data_location = 1
+        init.external_data.add(key="location", value=external)
+    return bytes(model.SerializeToString())
+
+
+def _compressed_joblib(path: Path, method: str, sentinel: Path | None) -> Path:
+    import joblib
+
+    obj: dict[str, Any] = {"coef": np.linspace(0, 1, 256), "intercept": np.zeros(4)}
+    if sentinel is not None:
+        obj["payload"] = np.array([Reduce(os.system, (touch_cmd(sentinel),))], dtype=object)
+    joblib.dump(obj, path, compress=(method, 3))
+    return path
+
+
+def _model_repo(dest: Path) -> Path:
+    """A Hugging Face-style model repository: weights plus the documents around them."""
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "model.safetensors").write_bytes(safetensors_bytes())
+    (dest / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 3}))
+    (dest / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"vocab": {}}}))
+    (dest / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
+    (dest / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\nthe\n")
+    (dest / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    return dest
+
+
+def write_frontier_samples(dest: Path, sentinel: Path) -> list[Sample]:
+    """Issue 19's classes, malicious and clean twin: loader-mirroring detection, archive members,
+    Keras callables, safetensors headers, compressed joblib, ONNX, GGUF, model repositories."""
+    dest.mkdir(parents=True, exist_ok=True)
+    lam = sequential_config(lambda_layer("lam"), dense_layer())
+    clean_cfg = sequential_config(dense_layer())
+    get_file = dense_layer("d")
+    get_file["config"]["activation"] = {
+        "module": "keras.utils",
+        "class_name": "function",
+        "config": "get_file",
+        "registered_name": "get_file",
+    }
+    decoy = zip_with(
+        {"archive/data.pkl": torch_style_clean_pickle(), "archive/data/0": object_npy(sentinel)}
+    )
+    st_overlap = json.dumps(
+        {
+            "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+            "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]},
+        }
+    ).encode()
+    bomb = io.BytesIO()
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("w.npy", b"\0" * (64 << 20))
+    tar_evil, tar_clean = io.BytesIO(), io.BytesIO()
+    for buf, members in (
+        (tar_evil, {"model/w.pkl": pickle_os_system(sentinel)}),
+        (tar_clean, {"model/w.npy": clean_npy()}),
+    ):
+        with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    files: dict[str, tuple[bytes, bool]] = {
+        "prepended_zip_lambda.keras": (b"\x00junk" * 300 + keras_zip(lam), True),
+        "pickle_then_torch_zip.pt": (
+            pickle_os_system(sentinel) + torch_zip(torch_style_clean_pickle()),
+            True,
+        ),
+        "npy_behind_torch_decoy.npz": (decoy, True),
+        "keras_get_file.keras": (keras_zip(sequential_config(get_file)), True),
+        "safetensors_overlap.safetensors": (
+            struct.pack("<Q", len(st_overlap)) + st_overlap + bytes(24),
+            True,
+        ),
+        "onnx_custom_op.onnx": (_onnx_model("com.attacker", "Backdoor"), True),
+        "onnx_external_escape.onnx": (_onnx_model(external="../../../etc/passwd"), True),
+        "gguf_ssti_template.gguf": (gguf_bytes({"tokenizer.chat_template": SSTI_TEMPLATE}), True),
+        "zip_bomb_64MiB.npz": (bomb.getvalue(), True),
+        "evil_pickle.tar.gz": (tar_evil.getvalue(), True),
+        "modern_torch_evil.pt": (modern_torch_zip(pickle_os_system(sentinel, 2)), True),
+        "modern_torch.pt": (modern_torch_zip(torch_style_clean_pickle()), False),
+        "clean.onnx": (_onnx_model("ai.onnx.ml", "Normalizer", "weights/W.bin"), False),
+        "clean_llama3_template.gguf": (
+            gguf_bytes({"tokenizer.chat_template": LLAMA3_TEMPLATE}),
+            False,
+        ),
+        "clean_model.tar.gz": (tar_clean.getvalue(), False),
+        "clean_keras_prefixless.keras": (keras_zip(clean_cfg), False),
+    }
+    samples = []
+    for name, (data, evil) in files.items():
+        (dest / name).write_bytes(data)
+        samples.append(Sample(name, dest / name, evil))
+    h5_evil = h5_with_user_block(dest / "h5_userblock_pickle.h5", pickle.dumps({"a": 1}), lam)
+    samples.append(Sample("h5_userblock_pickle.h5", h5_evil, True, "keras-lambda"))
+    h5_clean = h5_with_user_block(dest / "h5_userblock_zeros.h5", b"", clean_cfg)
+    samples.append(Sample("h5_userblock_zeros.h5", h5_clean, False))
+    for method in ("zlib", "gzip", "xz"):
+        evil_path = _compressed_joblib(dest / f"evil_{method}.joblib", method, sentinel)
+        samples.append(Sample(f"evil_{method}.joblib", evil_path, True))
+        clean_path = _compressed_joblib(dest / f"clean_{method}.joblib", method, None)
+        samples.append(Sample(f"clean_{method}.joblib", clean_path, False))
+    samples.append(Sample("model repository (dir)", _model_repo(dest / "repo"), False))
+    return samples
