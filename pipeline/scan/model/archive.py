@@ -29,7 +29,10 @@ from pipeline.scan.model.report import Location, Severity
 _TORCH_PLAIN = re.compile(
     r"^(?:[^/]+/)?(?:data/\d+|version|byteorder|\.format_version|\.storage_alignment|\.data/.+)$"
 )
-_DEEP_PROBE_BYTES = 64 << 20  # compressed members smaller than this are probed end to end
+# Members up to this size are probed end to end (zip end record, HDF5 user blocks). zipfile
+# seeks inside a member by reading up to the target, so probing a big member would read it all
+# just to sniff it; bigger members get the head checks only.
+_DEEP_PROBE_BYTES = 8 << 20
 
 
 def member_loc(loc: Location, member: str) -> Location:
@@ -173,13 +176,21 @@ def _scan_zip_member(
         _bomb(out, mloc, f"member expands {ratio:,.0f}x, more than {limits.ratio}x", "ratio")
         return
     out.seen(mloc, _member_format(info.filename, layout), info.file_size)
-    deep = info.compress_type == zipfile.ZIP_STORED or info.file_size <= _DEEP_PROBE_BYTES
+    deep = info.file_size <= _DEEP_PROBE_BYTES
     try:
         with zf.open(info) as member:
             _dispatch_member(out, mloc, info.filename, member, layout, depth, deep)
     # zipfile raises RuntimeError (and its subclasses) for encrypted members and compression
     # methods it does not support: an unreadable member is a finding, never a pass.
-    except (zipfile.BadZipFile, OSError, EOFError, RuntimeError, zlib.error, lzma.LZMAError) as e:
+    except (
+        zipfile.BadZipFile,
+        OSError,
+        EOFError,
+        RuntimeError,
+        ValueError,
+        zlib.error,
+        lzma.LZMAError,
+    ) as e:
         out.add(Severity.HIGH, "zip-malformed", f"member cannot be read: {e}", mloc)
 
 
@@ -235,7 +246,7 @@ def scan_tar(out: Collector, loc: Location, name: str, fh: IO[bytes], depth: int
                     _bomb(out, loc, f"members expand to {total:,} bytes", "total_bytes/ratio")
                     return
                 _scan_tar_member(out, loc, tf, ti, depth)
-    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as e:
+    except (tarfile.TarError, OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as e:
         out.add(Severity.HIGH, "tar-malformed", f"not a readable tar: {e}", loc)
 
 

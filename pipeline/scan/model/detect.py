@@ -17,7 +17,7 @@ NPY_MAGIC = b"\x93NUMPY"
 GGUF_MAGIC = b"GGUF"
 TAR_MAGIC_OFFSET = 257  # "ustar" in a POSIX/GNU tar header
 
-PICKLE_EXTS = {".pkl", ".pickle", ".joblib", ".dill", ".dat", ".data", ".sav"}
+PICKLE_EXTS = {".pkl", ".pickle", ".joblib", ".dill", ".dat", ".data", ".sav", ".pdparams"}
 TORCH_EXTS = {".pt", ".pth", ".bin", ".ckpt", ".mar"}
 COMPRESSED_EXTS = {".gz", ".z", ".bz2", ".xz", ".lzma"}
 TAR_EXTS = {".tar", ".tgz", ".tbz2", ".txz"}
@@ -28,7 +28,7 @@ MODEL_EXTS = (
     PICKLE_EXTS
     | TORCH_EXTS
     | {".h5", ".hdf5", ".keras", ".npy", ".npz", ".safetensors", ".onnx", ".gguf", ".pb"}
-    | {".zip", ".tflite", ".msgpack", ".mlmodel", ".pdparams", ".nemo", ".llamafile"}
+    | {".zip", ".tflite", ".mlmodel", ".nemo"}
 )
 
 # Strong content formats: a stream that is two of these at once is a polyglot.
