@@ -120,22 +120,31 @@ def readings(name: str, fh: IO[bytes], *, deep: bool = True) -> list[Reading]:
     algo = compression_of(head)
     if algo and not found and (ext in PICKLE_EXTS | COMPRESSED_EXTS | TAR_EXTS):
         found.append(Reading(f"compressed:{algo}"))
-    if not found:
-        found.extend(_by_extension(ext, head))
+    # A loader that goes by name (safetensors, ONNX, GGUF, JSON) reads the file whatever its
+    # content says; protocol 0/1 pickles are the one name-only reading kept for bytes nothing
+    # else claims.
+    seen = {r.format for r in found}
+    for r in _by_extension(ext, head):
+        if r.format not in seen and (r.format != "pickle" or not found):
+            found.append(r)
     fh.seek(0)
     return found
 
 
+def polyglot(found: list[Reading]) -> list[Reading]:
+    """The readings that make a stream two formats at once (empty when it is one)."""
+    strong = [r for r in found if r.format in CONTAINER_FORMATS or r.note == BY_NAME]
+    return strong if len({r.format for r in strong}) > 1 else []
+
+
+BY_NAME = "by its name"
+
+
 def _by_extension(ext: str, head: bytes) -> list[Reading]:
     """Formats without magic bytes, chosen by the loader from the file name."""
-    if ext == ".safetensors":
-        return [Reading("safetensors")]
-    if ext == ".json":
-        return [Reading("json")]
-    if ext == ".onnx":
-        return [Reading("onnx")]
-    if ext == ".gguf":
-        return [Reading("gguf")]
+    named = {".safetensors": "safetensors", ".json": "json", ".onnx": "onnx", ".gguf": "gguf"}
+    if ext in named:
+        return [Reading(named[ext], 0, BY_NAME)]
     # Protocol 0/1 pickles have no magic; np.load falls back to pickle for a .npy that is
     # neither npy nor zip.
     if ext in PICKLE_EXTS or ext in TORCH_EXTS or (ext == ".npy" and head):

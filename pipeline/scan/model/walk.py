@@ -15,7 +15,7 @@ from pipeline.hashing import hash_files
 from pipeline.scan.model.archive import scan_compressed, scan_tar, scan_zip
 from pipeline.scan.model.arrays import scan_json, scan_npy, scan_safetensors
 from pipeline.scan.model.collect import Collector, LimitExceeded
-from pipeline.scan.model.detect import CONTAINER_FORMATS, MODEL_EXTS, Reading, extension, readings
+from pipeline.scan.model.detect import MODEL_EXTS, Reading, extension, polyglot, readings
 from pipeline.scan.model.gguf import scan_gguf
 from pipeline.scan.model.keras import scan_h5
 from pipeline.scan.model.onnx import scan_onnx
@@ -166,14 +166,14 @@ def _scan_readings(
             loc,
         )
         return
-    strong = [r for r in found if r.format in CONTAINER_FORMATS]
-    if len(strong) > 1:
+    strong = polyglot(found)
+    if strong:
         described = ", ".join(f"{r.format}{f' ({r.note})' if r.note else ''}" for r in strong)
         out.add(
             Severity.HIGH,
             "polyglot",
-            f"the bytes are valid as {described}: a loader choosing by name and one choosing "
-            "by content read different things; every reading is judged",
+            f"a loader could read these bytes as {described}: one choosing by name and one "
+            "choosing by content read different things; every reading is judged",
             loc,
         )
     for reading in found:

@@ -116,3 +116,17 @@ def test_model_hidden_under_a_document_name_is_still_judged(tmp_path: Path, sent
     (tmp_path / "d" / "notes.txt").write_bytes(ms.pickle_os_system(sentinel))
     report = scan_path(tmp_path / "d")
     assert report.max_severity is Severity.CRITICAL
+
+
+def test_safetensors_named_file_that_is_also_a_zip(tmp_path: Path, sentinel: Path) -> None:
+    # A safetensors loader reads the header; zipfile (torch.load, np.load) finds the zip.
+    inner = ms.torch_zip(ms.pickle_os_system(sentinel))
+    (tmp_path / "m.safetensors").write_bytes(ms.safetensors_bytes() + inner)
+    report = scan_path(tmp_path / "m.safetensors")
+    assert {"polyglot", "pickle-dangerous-import", "safetensors-malformed"} <= _rules(report)
+    assert scan_path(_write(tmp_path / "ok.safetensors", ms.safetensors_bytes())).findings == ()
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
