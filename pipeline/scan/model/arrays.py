@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+import tokenize
 from dataclasses import replace
 from typing import IO
 
@@ -25,7 +26,8 @@ def scan_npy(out: Collector, loc: Location, fh: IO[bytes]) -> None:
             # 3.0 has 2.0's layout with utf-8 field names; read as 2.0 only mangles those
             # names, and the scan needs nothing from the dtype but whether it holds objects.
             _, _, dtype = npformat.read_array_header_2_0(fh)
-    except (ValueError, SyntaxError, OSError, EOFError) as e:
+    # numpy parses the header dict with ast, whose tokenizer raises TokenError on some garbage.
+    except (ValueError, SyntaxError, OSError, EOFError, tokenize.TokenError) as e:
         out.add(Severity.HIGH, "numpy-malformed", f"unreadable .npy header: {e}", loc)
         return
     if not dtype.hasobject:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import json
+import os
 from dataclasses import replace
 from typing import IO, Any
 
@@ -237,18 +237,83 @@ def _describe_code(config: object) -> str:
 # --------------------------------------------------------------------------------------------
 
 
-def scan_h5(out: Collector, loc: Location, fh: IO[bytes]) -> None:
-    import h5py
+_H5_KEYS = ("model_config", "training_config")
 
+
+def scan_h5(out: Collector, loc: Location, fh: IO[bytes]) -> None:
+    """Read the Keras configs from HDF5 attributes in a child process.
+
+    The HDF5 C library parses the hostile file: some corrupt files make it spin forever (or
+    crash), so it runs in a forked child with a deadline; a hang or a crash is a finding, and
+    the scan goes on. Results come back as JSON over a pipe, never pickled.
+    """
+    import multiprocessing
+
+    name = getattr(fh, "name", None)
     # h5py reads a real file through its own driver, much faster than through Python.
-    source: Any = fh.name if isinstance(fh, io.BufferedReader) else fh
+    source: Any = name if isinstance(name, str) and os.path.isfile(name) else fh
+    ctx = multiprocessing.get_context("fork")
+    receive, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(
+        target=_h5_child, args=(source, send, out.limits.document_bytes), daemon=True
+    )
+    child.start()
+    send.close()
+    deadline = out.limits.parse_seconds
     try:
-        with h5py.File(source, "r") as f:
-            configs = {k: f.attrs[k] for k in ("model_config", "training_config") if k in f.attrs}
-    except (OSError, ValueError, KeyError, RuntimeError) as e:
-        out.add(Severity.HIGH, "h5-malformed", f"unreadable HDF5 file: {e}", loc)
+        reply = receive.recv_bytes() if receive.poll(deadline) else None
+    except (EOFError, OSError):
+        reply = b'{"error": "the HDF5 reader died on this file"}'
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join()
+        receive.close()
+    if reply is None:
+        out.add(
+            Severity.HIGH,
+            "h5-malformed",
+            f"the HDF5 library did not finish reading this file within {deadline} s "
+            "(limit parse_seconds): a corrupt or hostile file, refused",
+            loc,
+        )
         return
-    for key, raw in configs.items():
-        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-        scan_keras_json_bytes(out, replace(loc, key=key), text)
+    doc = json.loads(reply)
+    if "error" in doc:
+        out.add(Severity.HIGH, "h5-malformed", f"unreadable HDF5 file: {doc['error']}", loc)
+        return
+    for key in _H5_KEYS:
+        if key in doc.get("too_large", []):
+            out.add(
+                Severity.HIGH,
+                "too-large",
+                f"{key} exceeds the document_bytes limit ({out.limits.document_bytes:,} bytes)",
+                replace(loc, key=key),
+            )
+        elif key in doc.get("configs", {}):
+            scan_keras_json_bytes(out, replace(loc, key=key), doc["configs"][key])
     # Without model_config it is a weights file: tensors only, nothing Keras would execute.
+
+
+def _h5_child(source: Any, send: Any, limit: int) -> None:
+    """In the child: the config attributes as JSON text, or the error h5py raised."""
+    try:
+        import h5py
+
+        configs: dict[str, str] = {}
+        too_large: list[str] = []
+        with h5py.File(source, "r") as f:
+            for key in _H5_KEYS:
+                if key not in f.attrs:
+                    continue
+                raw = f.attrs[key]
+                text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+                if len(text) > limit:
+                    too_large.append(key)
+                else:
+                    configs[key] = text
+        reply: dict[str, Any] = {"configs": configs, "too_large": too_large}
+    except Exception as e:  # the child reports every failure; the parent decides
+        reply = {"error": f"{type(e).__name__}: {e}"}
+    send.send_bytes(json.dumps(reply).encode())
+    send.close()

@@ -30,6 +30,7 @@ class ScanLimits:
     document_bytes: int = 64 * MIB  # a JSON config or header, which must be parsed whole
     protobuf_bytes: int = 2 * GIB  # a SavedModel or ONNX protobuf (protobuf's own ceiling)
     decompressed_bytes: int = 64 * GIB  # one compressed stream (joblib zlib/gzip/bz2/xz)
+    parse_seconds: int = 120  # one file handed to a C parser (h5py) before it is abandoned
 
     def __post_init__(self) -> None:
         for name, value in self.__dict__.items():

@@ -175,3 +175,38 @@ def test_keras_compute_callables_pass(tmp_path: Path, module: str, name: str) ->
     layer = ms.dense_layer("d")
     layer["config"]["activation"] = _fn_ref(module, name)
     assert _keras(tmp_path, layer).findings == ()
+
+
+# --- the HDF5 library parses hostile bytes in a child with a deadline -----------------------------
+
+
+def _h5_child_that(behaviour: str):  # type: ignore[no-untyped-def]
+    def child(source: object, send: object, limit: int) -> None:
+        import os
+        import time
+
+        if behaviour == "hangs":
+            time.sleep(60)
+        os._exit(139)  # what a segfault in the C library looks like from outside
+
+    return child
+
+
+@pytest.mark.parametrize(("behaviour", "says"), [("hangs", "within 1 s"), ("dies", "died")])
+def test_hdf5_reader_that_hangs_or_dies_is_a_finding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, behaviour: str, says: str
+) -> None:
+    from pipeline.scan.model import ScanLimits, keras
+
+    path = ms.h5_with_config(tmp_path / "m.h5", ms.sequential_config(ms.dense_layer()))
+    monkeypatch.setattr(keras, "_h5_child", _h5_child_that(behaviour))
+    (hit,) = scan_path(path, limits=ScanLimits(parse_seconds=1)).findings
+    assert hit.rule == "h5-malformed" and says in hit.message
+
+
+def test_hdf5_config_over_the_document_cap(tmp_path: Path) -> None:
+    from pipeline.scan.model import ScanLimits
+
+    path = ms.h5_with_config(tmp_path / "m.h5", ms.sequential_config(ms.dense_layer()))
+    (hit,) = scan_path(path, limits=ScanLimits(document_bytes=16)).findings
+    assert (hit.rule, hit.location.key) == ("too-large", "model_config")
