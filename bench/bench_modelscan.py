@@ -1,18 +1,24 @@
-"""Model scanner bench: chainproof's scanner vs the `modelscan` CLI on the same samples.
+"""Model scanner bench: chainproof's scanner vs modelaudit, modelscan and picklescan, same samples.
 
-Builds every sample itself (tests/model_samples.py: malicious pickles, PyTorch zip, joblib,
-object .npy, Keras Lambda/custom-module models, a file-writing SavedModel, and clean models in
-every format), plus large clean files for throughput, then reports side by side what each
-tool catches, false positives on clean models, and scan time per MB.
+Builds every sample itself (tests/model_samples.py: malicious pickles, PyTorch zips old and new,
+joblib raw and compressed, object .npy, Keras Lambda/custom-module/get_file models, a
+file-writing SavedModel, HDF5 user-block and prepended-zip polyglots, ONNX custom ops and
+escaping external data, GGUF chat-template code, zip bombs, tar members, and clean twins in
+every format including a model repository), plus large clean files for throughput, then reports
+side by side what each tool catches, false alarms on clean models, and scan time per MB.
 
     TF_CPP_MIN_LOG_LEVEL=2 .venv/bin/python bench/bench_modelscan.py [--no-tf] [--big-mb 64]
 
-modelscan runs from its own throwaway venv (never the project's). Create it with:
+Every outside scanner runs from its own throwaway venv (never the project's):
 
-    python3 -m venv /tmp/ms && /tmp/ms/bin/pip install 'modelscan[tensorflow,h5py]'
+    python3 -m venv /tmp/cmp-modelaudit && /tmp/cmp-modelaudit/bin/pip install \
+        'modelaudit[h5,onnx,safetensors,joblib]'
+    python3 -m venv /tmp/cmp-modelscan && /tmp/cmp-modelscan/bin/pip install 'modelscan[h5py]'
+    python3 -m venv /tmp/cmp-picklescan && /tmp/cmp-picklescan/bin/pip install picklescan
 
-and point MODELSCAN_BIN (default /tmp/ms/bin/modelscan) at its CLI. Without it the bench
-still runs our side and says how to create it. Exits 1 if modelscan catches a sample we miss.
+(or point MODELAUDIT_BIN / MODELSCAN_BIN / PICKLESCAN_BIN at their CLIs). A scanner that is not
+installed is skipped with that reason. Exits 1 if another scanner catches a sample we miss, or
+if the sentinel a payload would create appears.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,8 +42,20 @@ from pipeline.scan.model import Severity, scan_path  # noqa: E402
 from tests import model_samples as ms  # noqa: E402
 
 OUT = ROOT / "bench" / "out" / "modelscan"
-DEFAULT_BIN = Path(os.environ.get("MODELSCAN_BIN", "/tmp/ms/bin/modelscan"))
 MIB = 1 << 20
+QUIET_ENV = {
+    "TF_CPP_MIN_LOG_LEVEL": "3",
+    # modelaudit reports usage to PostHog unless told not to; the bench runs offline.
+    "PROMPTFOO_DISABLE_TELEMETRY": "1",
+    "NO_ANALYTICS": "1",
+}
+
+
+@dataclass
+class Verdict:
+    verdict: str  # worst severity that counts as "flagged", "-", "not scanned" or "error"
+    seconds: float
+    note: str = ""
 
 
 @dataclass
@@ -46,9 +65,7 @@ class Row:
     size: int
     ours: str  # worst severity at/above medium, or "-"
     ours_s: float
-    theirs: str | None = None  # worst modelscan severity, "-", "not scanned" or "error"
-    theirs_s: float | None = None
-    theirs_note: str = ""  # modelscan's own error text, if any
+    theirs: dict[str, Verdict] = field(default_factory=dict)
 
 
 def _size(path: Path) -> int:
@@ -69,38 +86,116 @@ def run_ours(path: Path, repeat: int = 3) -> tuple[str, float]:
     return (worst.label if worst is not None else "-"), best
 
 
-def run_modelscan(binary: Path, path: Path) -> tuple[str, float, str]:
+def _run(cmd: list[str]) -> tuple[subprocess.CompletedProcess[str], float]:
+    started = time.perf_counter()
+    done = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **QUIET_ENV},
+        timeout=600,
+        check=False,  # every scanner exits non-zero when it finds something
+    )
+    return done, time.perf_counter() - started
+
+
+def run_modelscan(binary: Path, path: Path) -> Verdict:
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
-        started = time.perf_counter()
-        subprocess.run(
-            [str(binary), "-p", str(path), "-r", "json", "-o", str(report)],
-            capture_output=True,
-            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-            timeout=600,
-            check=False,  # modelscan exits 1 when it finds issues
-        )
-        elapsed = time.perf_counter() - started
+        _, elapsed = _run([str(binary), "-p", str(path), "-r", "json", "-o", str(report)])
         if not report.exists():
-            return "error", elapsed, "no report written"
+            return Verdict("error", elapsed, "no report written")
         doc = json.loads(report.read_text())
     issues = doc.get("issues") or []
     errors = "; ".join(e.get("description", "") for e in doc.get("errors") or [])
     if issues:
         order = ["LOW", "MEDIUM", "HIGH", "CRITICAL"]
         worst = max((i.get("severity", "LOW") for i in issues), key=order.index)
-        return worst.lower(), elapsed, errors
+        return Verdict(worst.lower(), elapsed, errors)
     if errors:
-        return "error", elapsed, errors
+        return Verdict("error", elapsed, errors)
     scanned = (doc.get("summary", {}).get("scanned") or {}).get("total_scanned", 0)
-    return ("-" if scanned else "not scanned"), elapsed, errors
+    return Verdict("-" if scanned else "not scanned", elapsed, errors)
 
 
-def modelscan_startup(binary: Path, scratch: Path) -> float:
-    """Wall time of modelscan on an empty directory: interpreter + imports (TensorFlow)."""
+def run_modelaudit(binary: Path, path: Path) -> Verdict:
+    """modelaudit's worst issue; warning and critical count as flagged (its own exit 1)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "report.json"
+        done, elapsed = _run(
+            [
+                str(binary),
+                "scan",
+                str(path),
+                "--format",
+                "json",
+                "--no-cache",
+                "-q",
+                "-o",
+                str(report),
+            ]
+        )
+        if not report.exists():
+            return Verdict("error", elapsed, done.stderr.strip()[-200:])
+        doc = json.loads(report.read_text())
+    order = ["debug", "info", "warning", "critical"]
+    severities = [str(i.get("severity", "info")).lower() for i in doc.get("issues") or []]
+    flagged = [s for s in severities if s in ("warning", "critical")]
+    if flagged:
+        return Verdict(max(flagged, key=order.index), elapsed)
+    if doc.get("has_errors"):
+        return Verdict("error", elapsed, "scan errors, no warning or critical issue")
+    return Verdict("-" if doc.get("files_scanned") else "not scanned", elapsed)
+
+
+def run_picklescan(binary: Path, path: Path) -> Verdict:
+    """picklescan exits 1 on dangerous globals; it only reads pickles (and zips of them)."""
+    done, elapsed = _run([str(binary), "-p", str(path)])
+    if done.returncode == 1:
+        return Verdict("dangerous", elapsed)
+    if done.returncode != 0:
+        return Verdict("error", elapsed, (done.stderr or done.stdout).strip()[-200:])
+    scanned = "Scanned files: 0" not in done.stdout
+    return Verdict("-" if scanned else "not scanned", elapsed)
+
+
+@dataclass(frozen=True)
+class External:
+    name: str
+    binary: Path
+    run: Callable[[Path, Path], Verdict]
+    install: str
+
+
+EXTERNALS = [
+    External(
+        "modelaudit",
+        Path(os.environ.get("MODELAUDIT_BIN", "/tmp/cmp-modelaudit/bin/modelaudit")),
+        run_modelaudit,
+        "python3 -m venv /tmp/cmp-modelaudit && /tmp/cmp-modelaudit/bin/pip install "
+        "'modelaudit[h5,onnx,safetensors,joblib]'",
+    ),
+    External(
+        "modelscan",
+        Path(os.environ.get("MODELSCAN_BIN", "/tmp/cmp-modelscan/bin/modelscan")),
+        run_modelscan,
+        "python3 -m venv /tmp/cmp-modelscan && /tmp/cmp-modelscan/bin/pip install "
+        "'modelscan[h5py]'",
+    ),
+    External(
+        "picklescan",
+        Path(os.environ.get("PICKLESCAN_BIN", "/tmp/cmp-picklescan/bin/picklescan")),
+        run_picklescan,
+        "python3 -m venv /tmp/cmp-picklescan && /tmp/cmp-picklescan/bin/pip install picklescan",
+    ),
+]
+
+
+def startup(tool: External, scratch: Path) -> float:
+    """Wall time of a scanner on an empty directory: interpreter + imports."""
     empty = scratch / "empty"
     empty.mkdir(exist_ok=True)
-    return min(run_modelscan(binary, empty)[1] for _ in range(2))
+    return min(tool.run(tool.binary, empty).seconds for _ in range(2))
 
 
 def ours_startup() -> float:
@@ -150,73 +245,83 @@ def big_samples(dest: Path, mb: int, with_tf: bool) -> list[ms.Sample]:
     return samples
 
 
-def render(rows: list[Row], have_theirs: bool) -> str:
-    head = f"{'sample':<34} {'kind':<5} {'MiB':>7}  {'ours':<9} {'ours ms':>8}"
-    if have_theirs:
-        head += f"  {'modelscan':<11} {'wall s':>6}"
+def caught(verdict: str | None) -> bool:
+    return verdict not in (None, "-", "not scanned", "error", "low", "info")
+
+
+def render(rows: list[Row], tools: list[str]) -> str:
+    head = f"{'sample':<36} {'kind':<5} {'MiB':>7}  {'ours':<9} {'ours ms':>8}"
+    for name in tools:
+        head += f"  {name:<11} {'s':>5}"
     lines = [head, "-" * len(head)]
     for r in rows:
         line = (
-            f"{r.sample:<34} {'evil' if r.malicious else 'clean':<5} {r.size / MIB:>7.2f}  "
+            f"{r.sample[:36]:<36} {'evil' if r.malicious else 'clean':<5} {r.size / MIB:>7.2f}  "
             f"{r.ours:<9} {r.ours_s * 1000:>8.1f}"
         )
-        if have_theirs:
-            line += f"  {r.theirs or '':<11} {r.theirs_s or 0:>6.2f}"
+        for name in tools:
+            v = r.theirs.get(name)
+            line += f"  {(v.verdict if v else ''):<11} {(v.seconds if v else 0):>5.1f}"
         lines.append(line)
     return "\n".join(lines)
 
 
-def summarise(rows: list[Row], have_theirs: bool, ms_start: float | None) -> tuple[str, int]:
-    def caught(verdict: str | None) -> bool:
-        return verdict not in (None, "-", "not scanned", "error", "low")
+def summarise(rows: list[Row], tools: list[str], starts: dict[str, float]) -> tuple[str, int]:
+    scored = [r for r in rows if not r.sample.startswith("big")]
+    evil = [r for r in scored if r.malicious]
+    clean = [r for r in scored if not r.malicious]
 
-    evil = [r for r in rows if r.malicious]
-    clean = [r for r in rows if not r.malicious]
-    lines = [
-        f"ours:      caught {sum(caught(r.ours) for r in evil)}/{len(evil)} malicious, "
-        f"{sum(caught(r.ours) for r in clean)} false positive(s) at >= medium "
-        f"on {len(clean)} clean",
-    ]
-    missed = 0
-    if have_theirs:
-        lines.append(
-            f"modelscan: caught {sum(caught(r.theirs) for r in evil)}/{len(evil)} malicious, "
-            f"{sum(caught(r.theirs) for r in clean)} false positive(s) (any issue) "
-            f"on {len(clean)} clean"
+    def line(name: str, verdicts: list[str | None], clean_verdicts: list[str | None]) -> str:
+        hit = sum(caught(v) for v in verdicts)
+        alarms = sum(caught(v) for v in clean_verdicts)
+        return (
+            f"{name:<11} caught {hit}/{len(evil)} malicious; passed "
+            f"{len(clean) - alarms}/{len(clean)} clean ({alarms} false alarm(s))"
         )
-        theirs_only = [r.sample for r in evil if caught(r.theirs) and not caught(r.ours)]
-        ours_only = [r.sample for r in evil if caught(r.ours) and not caught(r.theirs)]
-        missed = len(theirs_only)
-        lines.append(f"caught by modelscan only: {theirs_only or 'none'}")
-        lines.append(f"caught by ours only:      {ours_only or 'none'}")
-        for r in rows:
-            if r.theirs_note:
-                lines.append(f"modelscan error on {r.sample}: {r.theirs_note[:110]}")
+
+    lines = [line("ours", [r.ours for r in evil], [r.ours for r in clean])]
+    missed = 0
+    for name in tools:
+        lines.append(line(name, [_of(r, name) for r in evil], [_of(r, name) for r in clean]))
+        theirs_only = [r.sample for r in evil if caught(_of(r, name)) and not caught(r.ours)]
+        missed += len(theirs_only)
+        lines.append(f"{'':<11} caught by {name} and not by ours: {theirs_only or 'none'}")
+        alarms = [r.sample for r in clean if caught(_of(r, name))]
+        lines.append(f"{'':<11} {name} false alarms: {alarms or 'none'}")
+    ours_alarms = [r.sample for r in clean if caught(r.ours)]
+    lines.append(f"ours false alarms: {ours_alarms or 'none'}")
     big = [r for r in rows if r.sample.startswith("big")]
     for r in big:
         mbps = r.size / MIB / r.ours_s if r.ours_s else float("inf")
         text = f"throughput {r.sample:<32} ours {mbps:7.0f} MB/s (incl. sha256)"
-        if have_theirs and r.theirs_s is not None and ms_start is not None:
-            text += " | modelscan " + _their_rate(r, ms_start)
+        for name in tools:
+            if name in r.theirs and name in starts:
+                text += f" | {name} " + _their_rate(r.size, r.theirs[name], starts[name])
         lines.append(text)
     return "\n".join(lines), missed
 
 
-def _their_rate(r: Row, start: float) -> str:
-    """modelscan's MB/s net of its start-up, when the net time is measurable at all."""
-    if r.theirs in ("not scanned", "error"):
-        return f"{r.theirs}"
-    net = (r.theirs_s or 0) - start
+def _of(row: Row, tool: str) -> str | None:
+    return row.theirs[tool].verdict if tool in row.theirs else None
+
+
+def _their_rate(size: int, v: Verdict, start: float) -> str:
+    """Another scanner's MB/s net of its start-up, when the net time is measurable at all."""
+    if v.verdict in ("not scanned", "error"):
+        return v.verdict
+    net = v.seconds - start
     if net < 0.25:  # start-up varies by ~0.3 s run to run: below that it is noise
-        return f"within start-up noise (wall {r.theirs_s:.2f} s)"
-    return f"{r.size / MIB / net:7.0f} MB/s (wall minus start-up)"
+        return f"start-up noise (wall {v.seconds:.2f} s)"
+    return f"{size / MIB / net:5.0f} MB/s net"
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--no-tf", action="store_true", help="skip the Keras/TensorFlow samples")
     ap.add_argument("--big-mb", type=int, default=64, help="size of the throughput samples")
-    ap.add_argument("--modelscan", type=Path, default=DEFAULT_BIN)
+    ap.add_argument(
+        "--only", action="append", default=None, help="outside scanners to run (default: all)"
+    )
     args = ap.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -224,33 +329,42 @@ def main() -> int:
     sentinel = OUT / "SENTINEL"
     t0 = time.perf_counter()
     samples = ms.write_pickle_samples(OUT / "pickle", sentinel)
+    samples += ms.write_frontier_samples(OUT / "frontier", sentinel)
     if not args.no_tf:
         samples += ms.write_tf_samples(OUT / "tf", sentinel)
     samples += big_samples(OUT / "big", args.big_mb, with_tf=not args.no_tf)
     print(f"built {len(samples)} samples in {time.perf_counter() - t0:.1f} s under {OUT}")
 
-    have_theirs = args.modelscan.exists()
-    if not have_theirs:
-        print(
-            f"modelscan not found at {args.modelscan}: comparing nothing. Create it with\n"
-            "  python3 -m venv /tmp/ms && /tmp/ms/bin/pip install 'modelscan[tensorflow,h5py]'\n"
-            "(or set MODELSCAN_BIN)"
-        )
-    ms_start = modelscan_startup(args.modelscan, OUT) if have_theirs else None
+    tools = []
+    for tool in EXTERNALS:
+        if args.only and tool.name not in args.only:
+            continue
+        if not tool.binary.exists():
+            print(f"skipped {tool.name}: not installed at {tool.binary}. Create it with")
+            print(f"  {tool.install}")
+            continue
+        tools.append(tool)
+    starts = {t.name: startup(t, OUT) for t in tools}
     rows = []
     for s in samples:
         verdict, secs = run_ours(s.path)
         row = Row(s.name, s.malicious, _size(s.path), verdict, secs)
-        if have_theirs:
-            row.theirs, row.theirs_s, row.theirs_note = run_modelscan(args.modelscan, s.path)
+        for tool in tools:
+            row.theirs[tool.name] = tool.run(tool.binary, s.path)
         rows.append(row)
-    print(render(rows, have_theirs))
-    text, missed = summarise(rows, have_theirs, ms_start)
+    names = [t.name for t in tools]
+    print(render(rows, names))
+    text, missed = summarise(rows, names, starts)
     print(text)
     print(f"start-up: ours {ours_startup():.2f} s (fresh interpreter, empty dir)", end="")
-    print(f"; modelscan {ms_start:.2f} s" if ms_start is not None else "")
+    print("".join(f"; {n} {s:.2f} s" for n, s in starts.items()))
     print(f"sentinel created: {sentinel.exists()}")
-    (OUT / "results.json").write_text(json.dumps([r.__dict__ for r in rows], indent=2))
+    (OUT / "results.json").write_text(
+        json.dumps(
+            [{**r.__dict__, "theirs": {k: v.__dict__ for k, v in r.theirs.items()}} for r in rows],
+            indent=2,
+        )
+    )
     return 1 if missed or sentinel.exists() else 0
 
 

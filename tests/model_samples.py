@@ -19,6 +19,7 @@ import pickle
 import runpy
 import struct
 import subprocess
+import tarfile
 import timeit
 import zipfile
 from collections import OrderedDict
@@ -515,4 +516,197 @@ def write_tf_samples(dest: Path, sentinel: Path) -> list[Sample]:
     samples.append(
         Sample("tf.io.write_file (SavedModel)", dropper, True, "tf-unsafe-op", {"op": "WriteFile"})
     )
+    return samples
+
+
+# --- issue 19: loader-mirroring formats (unit tests, bench) -------------------------------------
+
+
+def modern_torch_zip(data_pkl: bytes, prefix: str = "model") -> bytes:
+    """What torch >= 2.1 writes: the legacy members plus .format_version/.storage_alignment."""
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr(f"{prefix}/data.pkl", data_pkl)
+        zf.writestr(f"{prefix}/.format_version", "1")
+        zf.writestr(f"{prefix}/.storage_alignment", "64")
+        zf.writestr(f"{prefix}/byteorder", "little")
+        zf.writestr(f"{prefix}/data/0", np.arange(4, dtype=np.float32).tobytes())
+        zf.writestr(f"{prefix}/version", "3\n")
+        zf.writestr(f"{prefix}/.data/serialization_id", "0123456789")
+    return buf.getvalue()
+
+
+def h5_with_user_block(path: Path, block: bytes, config: dict[str, Any] | None) -> Path:
+    """An HDF5 file whose first 512 bytes are a user block holding `block` (h5py accepts it)."""
+    import h5py
+
+    assert len(block) <= 512
+    with h5py.File(path, "w", userblock_size=512) as f:
+        f.create_dataset("model_weights/dense/kernel", data=np.zeros((4, 2), dtype=np.float32))
+        if config is not None:
+            f.attrs["model_config"] = json.dumps(config)
+    with open(path, "r+b") as fh:
+        fh.write(block)
+    return path
+
+
+def gguf_bytes(
+    metadata: dict[str, str | int] | None = None,
+    tensors: list[tuple[str, list[int], int, int]] | None = None,
+    data: bytes = b"",
+) -> bytes:
+    """A GGUF v3 file: string/uint32 metadata, tensor infos (name, dims, type, offset), data."""
+
+    def s(text: str) -> bytes:
+        raw = text.encode()
+        return struct.pack("<Q", len(raw)) + raw
+
+    meta = {"general.architecture": "llama", **(metadata or {})}
+    tensors = tensors if tensors is not None else [("w", [4], 0, 0)]
+    out = b"GGUF" + struct.pack("<IQQ", 3, len(tensors), len(meta))
+    for key, value in meta.items():
+        if isinstance(value, int):
+            out += s(key) + struct.pack("<II", 4, value)
+        else:
+            out += s(key) + struct.pack("<I", 8) + s(value)
+    for name, dims, ggml_type, offset in tensors:
+        out += s(name) + struct.pack("<I", len(dims)) + b"".join(struct.pack("<Q", d) for d in dims)
+        out += struct.pack("<IQ", ggml_type, offset)
+    out += b"\0" * (-len(out) % 32)
+    return out + (data or np.arange(4, dtype=np.float32).tobytes())
+
+
+LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% if loop.index0 == 0 and "
+    "message['role'] != 'system' %}{{ raise_exception('system first') }}{% endif %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' + "
+    "message['content'] | trim + '<|eot_id|>' }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+SSTI_TEMPLATE = (
+    "{% for x in ().__class__.__base__.__subclasses__() %}{% if 'warning' in x.__name__ %}"
+    "{{ x()._module.__builtins__['__import__']('os').popen('id').read() }}{% endif %}"
+    "{% endfor %}"
+)
+
+
+def _onnx_model(domain: str = "", op: str = "Relu", external: str | None = None) -> bytes:
+    """A small ONNX ModelProto through the scanner's subset schema (the onnx package is not
+    locked); field numbers are upstream's, so any ONNX reader parses it the same."""
+    from pipeline.scan.model.onnx import onnx_messages
+
+    model = onnx_messages()["ModelProto"]()
+    model.ir_version = 9
+    model.producer_name = "chainproof-samples"
+    model.opset_import.add(domain="", version=17)
+    if domain:
+        model.opset_import.add(domain=domain, version=1)
+    model.graph.name = "g"
+    model.graph.node.add(name="mm", op_type="MatMul")
+    model.graph.node.add(name="act", op_type=op, domain=domain)
+    init = model.graph.initializer.add(name="W")
+    if external is not None:
+        init.data_location = 1
+        init.external_data.add(key="location", value=external)
+    return bytes(model.SerializeToString())
+
+
+def _compressed_joblib(path: Path, method: str, sentinel: Path | None) -> Path:
+    import joblib
+
+    obj: dict[str, Any] = {"coef": np.linspace(0, 1, 256), "intercept": np.zeros(4)}
+    if sentinel is not None:
+        obj["payload"] = np.array([Reduce(os.system, (touch_cmd(sentinel),))], dtype=object)
+    joblib.dump(obj, path, compress=(method, 3))
+    return path
+
+
+def _model_repo(dest: Path) -> Path:
+    """A Hugging Face-style model repository: weights plus the documents around them."""
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "model.safetensors").write_bytes(safetensors_bytes())
+    (dest / "config.json").write_text(json.dumps({"model_type": "bert", "hidden_size": 3}))
+    (dest / "tokenizer.json").write_text(json.dumps({"version": "1.0", "model": {"vocab": {}}}))
+    (dest / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
+    (dest / "vocab.txt").write_text("[PAD]\n[UNK]\n[CLS]\nthe\n")
+    (dest / ".gitattributes").write_text("*.safetensors filter=lfs\n")
+    return dest
+
+
+def write_frontier_samples(dest: Path, sentinel: Path) -> list[Sample]:
+    """Issue 19's classes, malicious and clean twin: loader-mirroring detection, archive members,
+    Keras callables, safetensors headers, compressed joblib, ONNX, GGUF, model repositories."""
+    dest.mkdir(parents=True, exist_ok=True)
+    lam = sequential_config(lambda_layer("lam"), dense_layer())
+    clean_cfg = sequential_config(dense_layer())
+    get_file = dense_layer("d")
+    get_file["config"]["activation"] = {
+        "module": "keras.utils",
+        "class_name": "function",
+        "config": "get_file",
+        "registered_name": "get_file",
+    }
+    decoy = zip_with(
+        {"archive/data.pkl": torch_style_clean_pickle(), "archive/data/0": object_npy(sentinel)}
+    )
+    st_overlap = json.dumps(
+        {
+            "a": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]},
+            "b": {"dtype": "F32", "shape": [4], "data_offsets": [8, 24]},
+        }
+    ).encode()
+    bomb = io.BytesIO()
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("w.npy", b"\0" * (64 << 20))
+    tar_evil, tar_clean = io.BytesIO(), io.BytesIO()
+    for buf, members in (
+        (tar_evil, {"model/w.pkl": pickle_os_system(sentinel)}),
+        (tar_clean, {"model/w.npy": clean_npy()}),
+    ):
+        with tarfile.open(fileobj=buf, mode="w:gz") as tf:
+            for name, data in members.items():
+                info = tarfile.TarInfo(name)
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    files: dict[str, tuple[bytes, bool]] = {
+        "prepended_zip_lambda.keras": (b"\x00junk" * 300 + keras_zip(lam), True),
+        "pickle_then_torch_zip.pt": (
+            pickle_os_system(sentinel) + torch_zip(torch_style_clean_pickle()),
+            True,
+        ),
+        "npy_behind_torch_decoy.npz": (decoy, True),
+        "keras_get_file.keras": (keras_zip(sequential_config(get_file)), True),
+        "safetensors_overlap.safetensors": (
+            struct.pack("<Q", len(st_overlap)) + st_overlap + bytes(24),
+            True,
+        ),
+        "onnx_custom_op.onnx": (_onnx_model("com.attacker", "Backdoor"), True),
+        "onnx_external_escape.onnx": (_onnx_model(external="../../../etc/passwd"), True),
+        "gguf_ssti_template.gguf": (gguf_bytes({"tokenizer.chat_template": SSTI_TEMPLATE}), True),
+        "zip_bomb_64MiB.npz": (bomb.getvalue(), True),
+        "evil_pickle.tar.gz": (tar_evil.getvalue(), True),
+        "modern_torch_evil.pt": (modern_torch_zip(pickle_os_system(sentinel, 2)), True),
+        "modern_torch.pt": (modern_torch_zip(torch_style_clean_pickle()), False),
+        "clean.onnx": (_onnx_model("ai.onnx.ml", "Normalizer", "weights/W.bin"), False),
+        "clean_llama3_template.gguf": (
+            gguf_bytes({"tokenizer.chat_template": LLAMA3_TEMPLATE}),
+            False,
+        ),
+        "clean_model.tar.gz": (tar_clean.getvalue(), False),
+        "clean_keras_prefixless.keras": (keras_zip(clean_cfg), False),
+    }
+    samples = []
+    for name, (data, evil) in files.items():
+        (dest / name).write_bytes(data)
+        samples.append(Sample(name, dest / name, evil))
+    h5_evil = h5_with_user_block(dest / "h5_userblock_pickle.h5", pickle.dumps({"a": 1}), lam)
+    samples.append(Sample("h5_userblock_pickle.h5", h5_evil, True, "keras-lambda"))
+    h5_clean = h5_with_user_block(dest / "h5_userblock_zeros.h5", b"", clean_cfg)
+    samples.append(Sample("h5_userblock_zeros.h5", h5_clean, False))
+    for method in ("zlib", "gzip", "xz"):
+        evil_path = _compressed_joblib(dest / f"evil_{method}.joblib", method, sentinel)
+        samples.append(Sample(f"evil_{method}.joblib", evil_path, True))
+        clean_path = _compressed_joblib(dest / f"clean_{method}.joblib", method, None)
+        samples.append(Sample(f"clean_{method}.joblib", clean_path, False))
+    samples.append(Sample("model repository (dir)", _model_repo(dest / "repo"), False))
     return samples

@@ -1,4 +1,4 @@
-"""Regenerate pipeline/modelscan_tfops.py: the TensorFlow ops the model scanner treats as compute.
+"""Regenerate pipeline/scan/model/tfops.py: the TensorFlow ops the model scanner treats as compute.
 
 Run with the project interpreter after a TensorFlow upgrade, then review the diff:
 
@@ -44,7 +44,7 @@ def main() -> int:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
-    from pipeline.scan.model.scanner import TF_RULED_OPS
+    from pipeline.scan.model.savedmodel import TF_RULED_OPS
 
     names = sorted(
         n
@@ -54,7 +54,7 @@ def main() -> int:
     body = textwrap.fill(" ".join(names), width=96, break_on_hyphens=False)
     tail = '\n"""\n\nCOMPUTE_OPS: frozenset[str] = frozenset(_NAMES.split())\n'
     out = HEADER.format(version=tf.__version__, count=len(names)) + body + tail
-    dest = Path(__file__).resolve().parents[1] / "pipeline" / "modelscan_tfops.py"
+    dest = Path(__file__).resolve().parents[1] / "pipeline" / "scan" / "model" / "tfops.py"
     dest.write_text(out)
     print(f"wrote {dest} ({len(names)} ops)")
     return 0

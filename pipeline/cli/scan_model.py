@@ -14,6 +14,8 @@ import click
 
 from pipeline.scan.model import (
     DEFAULT_FAIL_ON,
+    DEFAULT_PROFILES,
+    PROFILES,
     Severity,
     UnsafeModelError,
     render_table,
@@ -40,10 +42,19 @@ SEVERITIES = [s.label for s in Severity]
     show_default=True,
     help="Exit 1 when any finding is at or above this severity.",
 )
-def scan_model(path: Path, fmt: str, fail_on: str) -> None:
-    """Scan PATH (a model file or directory) without loading it: pickles, .keras, .h5,
-    SavedModel, .npy/.npz, safetensors. Unrecognised files are refused, not passed."""
-    report = scan_path(path)
+@click.option(
+    "--profile",
+    "profiles",
+    multiple=True,
+    type=click.Choice(sorted(PROFILES), case_sensitive=False),
+    help="Pickle allowlist profile (repeatable); replaces the default "
+    f"({', '.join(DEFAULT_PROFILES)}). numpy is always on; add sklearn for scikit-learn models.",
+)
+def scan_model(path: Path, fmt: str, fail_on: str, profiles: tuple[str, ...]) -> None:
+    """Scan PATH (a model file or directory) without loading it: pickles, PyTorch, joblib,
+    .keras, .h5, SavedModel, .npy/.npz, safetensors, ONNX, GGUF, zip/tar. A file PATH names that
+    is not a model is refused; inside a directory, non-model files are listed as not-a-model."""
+    report = scan_path(path, profiles=profiles or None)
     click.echo(report.to_json() if fmt == "json" else render_table(report))
     if not report.ok(fail_on):
         raise UnsafeModelError(report, fail_on)

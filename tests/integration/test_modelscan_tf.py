@@ -81,7 +81,7 @@ def test_subset_schema_sees_every_op_tensorflow_sees(tf_samples: list[ms.Sample]
     """The scanner's own protobuf subset must read the same ops as TensorFlow's full schema."""
     from tensorflow.core.protobuf.saved_model_pb2 import SavedModel
 
-    from pipeline.scan.model.scanner import _tf_messages
+    from pipeline.scan.model.savedmodel import tf_messages as _tf_messages
 
     for sample in tf_samples:
         pb = sample.path / "saved_model.pb"
