@@ -543,9 +543,6 @@ def verify_bundle(
         report,
         run_id=report.run_id,
     )
-    report.release = check_release_manifest(
-        bundle, report, expected_version=expected_version, given=given
-    )
     check_provenance(
         attestations / PROVENANCE, report, bundle / "artifacts", attestations, required=True
     )
@@ -553,6 +550,11 @@ def verify_bundle(
     for line in verify_upstreams(bundle, report.links):
         report.passed("upstream", line)
     check_locks(bundle / "locks", report)
+    # last, so a specific check (provenance, model signature, locks) names a missing piece
+    # first; then every other byte of the bundle must be the one the manifest signed
+    report.release = check_release_manifest(
+        bundle, report, expected_version=expected_version, given=given
+    )
     return report
 
 
