@@ -215,7 +215,7 @@ def pip_audit(binary: Path, lock: Path, url: str, workdir: Path) -> tuple[set, f
 # command is not registered on the main CLI here, so its click command is called directly.
 _CLI = """
 import sys
-from pipeline.cli.deps import scan_deps
+from pipeline.cli.scan import scan_deps
 from pipeline.errors import Error
 try:
     scan_deps.main(["--lock", sys.argv[1], "--db", sys.argv[2], "--format", "json"],

@@ -26,13 +26,14 @@ def cli() -> None:
     """Reproducible ML pipelines whose every stage leaves a signed in-toto link."""
 
 
-@click.group()
-def scan() -> None:
+@click.group("scan")
+def scan_group() -> None:
     """Security scans: dependencies against an offline OSV database, model files."""
 
 
 def _register() -> None:
-    from pipeline.cli import compare, deps, release, run, scan_model
+    from pipeline.cli import compare, release, run
+    from pipeline.cli import scan as scans
 
     for command in (
         run.run,
@@ -46,14 +47,14 @@ def _register() -> None:
         release.serve,
         release.release,
         run.candidate,
-        scan,
-        deps.deps,
+        scan_group,
+        scans.deps,
         compare.diff,
-        deps.vulndb,
+        scans.vulndb,
     ):
         cli.add_command(command)
-    scan.add_command(deps.scan_deps, name="deps")
-    scan.add_command(scan_model.scan_model, name="model")
+    scan_group.add_command(scans.scan_deps, name="deps")
+    scan_group.add_command(scans.scan_model, name="model")
 
 
 _register()

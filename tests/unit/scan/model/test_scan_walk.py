@@ -12,7 +12,7 @@ import click
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli.scan_model import scan_model
+from pipeline.cli.scan import scan_model
 from pipeline.errors import InputError
 from pipeline.scan.model import ScanReport, Severity, UnsafeModelError, render_table, scan_path
 from pipeline.scan.model.pickle import judge_global

@@ -3,7 +3,7 @@
 
 Each command parses, makes one library call and renders; errors are `pipeline.errors.Error`
 subclasses that the main CLI maps to exit codes (0 clean, 1 findings violate the policy,
-2 bad input, 5 could not scan). Register on the main group in pipeline/cli.py:
+2 bad input, 5 could not scan). Also `scan model`. pipeline/cli/__init__.py registers them:
 
     cli.add_command(deps)
     cli.add_command(vulndb)
@@ -20,11 +20,22 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from pipeline.scan.model import (
+    DEFAULT_FAIL_ON,
+    DEFAULT_PROFILES,
+    PROFILES,
+    Severity,
+    UnsafeModelError,
+    render_table,
+    scan_path,
+)
+
 if TYPE_CHECKING:
     from pipeline.scan.deps import DepGraph
     from pipeline.scan.vulndb import DBInfo
     from pipeline.scan.vulns import Policy
 
+SEVERITIES = [s.label for s in Severity]
 DEFAULT_LOCK = Path("requirements/main.txt")
 # The `scan deps --format` choices; tests check each maps to exactly one VulnerabilityFormat
 # (importing the renderers here would slow every command's start-up).
@@ -461,3 +472,38 @@ def popular_refresh(source: Path, top: int, output: Path | None, label: str | No
 
     names = refresh_popular(source, output or DATA_FILE, top=top, label=label)
     click.echo(f"wrote {names.path}: {len(names.names)} names ({names.source}, {names.date})")
+
+
+@click.command("model")
+@click.argument("path", type=click.Path(path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="table for people, json for CI and provenance.",
+)
+@click.option(
+    "--fail-on",
+    type=click.Choice(SEVERITIES, case_sensitive=False),
+    default=DEFAULT_FAIL_ON.label,
+    show_default=True,
+    help="Exit 1 when any finding is at or above this severity.",
+)
+@click.option(
+    "--profile",
+    "profiles",
+    multiple=True,
+    type=click.Choice(sorted(PROFILES), case_sensitive=False),
+    help="Pickle allowlist profile (repeatable); replaces the default "
+    f"({', '.join(DEFAULT_PROFILES)}). numpy is always on; add sklearn for scikit-learn models.",
+)
+def scan_model(path: Path, fmt: str, fail_on: str, profiles: tuple[str, ...]) -> None:
+    """Scan PATH (a model file or directory) without loading it: pickles, PyTorch, joblib,
+    .keras, .h5, SavedModel, .npy/.npz, safetensors, ONNX, GGUF, zip/tar. A file PATH names that
+    is not a model is refused; inside a directory, non-model files are listed as not-a-model."""
+    report = scan_path(path, profiles=profiles or None)
+    click.echo(report.to_json() if fmt == "json" else render_table(report))
+    if not report.ok(fail_on):
+        raise UnsafeModelError(report, fail_on)

@@ -24,15 +24,15 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli.deps import scan_deps
-from pipeline.cli.deps import vulndb as vulndb_group
+from pipeline.cli.scan import scan_deps
+from pipeline.cli.scan import vulndb as vulndb_group
 from pipeline.errors import InputError
 from pipeline.scan import vulndb, vulns, vulns_render
 from pipeline.scan.deps import from_lock
 from pipeline.scan.vulndb import ScanUnavailable, UpdateFailed, VulnDB, import_osv
 from pipeline.scan.vulns import AllowEntry, Policy, VulnerabilitiesFound, evaluate, scan
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 SNAPSHOT = Path(
     os.environ.get(
         "CHAINPROOF_OSV_SNAPSHOT", REPO.parent / "shared" / "osv" / "pypa-advisory-database"

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 import pytest
 
-from pipeline.cli.deps import SCAN_FORMATS, scan_deps
+from pipeline.cli.scan import SCAN_FORMATS, scan_deps
 from pipeline.errors import InputError
 from pipeline.scan import vulns_render
 from pipeline.scan.deps import from_lock

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli.deps import deps as deps_group
-from pipeline.cli.deps import scan_deps
+from pipeline.cli.scan import deps as deps_group
+from pipeline.cli.scan import scan_deps
 from pipeline.config import DependencyPolicySpec
 from pipeline.errors import InputError, VerificationError
 from pipeline.provenance.keys import init_dev_keys, load_signer

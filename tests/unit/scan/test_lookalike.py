@@ -230,8 +230,8 @@ def test_the_gate_refuses_a_lookalike_records_an_accepted_one_and_rechecks_it(
 def test_cli_popular_refresh_and_scan_with_another_list(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
-    from pipeline.cli.deps import deps as deps_group
-    from pipeline.cli.deps import scan_deps
+    from pipeline.cli.scan import deps as deps_group
+    from pipeline.cli.scan import scan_deps
 
     source = tmp_path / "names.txt"
     source.write_text("# one per line\nacme-widgets\nrequests\n")

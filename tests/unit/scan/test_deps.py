@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli.deps import deps as deps_group
+from pipeline.cli.scan import deps as deps_group
 from pipeline.errors import InputError
 from pipeline.scan import deps
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 OLD_REQUESTS_LOCK = """\
 #

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from pipeline.cli.deps import deps as deps_group
+from pipeline.cli.scan import deps as deps_group
 from pipeline.scan.depfix import ADD, NO_FIX, RAISE, REMOVE, apply_to_graph, apply_to_in, plan_fix
 from pipeline.scan.deps import from_lock
 from pipeline.scan.vulndb import VulnDB, import_osv
