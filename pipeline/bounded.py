@@ -10,6 +10,7 @@ The API, for any reader of hostile files (links, Statements, records, configs, O
     read_bytes(path, what=..., max_bytes=RECORD_BYTES)    the bytes, size-capped
     read_json(path, what=..., max_bytes=..., max_depth=DEPTH)
     loads_json(data, source=..., max_depth=DEPTH)         bytes already in hand (a DSSE payload)
+    check_nesting(data, source=..., max_depth=DEPTH)      only the nesting check, no parse
     read_yaml(path, what=..., max_bytes=CONFIG_BYTES)     safe-constructed values
     compose_yaml(text, source=...)                        the node tree (for line numbers)
 
@@ -195,21 +196,26 @@ def _nests_deeper_than(data: bytes, limit: int) -> bool:
     return False
 
 
-def loads_json(data: bytes | str, *, source: str, max_depth: Cap | int = DEPTH) -> Any:
-    """Parse JSON text that may be hostile: UTF-8, nested at most `max_depth`, else InputError."""
+def check_nesting(data: bytes, *, source: str, max_depth: Cap | int = DEPTH) -> None:
+    """Refuse JSON text nested past `max_depth` (LimitExceeded), without parsing it."""
     limit, cap = _limit(max_depth, DEPTH)
-    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise InputError(f"{source} is not UTF-8 text (bad byte at offset {e.start})") from e
-    if _nests_deeper_than(raw, limit):
+    if _nests_deeper_than(data, limit):
         raise LimitExceeded(
             f"{source} nests values more than {limit} deep, past {cap.describe(limit)}",
             cap=cap,
             limit=limit,
             source=source,
         )
+
+
+def loads_json(data: bytes | str, *, source: str, max_depth: Cap | int = DEPTH) -> Any:
+    """Parse JSON text that may be hostile: UTF-8, nested at most `max_depth`, else InputError."""
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else bytes(data)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{source} is not UTF-8 text (bad byte at offset {e.start})") from e
+    check_nesting(raw, source=source, max_depth=max_depth)
     try:
         return json.loads(text)
     except RecursionError as e:  # unreachable after the scan; kept as a backstop, not a crash
