@@ -77,9 +77,19 @@ YAML_NODES = Cap("CHAINPROOF_MAX_YAML_NODES", 100_000, "nodes")
 
 
 class LimitExceeded(InputError):
-    """A hostile file is over a cap. `cap` is the limit's variable, `limit` its value."""
+    """A hostile file is over a cap. `cap` is the limit's variable, `limit` its value;
+    `line` and `reason` (the message without its source) are set for YAML."""
 
-    def __init__(self, message: str, *, cap: Cap, limit: int, source: str) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        cap: Cap,
+        limit: int,
+        source: str,
+        line: int | None = None,
+        reason: str | None = None,
+    ) -> None:
         super().__init__(
             message,
             hint=(
@@ -90,6 +100,20 @@ class LimitExceeded(InputError):
         self.cap = cap
         self.limit = limit
         self.source = source
+        self.line = line
+        self.reason = reason or message
+
+
+class RecursiveYAML(InputError):
+    """A YAML alias inside the value it names: a structure that would expand forever."""
+
+    def __init__(self, source: str, line: int) -> None:
+        self.line = line
+        self.reason = "an alias refers to a value that contains it (a recursive YAML structure)"
+        super().__init__(
+            f"{source}:{line}: {self.reason}",
+            hint="write the value out; chainproof reads no recursive YAML",
+        )
 
 
 def _limit(given: Cap | int, default: Cap) -> tuple[int, Cap]:
@@ -253,13 +277,18 @@ class _Composer(yaml.SafeLoader):
         self._depth += 1
         try:
             if self._depth > self._max_depth:
-                mark = self.peek_event().start_mark
+                line = self.peek_event().start_mark.line + 1
+                reason = (
+                    f"values nest more than {self._max_depth} deep, past "
+                    f"{self._cap.describe(self._max_depth)}"
+                )
                 raise LimitExceeded(
-                    f"{self._source}:{mark.line + 1}: values nest more than {self._max_depth} "
-                    f"deep, past {self._cap.describe(self._max_depth)}",
+                    f"{self._source}:{line}: {reason}",
                     cap=self._cap,
                     limit=self._max_depth,
                     source=self._source,
+                    line=line,
+                    reason=reason,
                 )
             node: yaml.Node = super().compose_node(parent, index)
             return node
@@ -294,21 +323,29 @@ def _check_expansion(
             size = 1 + sum(s for s, _ in kids)
             depth = 1 + max((d for _, d in kids), default=0)
             open_.discard(key)
-            where = f"{source}:{node.start_mark.line + 1}"
+            line = node.start_mark.line + 1
             if size > max_nodes:
+                reason = f"aliases expand this document past {nodes_cap.describe(max_nodes)}"
                 raise LimitExceeded(
-                    f"{where}: aliases expand this document past {nodes_cap.describe(max_nodes)}",
+                    f"{source}:{line}: {reason}",
                     cap=nodes_cap,
                     limit=max_nodes,
                     source=source,
+                    line=line,
+                    reason=reason,
                 )
             if depth > max_depth:
+                reason = (
+                    f"aliases nest values more than {max_depth} deep, past "
+                    f"{depth_cap.describe(max_depth)}"
+                )
                 raise LimitExceeded(
-                    f"{where}: aliases nest values more than {max_depth} deep, past "
-                    f"{depth_cap.describe(max_depth)}",
+                    f"{source}:{line}: {reason}",
                     cap=depth_cap,
                     limit=max_depth,
                     source=source,
+                    line=line,
+                    reason=reason,
                 )
             done[key] = (size, depth)
             continue
@@ -318,11 +355,7 @@ def _check_expansion(
         stack.append((node, True))
         for kid in _children(node):
             if id(kid) in open_:
-                raise InputError(
-                    f"{source}:{kid.start_mark.line + 1}: an alias refers to a value that "
-                    "contains it (a recursive YAML structure)",
-                    hint="write the value out; chainproof reads no recursive YAML",
-                )
+                raise RecursiveYAML(source, kid.start_mark.line + 1)
             if id(kid) not in done:
                 stack.append((kid, False))
 
