@@ -61,7 +61,8 @@ def load_metadata(path: Path, *, what: str = "in-toto metadata") -> Metadata:
     any shape in-toto rejects an InputError naming the file. Signatures are NOT checked.
 
     A DSSE payload is JSON inside base64 inside JSON: its nesting is checked too, since
-    `get_payload` parses it with the same recursive decoder. FileNotFoundError propagates.
+    `get_payload` parses it with the same recursive decoder, and then it is parsed, so that
+    `get_payload` cannot fail later. FileNotFoundError propagates.
     """
     data = bounded.read_json(path, what=what)
     if not isinstance(data, dict):
@@ -74,6 +75,15 @@ def load_metadata(path: Path, *, what: str = "in-toto metadata") -> Metadata:
         ) from e
     if isinstance(metadata, Envelope):
         bounded.check_nesting(metadata.payload, source=f"the payload of {what} {path}")
+    try:
+        # Parsed here, before any signature check, so that a payload of the wrong shape is
+        # refused as bad input instead of surprising the verifier later (validly signed or not).
+        metadata.get_payload()
+    except _SHAPE_ERRORS as e:
+        raise InputError(
+            f"the payload of {what} {path} is not an in-toto link or layout "
+            f"({e or type(e).__name__})"
+        ) from e
     return metadata
 
 
