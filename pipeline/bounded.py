@@ -63,8 +63,9 @@ class Cap:
 
 
 # Links, layouts, Statements and run records: chainproof writes them well under 1 MiB for a
-# small dataset; a link listing 100k dataset files is ~15 MiB. Parsed JSON can take ~20x its
-# size in memory (an empty list is 56 bytes, `[]` two), so this cap is also the memory bound.
+# small dataset; a link naming ~100k files (base64 inside its DSSE envelope) reaches this
+# cap. Parsed JSON can take ~20x its size in memory (an empty list is 56 bytes, `[]` two), so
+# this cap is also the memory bound.
 RECORD_BYTES = Cap("CHAINPROOF_MAX_RECORD_BYTES", 16 * MIB, "bytes")
 CONFIG_BYTES = Cap("CHAINPROOF_MAX_CONFIG_BYTES", 1 * MIB, "bytes")  # pipeline configs (YAML)
 KEY_BYTES = Cap("CHAINPROOF_MAX_KEY_BYTES", 64 * KIB, "bytes")  # public key files
