@@ -399,3 +399,19 @@ def test_every_bounded_error_is_a_chainproof_error_of_exit_2() -> None:
     for exc in (bounded.LimitExceeded, bounded.RecursiveYAML):
         assert issubclass(exc, InputError) and issubclass(exc, Error)
         assert exc.exit_code == 2
+
+
+def test_lineage_sync_refuses_a_run_whose_config_copy_is_an_alias_bomb(tmp_path: Path) -> None:
+    from pipeline.lineage import sync_run_dir
+
+    run = tmp_path / "runs" / "r1"
+    run.parent.mkdir()
+    _record(run)
+    (run / "config.yaml").write_text(BOMB)
+    t0 = time.perf_counter()
+    with pytest.raises(bounded.LimitExceeded, match=r"run's config copy .*100000-node cap"):
+        sync_run_dir(run)
+    assert time.perf_counter() - t0 < 5
+    (run / "config.yaml").write_text("- just\n- a list\n")
+    with pytest.raises(InputError, match="is not a mapping"):
+        sync_run_dir(run)
