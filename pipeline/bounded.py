@@ -20,6 +20,7 @@ Caps are `Cap` values: a default, overridable per process by an environment vari
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import stat
@@ -28,6 +29,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from yaml.composer import Composer
+from yaml.constructor import SafeConstructor
+from yaml.resolver import Resolver
 
 from pipeline.errors import InputError
 
@@ -267,34 +271,74 @@ def read_json(
 # --------------------------------------------------------------------------- YAML
 
 
-class _Composer(yaml.SafeLoader):
-    """The pure-Python safe loader, with its (recursive) composer held to a nesting limit."""
+class _BoundedComposer(Composer):
+    """PyYAML's (recursive, pure-Python) composer, held to a nesting and a node limit.
 
-    def __init__(self, text: str, *, source: str, max_depth: int, cap: Cap) -> None:
-        super().__init__(text)
-        self._source, self._max_depth, self._cap, self._depth = source, max_depth, cap, 0
+    It composes from whichever event parser it is mixed with: libyaml's when PyYAML has it
+    (the events in C, ~5x faster: a 1 MiB config is refused in seconds, not half a minute),
+    else PyYAML's own. libyaml's own composer cannot be used: it recurses in C, unbounded.
+    """
+
+    def _bound(self, *, source: str, max_depth: int, depth_cap: Cap, max_nodes: int) -> None:
+        self._source, self._max_depth, self._depth_cap = source, max_depth, depth_cap
+        self._max_nodes, self._depth, self._nodes = max_nodes, 0, 0
 
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        if not self.check_event(yaml.AliasEvent):
+            self._nodes += 1
         self._depth += 1
         try:
             if self._depth > self._max_depth:
-                line = self.peek_event().start_mark.line + 1
-                reason = (
+                self._refuse(
                     f"values nest more than {self._max_depth} deep, past "
-                    f"{self._cap.describe(self._max_depth)}"
+                    f"{self._depth_cap.describe(self._max_depth)}",
+                    self._depth_cap,
+                    self._max_depth,
                 )
-                raise LimitExceeded(
-                    f"{self._source}:{line}: {reason}",
-                    cap=self._cap,
-                    limit=self._max_depth,
-                    source=self._source,
-                    line=line,
-                    reason=reason,
+            if self._nodes > self._max_nodes:
+                self._refuse(
+                    f"the document holds more than {YAML_NODES.describe(self._max_nodes)}",
+                    YAML_NODES,
+                    self._max_nodes,
                 )
             node: yaml.Node = super().compose_node(parent, index)
             return node
         finally:
             self._depth -= 1
+
+    def _refuse(self, reason: str, cap: Cap, limit: int) -> None:
+        line = self.peek_event().start_mark.line + 1
+        raise LimitExceeded(
+            f"{self._source}:{line}: {reason}",
+            cap=cap,
+            limit=limit,
+            source=self._source,
+            line=line,
+            reason=reason,
+        )
+
+
+class _PureComposer(_BoundedComposer, yaml.SafeLoader):
+    def __init__(self, text: str) -> None:
+        yaml.SafeLoader.__init__(self, text)
+
+
+_CParser: Any = (
+    getattr(importlib.import_module("yaml.cyaml"), "CParser", None)
+    if getattr(yaml, "__with_libyaml__", False)
+    else None
+)  # libyaml's event parser, when PyYAML was built with it
+_Composed: Any = _PureComposer
+if _CParser is not None:
+
+    class _CComposer(_BoundedComposer, _CParser, SafeConstructor, Resolver):
+        def __init__(self, text: str) -> None:
+            _CParser.__init__(self, text)
+            Composer.__init__(self)
+            SafeConstructor.__init__(self)
+            Resolver.__init__(self)
+
+    _Composed = _CComposer
 
 
 def _children(node: yaml.Node) -> list[yaml.Node]:
@@ -375,7 +419,8 @@ def compose_yaml(
     """
     depth, depth_cap = _limit(max_depth, DEPTH)
     nodes, nodes_cap = _limit(max_nodes, YAML_NODES)
-    loader = _Composer(text, source=source, max_depth=depth, cap=depth_cap)
+    loader = _Composed(text)
+    loader._bound(source=source, max_depth=depth, depth_cap=depth_cap, max_nodes=nodes)
     try:
         root: yaml.Node | None = loader.get_single_node()
     finally:

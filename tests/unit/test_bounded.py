@@ -196,7 +196,9 @@ def test_yaml_aliases_within_the_budget_and_merge_keys_still_load(tmp_path: Path
 def test_recursive_deep_and_unconstructible_yaml_is_bad_input(tmp_path: Path) -> None:
     cases = {
         "a: &x [1, *x]\n": "a recursive YAML structure",
-        "a: " + "[" * 100_000 + "\n": "values nest more than 64 deep",
+        "a: " + "[" * 100 + "\n": "values nest more than 64 deep",
+        # libyaml's scanner stops first, at its own 1000 levels: bad input all the same
+        "a: " + "[" * 100_000 + "\n": "nest",
         "a: 2026-13-45\n": "cannot construct: month must be in 1..12",
         "a: !!python/object:os.system {}\n": "could not determine a constructor",
         "a: [\n": "is not valid YAML",
@@ -415,3 +417,29 @@ def test_lineage_sync_refuses_a_run_whose_config_copy_is_an_alias_bomb(tmp_path:
     (run / "config.yaml").write_text("- just\n- a list\n")
     with pytest.raises(InputError, match="is not a mapping"):
         sync_run_dir(run)
+
+
+@pytest.mark.parametrize("composer", ["libyaml events", "pure python"])
+def test_both_yaml_event_parsers_hold_the_same_limits(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, composer: str
+) -> None:
+    if composer == "pure python":
+        monkeypatch.setattr(bounded, "_Composed", bounded._PureComposer)
+    cases = {
+        BOMB: "aliases expand this document past the 100000-node cap",
+        "a: &x [1, *x]\n": "a recursive YAML structure",
+        "a: " + "[" * 100 + "\n": "values nest more than 64 deep",
+        "a: " + "[" * 100_000 + "\n": "nest",
+        "- x\n" * 100_001: "the document holds more than the 100000-node cap",
+    }
+    for text, message in cases.items():
+        path = tmp_path / "c.yaml"
+        path.write_text(text)
+        t0 = time.perf_counter()
+        with pytest.raises(InputError, match=message):
+            bounded.read_yaml(path)
+        assert composer == "pure python" or time.perf_counter() - t0 < 10
+    path.write_text("a:\n  b: [1, 2]\nc: &c {d: 1}\ne: *c\n")
+    node = bounded.compose_yaml(path.read_text(), source="c")
+    assert node is not None and node.value[0][1].value[0][1].start_mark.line == 1
+    assert bounded.read_yaml(path) == {"a": {"b": [1, 2]}, "c": {"d": 1}, "e": {"d": 1}}
