@@ -24,7 +24,8 @@ from pydantic import (
     ValidationError,
 )
 
-from pipeline.errors import ConfigError, ConfigProblem
+from pipeline import bounded
+from pipeline.errors import ConfigError, ConfigProblem, InputError
 from pipeline.hashing import sha256_bytes
 from pipeline.registry import StageKind, known_kinds, stage_kind
 
@@ -188,7 +189,14 @@ class _Located:
             return out
         if isinstance(node, yaml.SequenceNode):
             return [self.build(v, path + (i,)) for i, v in enumerate(node.value)]
-        return _scalar(node)
+        try:
+            return _scalar(node)
+        except (yaml.YAMLError, ValueError) as e:
+            # a date like 2026-13-45, an integer past Python's digit limit, a bad !!binary
+            self.problems.append(
+                ConfigProblem(node.start_mark.line + 1, _dotted(path), f"unreadable value: {e}")
+            )
+            return None
 
     def line(self, path: tuple[Any, ...]) -> int | None:
         while path:
@@ -217,19 +225,30 @@ def _dotted(path: tuple[Any, ...]) -> str:
 
 
 def _parse(path: Path) -> tuple[Any, _Located]:
+    """The config's values and their lines, read within pipeline.bounded's caps.
+
+    Size is checked before reading, nesting while composing, and aliases are counted as what
+    they expand to, so a hostile config (an alias bomb) is a ConfigError, not a hang.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = bounded.read_bytes(path, what="config", max_bytes=bounded.CONFIG_BYTES)
+        text = raw.decode("utf-8")
     except OSError as e:
         raise ConfigError(str(path), [ConfigProblem(None, "", f"cannot read: {e.strerror}")]) from e
     except UnicodeDecodeError as e:
         raise ConfigError(str(path), [ConfigProblem(None, "", f"not UTF-8 text ({e})")]) from e
+    except InputError as e:
+        raise ConfigError(str(path), [ConfigProblem(None, "", e.message)]) from e
     loc = _Located()
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        node = bounded.compose_yaml(text, source=str(path))
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = mark.line + 1 if mark else None
         raise ConfigError(str(path), [ConfigProblem(line, "", f"not valid YAML: {e}")]) from e
+    except (bounded.LimitExceeded, bounded.RecursiveYAML) as e:
+        problem = ConfigProblem(e.line, "", e.reason)
+        raise ConfigError(str(path), [problem]) from e
     if node is None:
         raise ConfigError(str(path), [ConfigProblem(1, "", "empty file; expected a mapping")])
     data = loc.build(node, ())

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import ValidationError
 
+from pipeline import bounded
 from pipeline.config import LineageSpec
 from pipeline.errors import Error, InputError
 from pipeline.hashing import sha256_file
@@ -158,8 +158,12 @@ class MLflowLineage(LineageSink):
                 already_logged=True,
             )
         links_dir = (run_dir / record["links"]).resolve()
-        config = yaml.safe_load((run_dir / "config.yaml").read_text())
-        stages = {s["name"]: s for s in config.get("stages", [])}
+        config = recorded_config(run_dir)
+        stages = {
+            s["name"]: s
+            for s in config.get("stages") or []
+            if isinstance(s, dict) and isinstance(s.get("name"), str)
+        }
         lock_sha = ""
         version = None
         with mlflow.start_run(experiment_id=exp_id, run_name=rid) as parent:
@@ -169,7 +173,7 @@ class MLflowLineage(LineageSink):
                     f"{TAG}level": "pipeline",
                     f"{TAG}pipeline": record["pipeline"],
                     f"{TAG}status": record.get("status", "unknown"),
-                    f"{TAG}config_sha256": record["config_sha256"],
+                    f"{TAG}config_sha256": record.get("config_sha256", "unknown"),
                     "mlflow.source.git.commit": record.get("source_commit", "unknown"),
                 }
             )
@@ -257,7 +261,7 @@ class MLflowLineage(LineageSink):
             mlflow.log_artifact(str(png), "plots")
         metrics_file = stage_dir / "metrics.json"
         if kind == "train" and metrics_file.is_file():
-            self._train_metrics(mlflow, json.loads(metrics_file.read_text()))
+            self._train_metrics(mlflow, bounded.read_json(metrics_file, what="metrics"))
             self._dataset_input(mlflow, run_dir, link)
         return lock_sha
 
@@ -289,7 +293,11 @@ class MLflowLineage(LineageSink):
             if not name.endswith("dataset.npz"):
                 continue
             manifest_path = run_dir / name.rsplit("/", 1)[0] / "manifest.json"
-            manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
+            manifest = (
+                bounded.read_json(manifest_path, what="dataset manifest")
+                if manifest_path.is_file()
+                else {}
+            )
             origin = manifest.get("source", {})
             location = str(origin.get("location", run_dir / name))
             source = (
@@ -351,6 +359,18 @@ def sink_for(
     )
 
 
+def recorded_config(run_dir: Path) -> dict[str, Any]:
+    """The run's copy of its config, read within pipeline.bounded's caps (it is unsigned)."""
+    path = run_dir / "config.yaml"
+    try:
+        config = bounded.read_yaml(path, what="the run's config copy")
+    except FileNotFoundError:
+        raise InputError(f"{run_dir} has no config.yaml", hint="is it a chainproof run?") from None
+    if not isinstance(config, dict):
+        raise InputError(f"{path} is not a mapping; it is not the config this run recorded")
+    return config
+
+
 def sync_run_dir(run_dir: Path, *, verified: Verifier | None = None) -> str:
     """`chainproof lineage sync RUN`: log a run afterwards, from its directory alone.
 
@@ -363,7 +383,9 @@ def sync_run_dir(run_dir: Path, *, verified: Verifier | None = None) -> str:
             f"{run_dir} is still running (or was killed without a trace)",
             hint="sync it once it has finished",
         )
-    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    config = recorded_config(run_dir)
+    if not isinstance(config.get("name"), str):
+        raise InputError(f"{run_dir / 'config.yaml'}: name: missing or not text")
     try:
         spec = LineageSpec.model_validate(config.get("lineage") or {})
     except ValidationError as e:

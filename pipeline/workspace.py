@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import bounded
 from pipeline.errors import InputError
 
 
@@ -62,23 +62,77 @@ def base_model_name(stage: str) -> str:
     return f"{INPUTS}/{stage}/{BASE_MODEL}"
 
 
+# run.json's fields and the JSON types a reader may rely on. It is unsigned (verification
+# never trusts it), but tools read it, so a wrong type is bad input naming the field.
+_TEXT, _LIST, _OBJECT, _TEXT_OR_NULL = "text", "list of text", "object", "text or null"
+_RECORD_FIELDS = {
+    "run_id": _TEXT,
+    "pipeline": _TEXT,
+    "links": _TEXT,
+    "layout": _TEXT,
+    "stages": _LIST,
+    "config": _TEXT,
+    "config_sha256": _TEXT,
+    "config_dir": _TEXT,
+    "started": _TEXT,
+    "status": _TEXT,
+    "error": _TEXT,
+    "layout_signed_by": _TEXT,
+    "dependency_scan": _TEXT,
+    "source_commit": _TEXT_OR_NULL,
+    "release": _TEXT_OR_NULL,
+    "reproduces": _TEXT,
+    "reproduced": _TEXT,
+    "code": _OBJECT,
+    "lineage": _OBJECT,
+    "candidate": _OBJECT,
+}
+RECORD_REQUIRED = ("run_id", "links", "layout", "pipeline", "stages")
+
+
+def _has_type(value: Any, expected: str) -> bool:
+    if expected == _TEXT:
+        return isinstance(value, str)
+    if expected == _TEXT_OR_NULL:
+        return value is None or isinstance(value, str)
+    if expected == _LIST:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+    return isinstance(value, dict)
+
+
 def read_run_record(run_dir: Path) -> dict[str, Any]:
+    """run.json of `run_dir`, read within pipeline.bounded's caps, its known fields type-checked."""
+    path = run_dir / RUN_RECORD
     try:
-        record = json.loads((run_dir / RUN_RECORD).read_text(encoding="utf-8"))
+        record = bounded.read_json(path, what="run record")
     except FileNotFoundError:
         raise InputError(
             f"{run_dir} is not a chainproof run (no {RUN_RECORD})",
             hint="pass runs/<run-id>, runs/latest or releases/<name>/<version>",
         ) from None
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read {run_dir / RUN_RECORD}: {e}") from e
-    required = ("run_id", "links", "layout", "pipeline", "stages")
-    if not isinstance(record, dict) or any(k not in record for k in required):
+    if not isinstance(record, dict) or any(k not in record for k in RECORD_REQUIRED):
         raise InputError(
-            f"{run_dir / RUN_RECORD} is not a chainproof run record (needs {', '.join(required)})",
+            f"{path} is not a chainproof run record (needs {', '.join(RECORD_REQUIRED)})",
             hint="it was edited or truncated; the links and artifacts are the source of truth",
         )
+    for name, expected in _RECORD_FIELDS.items():
+        if name in record and not _has_type(record[name], expected):
+            raise InputError(
+                f"{path}: field '{name}' is {_json_type(record[name])}, expected {expected}",
+                hint="it was edited or truncated; the links and artifacts are the source of truth",
+            )
     return record
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "a list"
+    if isinstance(value, list):
+        return "a list holding non-text"
+    names = {bool: "a boolean", int: "a number", float: "a number", str: "text", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
 
 
 def workspace_of_run(run_dir: Path) -> Workspace:

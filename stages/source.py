@@ -10,6 +10,8 @@ import shutil
 import tempfile
 import urllib.error
 import urllib.request
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Literal
 
@@ -54,18 +56,53 @@ def _fetch(url: str, dest: Path, timeout: int) -> None:
         raise StageError(f"cannot download {url}: {e}", hint="check the URL and network") from e
 
 
+# What numpy and zipfile raise for a file that is not what its name says: a zip that is not
+# one or is cut short (BadZipFile, EOFError, zlib.error), an object array refused because
+# pickles are never loaded (ValueError), an unreadable member (OSError).
+_UNREADABLE = (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error)
+
+
 def _load_file(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """x and y from a pinned .npz or .csv; anything unusable is a StageError naming the file."""
     if path.suffix == ".npz":
-        with np.load(path, allow_pickle=False) as d:
-            keys = set(d.files)
-            xk = "x" if "x" in keys else "X" if "X" in keys else None
-            if xk is None or "y" not in keys:
-                raise StageError(f"{path} must hold arrays 'x' and 'y'; it has {sorted(keys)}")
-            return d[xk], d["y"]
-    if path.suffix == ".csv":
-        table = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
-        return table[:, :-1], table[:, -1]
-    raise StageError(f"unsupported data file {path.name}; expected .npz or .csv")
+        try:
+            with np.load(path, allow_pickle=False) as d:
+                keys = set(d.files)
+                xk = "x" if "x" in keys else "X" if "X" in keys else None
+                if xk is None or "y" not in keys:
+                    raise StageError(f"{path} must hold arrays 'x' and 'y'; it has {sorted(keys)}")
+                x, y = d[xk], d["y"]
+        except _UNREADABLE as e:
+            raise StageError(
+                f"{path} is not a readable .npz of numeric arrays: {_why(e)}",
+                hint="write it with numpy.savez from numeric arrays (no object arrays)",
+            ) from e
+    elif path.suffix == ".csv":
+        try:
+            table = np.loadtxt(path, delimiter=",", dtype=np.float64, ndmin=2)
+        except _UNREADABLE as e:
+            raise StageError(
+                f"{path} is not a numeric CSV (features then label on each row): {_why(e)}"
+            ) from e
+        if table.shape[1] < 2:
+            raise StageError(f"{path} needs at least one feature column and a label column")
+        x, y = table[:, :-1], table[:, -1]
+    else:
+        raise StageError(f"unsupported data file {path.name}; expected .npz or .csv")
+    for name, array in (("x", x), ("y", y)):
+        if array.dtype.kind not in "biuf" or array.ndim == 0:
+            raise StageError(
+                f"{path}: array '{name}' holds {array.dtype} values with shape {array.shape}; "
+                "expected numbers, one row per example"
+            )
+    if y.ndim != 1:
+        raise StageError(f"{path}: labels 'y' have shape {y.shape}; expected one label per row")
+    return x, y
+
+
+def _why(e: BaseException) -> str:
+    text = str(e) or type(e).__name__
+    return text if len(text) <= 300 else text[:300] + "…"
 
 
 class SourceStage(Stage):

@@ -10,13 +10,13 @@ or listing stage kinds never pays TensorFlow's import time.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from pipeline.bounded import read_json
 from pipeline.hashing import sha256_file
 from pipeline.stage import Params, Stage, StageContext, StageError, main
 from stages._io import read_npz, write_json
@@ -320,7 +320,10 @@ class TrainStage(Stage):
     def run(self, ctx: StageContext) -> None:
         p: TrainParams = ctx.params
         dataset = ctx.find_input("dataset.npz")
-        manifest = json.loads(ctx.find_input("manifest.json").read_text())
+        # the source stage's product: read bounded, a bad one is an error naming the file
+        manifest = read_json(ctx.find_input("manifest.json"), what="dataset manifest")
+        if not isinstance(manifest, dict):
+            raise StageError("the source stage's manifest.json is not a JSON object")
         data = read_npz(dataset)
         x_train, y_train = data["x_train"], data["y_train"]
         x_test, y_test = data["x_test"], data["y_test"]

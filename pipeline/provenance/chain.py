@@ -17,7 +17,6 @@ from typing import Any
 
 from in_toto import verifylib
 from in_toto.exceptions import (
-    InvalidMetadata,
     LayoutExpiredError,
     RuleVerificationError,
     SignatureVerificationError,
@@ -27,11 +26,11 @@ from in_toto.models.link import Link
 from in_toto.models.metadata import Metadata
 from securesystemslib.exceptions import FormatError
 
-from pipeline.errors import VerificationError
+from pipeline.errors import InputError, VerificationError
 from pipeline.hashing import hash_files
 from pipeline.provenance.keys import PublicKey
 from pipeline.provenance.layout import LayoutPins, pins_of
-from pipeline.provenance.links import link_filename
+from pipeline.provenance.links import link_filename, load_metadata
 
 
 @dataclass
@@ -96,10 +95,10 @@ def load_layout(
 ) -> Layout:
     """The owner-signed layout at `path`; `renewed_until`: an owner-signed renewal's expiry."""
     try:
-        metadata = Metadata.load(str(path))
+        metadata = load_metadata(path, what="layout")
     except FileNotFoundError:
         raise _fail(f"layout {path} is missing", "layout signature", artifact=str(path)) from None
-    except (ValueError, KeyError, TypeError, FormatError, InvalidMetadata, OSError) as e:
+    except (InputError, OSError) as e:  # load_metadata turns every bad shape into InputError
         raise _fail(
             f"layout {path} is not valid in-toto metadata ({e})",
             "layout signature",
@@ -151,8 +150,8 @@ def _load_links(layout: Layout, link_dir: Path) -> dict[str, dict[str, Metadata]
             if not path.exists():
                 continue
             try:
-                found[keyid] = Metadata.load(str(path))
-            except (ValueError, KeyError, TypeError, FormatError, InvalidMetadata, OSError) as e:
+                found[keyid] = load_metadata(path, what="link")
+            except (InputError, OSError) as e:
                 raise _fail(
                     f"link {path.name} is not valid in-toto metadata ({e})",
                     "link format",

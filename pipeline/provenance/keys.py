@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from securesystemslib.exceptions import Error as SSLibError
 from securesystemslib.signer import CryptoSigner, Signer, SSlibKey
 from securesystemslib.signer._utils import compute_default_keyid
 
+from pipeline import bounded
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_bytes, atomic_write_text
 
@@ -54,19 +56,20 @@ def public_key_from_dict(d: dict[str, Any], *, source: str) -> PublicKey:
             )
         clean = {"keytype": keytype, "scheme": scheme, "keyval": keyval}
         return PublicKey(SSlibKey.from_dict(keyid, clean))
-    except (KeyError, TypeError, ValueError) as e:
-        raise InputError(f"{source} is not a public key file ({e})") from e
+    except (KeyError, TypeError, ValueError, AttributeError, SSLibError) as e:
+        # SSLibError: canonical JSON refuses floats and the like in `keyval`
+        raise InputError(f"{source} is not a public key file ({e!r})") from e
 
 
 def load_public_key(path: Path) -> PublicKey:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = bounded.read_json(path, what="public key", max_bytes=bounded.KEY_BYTES)
     except FileNotFoundError as e:
         raise InputError(
             f"public key {path} not found", hint="run `chainproof keys init` first"
         ) from e
-    except (OSError, ValueError) as e:
-        raise InputError(f"cannot read public key {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise InputError(f"{path} is not a public key file (it holds a JSON {type(data).__name__})")
     return public_key_from_dict(data, source=str(path))
 
 
@@ -132,10 +135,17 @@ def init_release_key(keys_dir: Path) -> None:
 
 
 def release_public_key(pem: bytes) -> PublicKey:
-    """The sslib form of the release key's PEM, as the layout names it."""
+    """The sslib form of the release key's PEM, as the layout names it.
+
+    Raises ValueError for anything that is not a PEM public key securesystemslib supports
+    (cryptography reports an unknown curve as UnsupportedAlgorithm, which is not one)."""
+    from cryptography.exceptions import UnsupportedAlgorithm
     from cryptography.hazmat.primitives.serialization import load_pem_public_key
 
-    key = SSlibKey.from_crypto(load_pem_public_key(pem))
+    try:
+        key = SSlibKey.from_crypto(load_pem_public_key(pem))
+    except UnsupportedAlgorithm as e:
+        raise ValueError(f"unsupported public key algorithm ({e})") from e
     return PublicKey(key)
 
 

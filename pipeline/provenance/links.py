@@ -11,10 +11,14 @@ from in_toto.models.metadata import Envelope, Metadata
 from securesystemslib.exceptions import Error as SSLibError
 from securesystemslib.signer import Signer
 
+from pipeline import bounded
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_bytes
 
-__all__ = ["Link", "envelope_bytes", "link_filename", "read_link", "write_link"]
+__all__ = ["Link", "envelope_bytes", "link_filename", "load_metadata", "read_link", "write_link"]
+
+# Everything in-toto's readers raise on a well-formed JSON value of the wrong shape.
+_SHAPE_ERRORS = (ValueError, KeyError, TypeError, AttributeError, IndexError, SSLibError)
 
 
 def link_filename(step: str, keyid: str) -> str:
@@ -52,23 +56,48 @@ def write_link(
     return path
 
 
+def load_metadata(path: Path, *, what: str = "in-toto metadata") -> Metadata:
+    """`Metadata.load` for a hostile file: size and nesting capped (pipeline.bounded), and
+    any shape in-toto rejects an InputError naming the file. Signatures are NOT checked.
+
+    A DSSE payload is JSON inside base64 inside JSON: its nesting is checked too, since
+    `get_payload` parses it with the same recursive decoder, and then it is parsed, so that
+    `get_payload` cannot fail later. FileNotFoundError propagates.
+    """
+    data = bounded.read_json(path, what=what)
+    if not isinstance(data, dict):
+        raise InputError(f"{what} {path} is not a JSON object (it holds a {type(data).__name__})")
+    try:
+        metadata = Metadata.from_dict(data)
+    except _SHAPE_ERRORS as e:  # SSLibError covers FormatError and in-toto's InvalidMetadata
+        raise InputError(
+            f"{what} {path} is not valid in-toto metadata ({e or type(e).__name__})"
+        ) from e
+    if isinstance(metadata, Envelope):
+        bounded.check_nesting(metadata.payload, source=f"the payload of {what} {path}")
+    try:
+        # Parsed here, before any signature check, so that a payload of the wrong shape is
+        # refused as bad input instead of surprising the verifier later (validly signed or not).
+        metadata.get_payload()
+    except _SHAPE_ERRORS as e:
+        raise InputError(
+            f"the payload of {what} {path} is not an in-toto link or layout "
+            f"({e or type(e).__name__})"
+        ) from e
+    return metadata
+
+
 def read_link(path: Path) -> Link:
     """The link payload, UNVERIFIED: for display only; verification goes through verify.py.
 
     The file may be hostile (a bundle's): any shape in-toto rejects, JSON nested past the
-    parser's depth, or a layout under a `.link` name is an InputError, never a crash."""
+    cap, or a layout under a `.link` name is an InputError, never a crash."""
     try:
-        payload = Metadata.load(str(path)).get_payload()
-    except (
-        OSError,
-        ValueError,
-        KeyError,
-        TypeError,
-        AttributeError,
-        RecursionError,
-        SSLibError,  # FormatError and in-toto's InvalidMetadata
-    ) as e:
-        raise InputError(f"cannot read link {path}: {e}") from e
+        payload = load_metadata(path, what="link").get_payload()
+    except FileNotFoundError as e:
+        raise InputError(f"link {path} does not exist") from e
+    except _SHAPE_ERRORS as e:
+        raise InputError(f"cannot read link {path}: {e or type(e).__name__}") from e
     if not isinstance(payload, Link):
         raise InputError(f"{path} is not an in-toto link (it holds a {type(payload).__name__})")
     return payload

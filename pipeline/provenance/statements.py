@@ -12,10 +12,12 @@ from pathlib import Path
 from typing import Any
 
 from securesystemslib.dsse import Envelope
+from securesystemslib.exceptions import Error as SslibError
 from securesystemslib.exceptions import VerificationError as SslibVerificationError
 from securesystemslib.signer import Signer
 
-from pipeline.errors import VerificationError
+from pipeline import bounded
+from pipeline.errors import InputError, VerificationError
 from pipeline.fsutil import atomic_write_bytes
 from pipeline.provenance.keys import PublicKey
 
@@ -47,12 +49,23 @@ def write_signed_statement(path: Path, stmt: dict[str, Any], signer: Signer) -> 
 
 
 def read_verified_statement(path: Path, keys: list[PublicKey]) -> dict[str, Any]:
-    """The statement in the DSSE envelope at `path`, if signed by one of `keys`."""
+    """The statement in the DSSE envelope at `path`, if signed by one of `keys`.
+
+    The file is hostile until its signature verifies: read within pipeline.bounded's caps, and
+    any shape securesystemslib rejects is a VerificationError naming the file, never a crash.
+    """
     try:
-        env = Envelope.from_dict(json.loads(path.read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        data = bounded.read_json(path, what="attestation")
+        if not isinstance(data, dict):
+            raise TypeError(f"it holds a JSON {type(data).__name__}, not an object")
+        env = Envelope.from_dict(data)
+    except (InputError, OSError) as e:
         raise VerificationError(
-            f"{path.name} is not a DSSE envelope ({e})", check="attestations", artifact=str(path)
+            f"{path.name} cannot be read: {e}", check="attestations", artifact=str(path)
+        ) from e
+    except (ValueError, KeyError, TypeError, AttributeError, SslibError) as e:
+        raise VerificationError(
+            f"{path.name} is not a DSSE envelope ({e!r})", check="attestations", artifact=str(path)
         ) from e
     try:
         env.verify([k.key for k in keys], 1)
@@ -67,16 +80,30 @@ def read_verified_statement(path: Path, keys: list[PublicKey]) -> dict[str, Any]
         raise VerificationError(
             f"{path.name} has payload type {env.payload_type}", check="attestations"
         )
-    stmt = json.loads(env.payload)
+    try:
+        stmt = bounded.loads_json(env.payload, source=f"the payload of {path.name}")
+    except InputError as e:
+        raise VerificationError(e.message, check="attestations", artifact=str(path)) from e
     if not isinstance(stmt, dict) or stmt.get("_type") != STATEMENT_TYPE:
         raise VerificationError(f"{path.name} is not an in-toto Statement v1", check="attestations")
     return stmt
 
 
 def payload_of(path: Path) -> dict[str, Any]:
-    """The statement without verifying it: for display only."""
-    env = json.loads(path.read_text())
-    stmt: dict[str, Any] = json.loads(base64.b64decode(env["payload"]))
+    """The statement without verifying it: for display only.
+
+    Read within pipeline.bounded's caps. Anything that is not an envelope holding a JSON
+    object raises ValueError (KeyError, TypeError), which callers show as unreadable.
+    """
+    try:
+        env = bounded.read_json(path, what="attestation")
+        stmt = bounded.loads_json(
+            base64.b64decode(env["payload"]), source=f"the payload of {path.name}"
+        )
+    except InputError as e:
+        raise ValueError(e.message) from e
+    if not isinstance(stmt, dict):
+        raise ValueError(f"the payload of {path.name} is not a JSON object")
     return stmt
 
 

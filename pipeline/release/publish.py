@@ -7,13 +7,13 @@ so a release appears whole or not at all.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
 
+from pipeline.bounded import read_json
 from pipeline.config import PipelineConfig
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_directory, atomic_symlink
@@ -60,8 +60,12 @@ def _dataset_dependencies(inp: ReleaseInputs) -> list[dict[str, Any]]:
     for step, link in inp.links.items():
         for name, d in link.products.items():
             if name.endswith("/dataset.npz"):
-                manifest = json.loads((inp.run_dir / step / "manifest.json").read_text())
-                origin = manifest.get("source", {})
+                path = inp.run_dir / step / "manifest.json"  # a stage's product: hostile
+                manifest = read_json(path, what="dataset manifest")
+                if not isinstance(manifest, dict):
+                    raise InputError(f"{path} is not a dataset manifest (not a JSON object)")
+                origin = manifest.get("source")
+                origin = origin if isinstance(origin, dict) else {}
                 deps.append(
                     {
                         "name": f"dataset:{manifest.get('name')}",

@@ -163,6 +163,7 @@ def check_provenance(
 
 def check_model_signature(bundle: Path, report: VerifyReport, released: list[str]) -> None:
     """The OpenSSF model signature, with a release key the owner-signed layout names."""
+    from pipeline.bounded import KEY_BYTES, read_bytes
     from pipeline.provenance.keys import RELEASE_PUB, release_public_key
     from pipeline.provenance.openssf import SIGNATURE, verify_model_dir
 
@@ -187,8 +188,8 @@ def check_model_signature(bundle: Path, report: VerifyReport, released: list[str
             artifact=str(pub),
         )
     try:
-        key = release_public_key(pub.read_bytes())
-    except ValueError as e:
+        key = release_public_key(read_bytes(pub, what="release key", max_bytes=KEY_BYTES))
+    except (ValueError, InputError) as e:
         raise VerificationError(
             f"{pub.name} is not a PEM public key ({e})", check="model signature", artifact=str(pub)
         ) from e
