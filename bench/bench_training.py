@@ -1,7 +1,7 @@
 """Training bench: augmentation throughput, and what `make train` costs over a bare script.
 
     .venv/bin/python bench/bench_training.py [--repeats 3] [--rounds 3] [--no-inprocess]
-                                             [--only augment|pipeline]
+                                             [--only augment|pipeline|start]
 
 1. Augmented samples per second, same data, same knobs (the seed's ImageDataGenerator:
    rotation 20, shifts 0.2, shear 0.2, zoom 0.2, horizontal flip, fill nearest), batch 32,
@@ -31,6 +31,10 @@
    - `runner_inprocess`: one extra run through `pipeline.runner.run.Runner` in this process:
      `result.stage_seconds` splits each stage's runner time into its own phases (environment
      check, hashing, model scan, signing) and times the MLflow sync (`_lineage`).
+3. Stage process start: the source stage process on the bundled digits against the same
+   process loading them through scikit-learn first (what it did before), what sklearn.metrics
+   added to the train stage, and each stage module's import alone; medians of at least 5
+   alternated fresh interpreters (`--only start`).
 
 Results: JSON lines on stdout, and bench/out/training.json (training-<part>.json with --only);
 the first line names the commit and a digest of uncommitted changes, so figures can be tied
@@ -455,6 +459,106 @@ def bench_pipeline(rows: list[dict[str, Any]], repeats: int, inprocess: bool) ->
         )
 
 
+# --------------------------------------------------------------------------- 3. stage start
+
+
+def _stage_env(home: Path) -> dict[str, str]:
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(home),
+        "TMPDIR": str(home),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "MPLBACKEND": "Agg",
+    }
+
+
+def _wall(argv: list[str], cwd: Path) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, cwd=cwd, env=_stage_env(cwd), capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv[:4]} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return wall
+
+
+def bench_stage_start(rows: list[dict[str, Any]], repeats: int) -> None:
+    """What a stage process pays before its own work, against what it paid for scikit-learn.
+
+    Source: the whole stage process on the bundled digits (`python -I -m stages.source SPEC`,
+    as the runner starts it), against the same process first doing what the stage used to do,
+    `from sklearn.datasets import load_digits; load_digits()`. Train: what sklearn.metrics,
+    which it imported for per-class metrics, cost on top of TensorFlow. Every stage kind: the
+    import of its module alone. Alternated, medians of `repeats` fresh interpreters.
+    """
+    spec = {
+        "run_id": "bench",
+        "stage": "source",
+        "params": _stage_params("source"),
+        "inputs": {},
+        "outputs": ["dataset.npz", "manifest.json"],
+    }
+    run_source = "import runpy, sys; sys.argv = ['stages.source', sys.argv[1]]; "
+    run_source += "runpy.run_module('stages.source', run_name='__main__', alter_sys=True)"
+    py = sys.executable
+    # What sklearn.metrics adds to the train stage once TensorFlow is imported (Keras' own
+    # scikit-learn wrappers already import sklearn itself): too small to see in wall time
+    # on a loaded machine, so taken from the interpreter's import timer.
+    timed = subprocess.run(
+        [py, "-X", "importtime", "-I", "-c", "import tensorflow, sklearn.metrics"],
+        env=_stage_env(Path(tempfile.gettempdir())),
+        capture_output=True,
+        text=True,
+    )
+    metrics_us = [
+        int(line.split("|")[1])
+        for line in timed.stderr.splitlines()
+        if line.rstrip().endswith("| sklearn.metrics")
+    ]
+    with tempfile.TemporaryDirectory(prefix="chainproof-bench-start-") as tmp:
+        spec_file = Path(tmp) / "spec.json"
+        spec_file.write_text(json.dumps(spec))
+        sides = {
+            "source_stage": [py, "-I", "-m", "stages.source", str(spec_file)],
+            "source_with_load_digits": [
+                py,
+                "-I",
+                "-c",
+                "from sklearn.datasets import load_digits; load_digits(); " + run_source,
+                str(spec_file),
+            ],
+            **{
+                f"import_stages_{kind}": [py, "-I", "-c", f"import stages.{kind}"]
+                for kind in ("source", "train", "package", "deploy")
+            },
+        }
+        times: dict[str, list[float]] = {k: [] for k in sides}
+        for _ in range(repeats):
+            for name, argv in sides.items():
+                times[name].append(_wall(argv, Path(tmp)))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    emit(
+        rows,
+        bench="stage_start/source",
+        repeats=repeats,
+        stage_process_s=r3(med["source_stage"]),
+        baseline_with_load_digits_s=r3(med["source_with_load_digits"]),
+        ratio=round(med["source_with_load_digits"] / med["source_stage"], 2),
+        saved_s=r3(med["source_with_load_digits"] - med["source_stage"]),
+    )
+    emit(
+        rows,
+        bench="stage_start/train_sklearn_metrics",
+        method="python -X importtime: cumulative import of sklearn.metrics after tensorflow",
+        saved_s=r3(metrics_us[0] / 1e6) if metrics_us else None,
+    )
+    emit(
+        rows,
+        bench="stage_start/module_import",
+        repeats=repeats,
+        **{k.removeprefix("import_"): r3(v) for k, v in med.items() if k.startswith("import_")},
+    )
+
+
 def code_state() -> dict[str, Any]:
     """Which code the figures belong to: the commit, and a digest of uncommitted changes."""
     import hashlib
@@ -478,15 +582,17 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="pipeline/bare pairs")
     parser.add_argument("--rounds", type=int, default=3, help="augmentation rounds per side")
     parser.add_argument("--no-inprocess", action="store_true", help="skip the in-process run")
-    parser.add_argument("--only", choices=("augment", "pipeline"), help="run one part only")
+    parser.add_argument("--only", choices=("augment", "pipeline", "start"), help="one part only")
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     emit(rows, bench="training/context", **code_state())
     # The pipeline first: this process has not imported TensorFlow yet.
-    if args.only != "augment":
+    if args.only in (None, "pipeline"):
         bench_pipeline(rows, args.repeats, not args.no_inprocess)
-    if args.only != "pipeline":
+    if args.only in (None, "start"):
+        bench_stage_start(rows, max(args.repeats, 5))
+    if args.only in (None, "augment"):
         bench_augmentation(rows, 8, batches=200, rounds=args.rounds)
         bench_augmentation(rows, 64, batches=80, rounds=args.rounds)
     emit(

@@ -62,7 +62,7 @@ class Augmentation(Params):
         if isinstance(data, dict):
             for knob, why in REFUSED_KNOBS.items():
                 if knob in data:
-                    raise ValueError(f"'{knob}' is not supported: {why}")
+                    raise ValueError(f"'{knob}' has no Keras preprocessing-layer equivalent: {why}")
         return data
 
     @property
