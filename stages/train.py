@@ -54,7 +54,7 @@ class Augmentation(Params):
     horizontal_flip: bool = False
     vertical_flip: bool = False
     fill_mode: Literal["nearest", "reflect", "wrap", "constant"] = "nearest"
-    cval: float = 0.0
+    cval: float = Field(0.0, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -161,7 +161,8 @@ class TrainParams(Params):
     batch_size: int = Field(32, gt=0)
     validation_split: float = Field(0.1, ge=0, lt=1)
     early_stopping: EarlyStopping | None = None
-    seed: int = 42
+    # keras.utils.set_random_seed seeds numpy too, which takes only 0 <= seed < 2**32.
+    seed: int = Field(42, ge=0, lt=2**32)
 
 
 # --------------------------------------------------------------------------- augmentation

@@ -138,3 +138,25 @@ def test_fill_mode_and_cval_alone_are_no_augmentation():
     assert not Augmentation(fill_mode="constant", cval=0.5).active
     assert Augmentation(vertical_flip=True).active
     assert Augmentation(zoom_range=0.1).active
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"augmentation": {"cval": float("nan")}},
+        {"augmentation": {"cval": float("inf")}},
+        {"augmentation": {"rotation_range": 181}},
+        {"augmentation": {"width_shift_range": 1.0}},
+        {"augmentation": {"brightness_range": [0.5, 1.5]}},
+        {"seed": -1},
+        {"seed": 2**32},
+    ],
+)
+def test_values_the_training_could_not_use_are_config_errors(params):
+    """Refused when the config is validated, never a crash inside the train stage."""
+    from pydantic import ValidationError
+
+    from stages.train import TrainParams
+
+    with pytest.raises(ValidationError):
+        TrainParams.model_validate(params)
