@@ -1,17 +1,21 @@
 """Training bench: augmentation throughput, and what `make train` costs over a bare script.
 
     .venv/bin/python bench/bench_training.py [--repeats 3] [--rounds 3] [--no-inprocess]
+                                             [--only augment|pipeline|start]
 
 1. Augmented samples per second, same data, same knobs (the seed's ImageDataGenerator:
-   rotation 20, shifts 0.2, shear 0.2, zoom 0.2, horizontal flip, fill nearest), batch 32:
-   Keras' ImageDataGenerator.flow against tf.data (from_tensor_slices -> shuffle -> batch ->
-   map(augmentation model, AUTOTUNE) -> prefetch), where the augmentation model is
-   `keras.Sequential(stages.train.augmentation_layers(...))` called with training=True: the
-   layers the train stage puts in the model, applied in the input pipeline. `.repeat()` sits
-   after shuffle so both sides run for as many batches as timed. Digits at 8x8x1, and digits
+   rotation 20, shifts 0.2, shear 0.2, zoom 0.2, horizontal flip, fill nearest), batch 32,
+   three sides: Keras' ImageDataGenerator.flow; the stacked Keras preprocessing layers the
+   train stage used before (RandomRotation, RandomTranslation, RandomShear, RandomZoom,
+   RandomFlip, in a tf.data map, each resampling the whole image: `stacked_layers` below);
+   and the train stage's one projective transform per image (`stages.train.augment`, the
+   same tf.data pipeline make_datasets builds). tf.data: from_tensor_slices -> shuffle ->
+   repeat -> batch -> map(augmentation, AUTOTUNE) -> prefetch; `.repeat()` sits after
+   shuffle so every side runs for as many batches as timed. Digits at 8x8x1, and digits
    upsampled to 64x64x3 (np.kron), nearer the seed's image size. Each round uses a fresh
-   iterator, warmed up, so tf.data's prefetching never runs while ImageDataGenerator is timed.
-   Target: tf.data + layers >= 3x ImageDataGenerator.
+   iterator, warmed up, and the sides alternate, so tf.data's prefetching never runs while
+   another side is timed. Targets: one transform >= 3x ImageDataGenerator at 64x64x3, and
+   no slower than the stacked layers at 8x8.
 2. `chainproof run configs/digits-cnn.yaml --workspace <tmp>` (the real CLI, lineage to a
    fresh SQLite store in the tmp workspace, as the default config does) against a bare script
    that trains the same model (stages.train.build_model and make_datasets, the config's
@@ -27,15 +31,21 @@
    - `runner_inprocess`: one extra run through `pipeline.runner.run.Runner` in this process:
      `result.stage_seconds` splits each stage's runner time into its own phases (environment
      check, hashing, model scan, signing) and times the MLflow sync (`_lineage`).
+3. Stage process start: the source stage process on the bundled digits against the same
+   process loading them through scikit-learn first (what it did before), what sklearn.metrics
+   added to the train stage, and each stage module's import alone; medians of at least 5
+   alternated fresh interpreters (`--only start`).
 
-Results: JSON lines on stdout, and bench/out/training.json; the first line names the commit and a
-digest of uncommitted changes, so figures can be tied to the code they measured.
+Results: JSON lines on stdout, and bench/out/training.json (training-<part>.json with --only);
+the first line names the commit and a digest of uncommitted changes, so figures can be tied
+to the code they measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shutil
 import statistics
@@ -154,37 +164,73 @@ def _time_batches(next_batch, warmup: int, batches: int) -> float:
     return n / (time.perf_counter() - t0)
 
 
+def stacked_layers(keras, a, seed: int) -> list:
+    """The baseline: the Keras preprocessing layers the train stage stacked inside the model
+    before augmentation became one transform (each layer resamples the whole image)."""
+    fill = {"fill_mode": a.fill_mode, "fill_value": a.cval}
+    out = []
+    if a.rotation_range:
+        out.append(keras.layers.RandomRotation(a.rotation_range / 360.0, seed=seed, **fill))
+    if a.width_shift_range or a.height_shift_range:
+        out.append(
+            keras.layers.RandomTranslation(
+                a.height_shift_range, a.width_shift_range, seed=seed + 1, **fill
+            )
+        )
+    if a.shear_range:
+        t = math.tan(math.radians(a.shear_range))
+        out.append(keras.layers.RandomShear(x_factor=t, seed=seed + 2, **fill))
+    if a.zoom_range:
+        out.append(keras.layers.RandomZoom(a.zoom_range, a.zoom_range, seed=seed + 3, **fill))
+    if a.horizontal_flip or a.vertical_flip:
+        mode = {(True, False): "horizontal", (False, True): "vertical"}.get(
+            (a.horizontal_flip, a.vertical_flip), "horizontal_and_vertical"
+        )
+        out.append(keras.layers.RandomFlip(mode, seed=seed + 4))
+    return out
+
+
 def bench_augmentation(rows: list[dict[str, Any]], size: int, batches: int, rounds: int) -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
-    from stages.train import Augmentation, augmentation_layers
+    from stages.train import Augmentation, augment
 
     keras = tf.keras  # the namespace the train stage uses
+    knobs = Augmentation(**SEED_KNOBS)
     x, y = digits_images(size)
     idg = image_data_generator(keras)(**SEED_KNOBS)
-    augment = keras.Sequential(augmentation_layers(keras, Augmentation(**SEED_KNOBS), seed=42))
-    dataset = (
+    layers = keras.Sequential(stacked_layers(keras, knobs, seed=42))
+    batched = (
         tf.data.Dataset.from_tensor_slices((x, y))
         .shuffle(len(x), seed=42, reshuffle_each_iteration=True)
         .repeat()
         .batch(BATCH)
-        .map(lambda xb, yb: (augment(xb, training=True), yb), num_parallel_calls=tf.data.AUTOTUNE)
-        .prefetch(tf.data.AUTOTUNE)
     )
-    # Same output contract on both sides: float32 batches of the input's shape.
-    xb, _ = next(iter(dataset))
+    stacked = batched.map(
+        lambda xb, yb: (layers(xb, training=True), yb), num_parallel_calls=tf.data.AUTOTUNE
+    ).prefetch(tf.data.AUTOTUNE)
+    one = augment(tf, batched, knobs, seed=42).prefetch(tf.data.AUTOTUNE)
+    # Same output contract on every side: float32 batches of the input's shape.
+    xs, _ = next(iter(stacked))
+    xo, _ = next(iter(one))
     xg, _ = next(idg.flow(x, y, batch_size=BATCH, seed=42))
-    assert tuple(xb.shape[1:]) == tuple(xg.shape[1:]) == x.shape[1:], (xb.shape, xg.shape)
+    assert tuple(xs.shape[1:]) == tuple(xo.shape[1:]) == tuple(xg.shape[1:]) == x.shape[1:]
+    assert xo.dtype == tf.float32 and xs.dtype == tf.float32
 
-    theirs, ours = [], []
-    for r in range(rounds):  # alternate, so load from other work hits both sides alike
+    def tf_round(dataset) -> float:
+        it = iter(dataset)
+        sps = _time_batches(lambda i=it: int(next(i)[0].shape[0]), 5, batches)
+        del it  # stop its prefetching before the next side is timed
+        return sps
+
+    theirs, layered, ours = [], [], []
+    for r in range(rounds):  # alternate, so load from other work hits every side alike
         flow = idg.flow(x, y, batch_size=BATCH, shuffle=True, seed=r)
         theirs.append(_time_batches(lambda f=flow: len(next(f)[0]), 2, batches))
-        it = iter(dataset)
-        ours.append(_time_batches(lambda i=it: int(next(i)[0].shape[0]), 5, batches))
-        del it  # stop its prefetching before the next ImageDataGenerator round
-    t, o = statistics.median(theirs), statistics.median(ours)
+        layered.append(tf_round(stacked))
+        ours.append(tf_round(one))
+    t, s, o = (statistics.median(v) for v in (theirs, layered, ours))
     emit(
         rows,
         bench=f"augment/{'x'.join(map(str, x.shape[1:]))}",
@@ -193,13 +239,17 @@ def bench_augmentation(rows: list[dict[str, Any]], size: int, batches: int, roun
         batches_timed=batches,
         rounds=rounds,
         image_data_generator_sps=round(t),
-        tf_data_layers_sps=round(o),
-        ratio=round(o / t, 2),
-        target_ratio=AUGMENT_RATIO_TARGET,
-        target_met=o / t >= AUGMENT_RATIO_TARGET,
+        stacked_layers_sps=round(s),
+        one_transform_sps=round(o),
+        ratio_vs_image_data_generator=round(o / t, 2),
+        ratio_vs_stacked_layers=round(o / s, 2),
+        stacked_layers_vs_image_data_generator=round(s / t, 2),
+        target_ratio_vs_image_data_generator=AUGMENT_RATIO_TARGET,
+        target_met=(o / t >= AUGMENT_RATIO_TARGET) if size >= 64 else (o >= s),
         image_data_generator_rounds=[round(v) for v in theirs],
-        tf_data_layers_rounds=[round(v) for v in ours],
-        layers=[type(layer).__name__ for layer in augment.layers],
+        stacked_layers_rounds=[round(v) for v in layered],
+        one_transform_rounds=[round(v) for v in ours],
+        stacked=[type(layer).__name__ for layer in layers.layers],
     )
 
 
@@ -409,6 +459,106 @@ def bench_pipeline(rows: list[dict[str, Any]], repeats: int, inprocess: bool) ->
         )
 
 
+# --------------------------------------------------------------------------- 3. stage start
+
+
+def _stage_env(home: Path) -> dict[str, str]:
+    return {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": str(home),
+        "TMPDIR": str(home),
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "MPLBACKEND": "Agg",
+    }
+
+
+def _wall(argv: list[str], cwd: Path) -> float:
+    t0 = time.perf_counter()
+    proc = subprocess.run(argv, cwd=cwd, env=_stage_env(cwd), capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode != 0:
+        raise RuntimeError(f"{argv[:4]} exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return wall
+
+
+def bench_stage_start(rows: list[dict[str, Any]], repeats: int) -> None:
+    """What a stage process pays before its own work, against what it paid for scikit-learn.
+
+    Source: the whole stage process on the bundled digits (`python -I -m stages.source SPEC`,
+    as the runner starts it), against the same process first doing what the stage used to do,
+    `from sklearn.datasets import load_digits; load_digits()`. Train: what sklearn.metrics,
+    which it imported for per-class metrics, cost on top of TensorFlow. Every stage kind: the
+    import of its module alone. Alternated, medians of `repeats` fresh interpreters.
+    """
+    spec = {
+        "run_id": "bench",
+        "stage": "source",
+        "params": _stage_params("source"),
+        "inputs": {},
+        "outputs": ["dataset.npz", "manifest.json"],
+    }
+    run_source = "import runpy, sys; sys.argv = ['stages.source', sys.argv[1]]; "
+    run_source += "runpy.run_module('stages.source', run_name='__main__', alter_sys=True)"
+    py = sys.executable
+    # What sklearn.metrics adds to the train stage once TensorFlow is imported (Keras' own
+    # scikit-learn wrappers already import sklearn itself): too small to see in wall time
+    # on a loaded machine, so taken from the interpreter's import timer.
+    timed = subprocess.run(
+        [py, "-X", "importtime", "-I", "-c", "import tensorflow, sklearn.metrics"],
+        env=_stage_env(Path(tempfile.gettempdir())),
+        capture_output=True,
+        text=True,
+    )
+    metrics_us = [
+        int(line.split("|")[1])
+        for line in timed.stderr.splitlines()
+        if line.rstrip().endswith("| sklearn.metrics")
+    ]
+    with tempfile.TemporaryDirectory(prefix="chainproof-bench-start-") as tmp:
+        spec_file = Path(tmp) / "spec.json"
+        spec_file.write_text(json.dumps(spec))
+        sides = {
+            "source_stage": [py, "-I", "-m", "stages.source", str(spec_file)],
+            "source_with_load_digits": [
+                py,
+                "-I",
+                "-c",
+                "from sklearn.datasets import load_digits; load_digits(); " + run_source,
+                str(spec_file),
+            ],
+            **{
+                f"import_stages_{kind}": [py, "-I", "-c", f"import stages.{kind}"]
+                for kind in ("source", "train", "package", "deploy")
+            },
+        }
+        times: dict[str, list[float]] = {k: [] for k in sides}
+        for _ in range(repeats):
+            for name, argv in sides.items():
+                times[name].append(_wall(argv, Path(tmp)))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    emit(
+        rows,
+        bench="stage_start/source",
+        repeats=repeats,
+        stage_process_s=r3(med["source_stage"]),
+        baseline_with_load_digits_s=r3(med["source_with_load_digits"]),
+        ratio=round(med["source_with_load_digits"] / med["source_stage"], 2),
+        saved_s=r3(med["source_with_load_digits"] - med["source_stage"]),
+    )
+    emit(
+        rows,
+        bench="stage_start/train_sklearn_metrics",
+        method="python -X importtime: cumulative import of sklearn.metrics after tensorflow",
+        saved_s=r3(metrics_us[0] / 1e6) if metrics_us else None,
+    )
+    emit(
+        rows,
+        bench="stage_start/module_import",
+        repeats=repeats,
+        **{k.removeprefix("import_"): r3(v) for k, v in med.items() if k.startswith("import_")},
+    )
+
+
 def code_state() -> dict[str, Any]:
     """Which code the figures belong to: the commit, and a digest of uncommitted changes."""
     import hashlib
@@ -432,14 +582,19 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3, help="pipeline/bare pairs")
     parser.add_argument("--rounds", type=int, default=3, help="augmentation rounds per side")
     parser.add_argument("--no-inprocess", action="store_true", help="skip the in-process run")
+    parser.add_argument("--only", choices=("augment", "pipeline", "start"), help="one part only")
     args = parser.parse_args()
     rows: list[dict[str, Any]] = []
     t0 = time.perf_counter()
     emit(rows, bench="training/context", **code_state())
     # The pipeline first: this process has not imported TensorFlow yet.
-    bench_pipeline(rows, args.repeats, not args.no_inprocess)
-    bench_augmentation(rows, 8, batches=200, rounds=args.rounds)
-    bench_augmentation(rows, 64, batches=80, rounds=args.rounds)
+    if args.only in (None, "pipeline"):
+        bench_pipeline(rows, args.repeats, not args.no_inprocess)
+    if args.only in (None, "start"):
+        bench_stage_start(rows, max(args.repeats, 5))
+    if args.only in (None, "augment"):
+        bench_augmentation(rows, 8, batches=200, rounds=args.rounds)
+        bench_augmentation(rows, 64, batches=80, rounds=args.rounds)
     emit(
         rows,
         bench="training/total",
@@ -447,7 +602,8 @@ def main() -> int:
         loadavg_1m=round(os.getloadavg()[0], 2),
     )
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "training.json").write_text(json.dumps(rows, indent=2) + "\n")
+    name = f"training-{args.only}.json" if args.only else "training.json"
+    (OUT / name).write_text(json.dumps(rows, indent=2) + "\n")
     return 0
 
 

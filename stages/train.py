@@ -1,8 +1,9 @@
 """Training: a Keras model from the config on the sourced dataset, deterministic on CPU.
 
-Input pipeline in tf.data; augmentation as Keras preprocessing layers inside the model graph
-(active only while training), driven by the seed's ImageDataGenerator knobs. Evaluation on
-the held-out split with per-class precision/recall, a confusion matrix and two plots.
+Input pipeline in tf.data. Augmentation (the seed's ImageDataGenerator knobs) is one projective
+transform per image, composed from rotation, shift, shear, zoom and flips and applied once in
+the training input pipeline, so nothing of it is saved in the model. Evaluation on the held-out
+split with per-class precision/recall, a confusion matrix and two plots.
 
 The only built-in stage that imports TensorFlow, and only inside run(): validating a config
 or listing stage kinds never pays TensorFlow's import time.
@@ -28,9 +29,9 @@ METRICS = "metrics.json"
 CURVES = "training_curves.png"
 CONFUSION = "confusion_matrix.png"
 
-# ImageDataGenerator knobs with no Keras preprocessing-layer equivalent: refused, not ignored.
+# ImageDataGenerator knobs the geometric transform does not cover: refused, not ignored.
 REFUSED_KNOBS = {
-    "channel_shift_range": "no Keras layer shifts channels by a random constant",
+    "channel_shift_range": "not a geometric transform; no equivalent is implemented",
     "brightness_range": "RandomBrightness adds a delta; ImageDataGenerator multiplies — not equal",
     "zca_whitening": "needs statistics fitted on the data set; no preprocessing layer does it",
     "featurewise_center": "use a Normalization layer in the model's layers instead",
@@ -43,7 +44,7 @@ REFUSED_KNOBS = {
 
 
 class Augmentation(Params):
-    """The seed's ImageDataGenerator knobs, mapped onto Keras preprocessing layers."""
+    """The seed's ImageDataGenerator knobs, composed into one projective transform per image."""
 
     rotation_range: float = Field(0, ge=0, le=180, description="degrees")
     width_shift_range: float = Field(0, ge=0, lt=1, description="fraction of the width")
@@ -53,7 +54,7 @@ class Augmentation(Params):
     horizontal_flip: bool = False
     vertical_flip: bool = False
     fill_mode: Literal["nearest", "reflect", "wrap", "constant"] = "nearest"
-    cval: float = 0.0
+    cval: float = Field(0.0, allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -63,6 +64,11 @@ class Augmentation(Params):
                 if knob in data:
                     raise ValueError(f"'{knob}' has no Keras preprocessing-layer equivalent: {why}")
         return data
+
+    @property
+    def active(self) -> bool:
+        """Whether any knob transforms images (fill_mode and cval alone change nothing)."""
+        return self != Augmentation(fill_mode=self.fill_mode, cval=self.cval)
 
 
 class LayerSpec(Params):
@@ -155,34 +161,120 @@ class TrainParams(Params):
     batch_size: int = Field(32, gt=0)
     validation_split: float = Field(0.1, ge=0, lt=1)
     early_stopping: EarlyStopping | None = None
-    seed: int = 42
+    # keras.utils.set_random_seed seeds numpy too, which takes only 0 <= seed < 2**32.
+    seed: int = Field(42, ge=0, lt=2**32)
 
 
-def augmentation_layers(keras, a: Augmentation, seed: int) -> list:
-    fill = {"fill_mode": a.fill_mode, "fill_value": a.cval}
-    out = []
-    if a.rotation_range:
-        out.append(keras.layers.RandomRotation(a.rotation_range / 360.0, seed=seed, **fill))
-    if a.width_shift_range or a.height_shift_range:
-        out.append(
-            keras.layers.RandomTranslation(
-                a.height_shift_range, a.width_shift_range, seed=seed + 1, **fill
-            )
-        )
-    if a.shear_range:
-        # ImageDataGenerator's shear is an angle; Keras' is the fraction sheared: tan(angle).
-        t = math.tan(math.radians(a.shear_range))
-        out.append(keras.layers.RandomShear(x_factor=t, seed=seed + 2, **fill))
-    if a.zoom_range:
-        out.append(keras.layers.RandomZoom(a.zoom_range, a.zoom_range, seed=seed + 3, **fill))
-    flip = ("horizontal" if a.horizontal_flip else "") + (
-        "_and_vertical" if a.horizontal_flip and a.vertical_flip else ""
+# --------------------------------------------------------------------------- augmentation
+#
+# ImageDataGenerator builds, per image, M = R(theta) . T(shift) . Sh(shear) . Z(zx, zy) about
+# the image centre and resamples once (scipy, bilinear), then flips. The same matrix here,
+# with the flips folded in, becomes the 8 parameters of TensorFlow's ImageProjectiveTransformV3
+# (which maps each output pixel (x=column, y=row) to the input point it samples): one
+# resampling per image instead of one per Keras layer. The functions below take the array
+# module `xp` (numpy or tensorflow) so the algebra is unit-tested without TensorFlow.
+
+UNIFORMS_PER_IMAGE = 8  # theta, dx, dy, shear, zx, zy, flip x, flip y
+# Arrays of shape (N,), in that order.
+TransformParams = tuple[Any, Any, Any, Any, Any, Any, Any, Any]
+
+
+def draw_transform_params(
+    xp: Any, u: Any, a: Augmentation, height: int, width: int
+) -> TransformParams:
+    """ImageDataGenerator's random draws from uniforms u of shape (N, 8) in [0, 1):
+    theta and shear in radians, shifts in pixels, zooms, and flips as -1 (flip) or +1."""
+
+    def sym(col: int, bound: float) -> Any:  # uniform in [-bound, bound)
+        return bound * (2.0 * u[:, col] - 1.0)
+
+    def flip(col: int, on: bool) -> Any:  # -1 or +1, each with probability 1/2
+        return 2.0 * xp.floor(2.0 * u[:, col]) - 1.0 if on else xp.ones_like(u[:, col])
+
+    return (
+        sym(0, math.radians(a.rotation_range)),
+        sym(1, a.width_shift_range * width),
+        sym(2, a.height_shift_range * height),
+        sym(3, math.radians(a.shear_range)),
+        1.0 + sym(4, a.zoom_range),
+        1.0 + sym(5, a.zoom_range),
+        flip(6, a.horizontal_flip),
+        flip(7, a.vertical_flip),
     )
-    if a.vertical_flip and not a.horizontal_flip:
-        flip = "vertical"
-    if flip:
-        out.append(keras.layers.RandomFlip(flip, seed=seed + 4))
-    return out
+
+
+def compose_transforms(
+    xp: Any,
+    theta: Any,
+    dx: Any,
+    dy: Any,
+    shear: Any,
+    zx: Any,
+    zy: Any,
+    fx: Any,
+    fy: Any,
+    height: int,
+    width: int,
+) -> Any:
+    """(N, 8) projective parameters [a0, a1, a2, a3, a4, a5, 0, 0]: output pixel (x, y) samples
+    the input at (a0 x + a1 y + a2, a3 x + a4 y + a5).
+
+    In coordinates centred on the image, input = M . F . output with
+    M = R(theta) . T(dx, dy) . Sh(shear) . Z(zx, zy) (ImageDataGenerator's matrices, in its
+    order) and F = diag(fx, fy) the flips, which ImageDataGenerator applies to its output.
+    R . Sh . Z multiplies out to [[cos t zx, -sin(t + s) zy], [sin t zx, cos(t + s) zy]], and
+    the shift is rotated: R . (dx, dy).
+    """
+    cx, cy = (width - 1) / 2.0, (height - 1) / 2.0
+    cos_t, sin_t = xp.cos(theta), xp.sin(theta)
+    l00, l01 = cos_t * zx * fx, -xp.sin(theta + shear) * zy * fy
+    l10, l11 = sin_t * zx * fx, xp.cos(theta + shear) * zy * fy
+    mx, my = cos_t * dx - sin_t * dy, sin_t * dx + cos_t * dy
+    zero = xp.zeros_like(theta)
+    return xp.stack(
+        [
+            l00,
+            l01,
+            cx + mx - (l00 * cx + l01 * cy),
+            l10,
+            l11,
+            cy + my - (l10 * cx + l11 * cy),
+            zero,
+            zero,
+        ],
+        axis=-1,
+    )
+
+
+def augment(tf: Any, dataset: Any, a: Augmentation, seed: int) -> Any:
+    """Batches of (images, labels) -> the same, each image through its own random transform.
+
+    The draws are stateless, keyed by a seed per batch from tf.data's own random stream,
+    which yields a new sequence each epoch and the same sequences in every run with this seed.
+    """
+    seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+
+    def transform(batch: Any, batch_seed: Any) -> Any:
+        images, labels = batch
+        shape = tf.shape(images)
+        height, width = images.shape[1], images.shape[2]
+        u = tf.random.stateless_uniform(
+            tf.stack([shape[0], UNIFORMS_PER_IMAGE]), seed=batch_seed, dtype=tf.float32
+        )
+        params = draw_transform_params(tf, u, a, height, width)
+        images = tf.raw_ops.ImageProjectiveTransformV3(
+            images=images,
+            transforms=compose_transforms(tf, *params, height, width),
+            output_shape=shape[1:3],
+            fill_value=tf.constant(a.cval, tf.float32),
+            interpolation="BILINEAR",
+            fill_mode=a.fill_mode.upper(),
+        )
+        return images, labels
+
+    return tf.data.Dataset.zip((dataset, seeds)).map(
+        transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
 
 
 def hidden_layer(keras, spec: LayerSpec):
@@ -209,11 +301,10 @@ def hidden_layer(keras, spec: LayerSpec):
 
 
 def build_model(keras, input_shape, classes: int, p: TrainParams):
-    """Augmentation layers, then the configured layers, then Dense(classes, softmax)."""
+    """The configured layers, then Dense(classes, softmax); augmentation is not in the model."""
     return keras.Sequential(
         [
             keras.Input(shape=tuple(input_shape)),
-            *augmentation_layers(keras, p.augmentation, p.seed),
             *(hidden_layer(keras, s) for s in p.layers),
             keras.layers.Dense(classes, activation="softmax"),
         ]
@@ -221,35 +312,44 @@ def build_model(keras, input_shape, classes: int, p: TrainParams):
 
 
 def make_datasets(tf, x, y, p: TrainParams):
-    """tf.data pipelines; the validation split is the tail, as Keras' validation_split does."""
+    """tf.data pipelines; the validation split is the tail, as Keras' validation_split does.
+    Augmentation is for training only: the validation pipeline is never augmented."""
     n_val = int(len(x) * p.validation_split)
     x_fit, y_fit = x[: len(x) - n_val], y[: len(y) - n_val]
     train = (
         tf.data.Dataset.from_tensor_slices((x_fit, y_fit))
         .shuffle(len(x_fit), seed=p.seed, reshuffle_each_iteration=True)
         .batch(p.batch_size)
-        .prefetch(tf.data.AUTOTUNE)
     )
+    if p.augmentation.active:
+        train = augment(tf, train, p.augmentation, p.seed)
+    train = train.prefetch(tf.data.AUTOTUNE)
     val = None
     if n_val:
         val = tf.data.Dataset.from_tensor_slices((x[-n_val:], y[-n_val:])).batch(p.batch_size)
     return train, val
 
 
-def evaluate(model, x_test, y_test, classes: int) -> dict[str, Any]:
+def classification_report(y_true: Any, y_pred: Any, classes: int) -> dict[str, Any]:
+    """Per-class precision/recall/f1/support and the confusion matrix, as scikit-learn's
+    precision_recall_fscore_support(labels=0..K-1, zero_division=0) and confusion_matrix
+    compute them (the same float64 divisions), without importing scikit-learn (a second of
+    the train stage's start-up). Labels outside 0..K-1 are left out, as there."""
     import numpy as np
-    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-    loss, accuracy = model.evaluate(x_test, y_test, verbose=0)
-    pred = np.argmax(model.predict(x_test, verbose=0), axis=1)
-    labels = list(range(classes))
-    prec, rec, f1, support = precision_recall_fscore_support(
-        y_test, pred, labels=labels, zero_division=0
-    )
+    t, q = np.asarray(y_true, np.int64).ravel(), np.asarray(y_pred, np.int64).ravel()
+    keep = (t >= 0) & (t < classes) & (q >= 0) & (q < classes)
+    matrix = np.bincount(t[keep] * classes + q[keep], minlength=classes * classes)
+    matrix = matrix.reshape(classes, classes)
+    tp = np.diag(matrix)
+    predicted, support = matrix.sum(axis=0), matrix.sum(axis=1)
+
+    def ratio(num: Any, den: Any) -> Any:
+        return np.divide(num, den, out=np.zeros(classes), where=den != 0)
+
+    prec, rec = ratio(tp, predicted), ratio(tp, support)
+    f1 = ratio(2.0 * tp, support.astype(np.float64) + predicted)
     return {
-        "accuracy": float(accuracy),
-        "loss": float(loss),
-        "samples": int(len(y_test)),
         "per_class": {
             str(c): {
                 "precision": float(prec[c]),
@@ -257,9 +357,22 @@ def evaluate(model, x_test, y_test, classes: int) -> dict[str, Any]:
                 "f1": float(f1[c]),
                 "support": int(support[c]),
             }
-            for c in labels
+            for c in range(classes)
         },
-        "confusion_matrix": confusion_matrix(y_test, pred, labels=labels).tolist(),
+        "confusion_matrix": matrix.tolist(),
+    }
+
+
+def evaluate(model, x_test, y_test, classes: int) -> dict[str, Any]:
+    import numpy as np
+
+    loss, accuracy = model.evaluate(x_test, y_test, verbose=0)
+    pred = np.argmax(model.predict(x_test, verbose=0), axis=1)
+    return {
+        "accuracy": float(accuracy),
+        "loss": float(loss),
+        "samples": int(len(y_test)),
+        **classification_report(y_test, pred, classes),
     }
 
 
@@ -328,7 +441,7 @@ class TrainStage(Stage):
         x_train, y_train = data["x_train"], data["y_train"]
         x_test, y_test = data["x_test"], data["y_test"]
         convolutional = any(s.type.endswith("2d") for s in p.layers)
-        if (convolutional or p.augmentation != Augmentation()) and x_train.ndim != 4:
+        if (convolutional or p.augmentation.active) and x_train.ndim != 4:
             raise StageError(
                 f"convolutions and image augmentation need images (N, H, W, C); the dataset "
                 f"has shape {x_train.shape}",
