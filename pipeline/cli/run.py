@@ -235,7 +235,8 @@ def lineage_sync(run_dir: Path) -> None:
 
 @click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
-def reproduce(run_dir: Path) -> None:
+@trust_options
+def reproduce(run_dir: Path, owner_key: str | None, owner_key_file: Path | None) -> None:
     """Re-run RUN_DIR's recorded pipeline into a new run and compare every product.
 
     Exit 0 only when every compared product is identical; the comparison is written as a
@@ -243,7 +244,10 @@ def reproduce(run_dir: Path) -> None:
     """
     from pipeline.compare.reproduce import reproduce as do_reproduce
 
-    result = do_reproduce(run_dir, on_event=echo_progress)
+    # the original verifies against the owner you name, else its own workspace's owner key
+    result = do_reproduce(
+        run_dir, on_event=echo_progress, owner_key=owner_key, owner_key_file=owner_key_file
+    )
     click.echo(f"reproduced {result.original} as {result.reproduction}")
     for st in result.stages:
         for note in st.notes():

@@ -156,8 +156,16 @@ def compare_runs(old_dir: Path, new_dir: Path) -> list[StageComparison]:
 
 
 def reproduce(
-    run_dir: Path, *, on_event: Callable[[str], None] = lambda _m: None
+    run_dir: Path,
+    *,
+    on_event: Callable[[str], None] = lambda _m: None,
+    owner_key: str | None = None,
+    owner_key_file: Path | None = None,
 ) -> ReproduceResult:
+    """Re-run a recorded run in its own workspace and compare every product.
+
+    The original must verify first: against the owner key given, else against the owner key
+    of the workspace it belongs to (the one the reproduction runs in and signs with)."""
     run_dir = run_dir.resolve()
     record = read_run_record(run_dir)
     if record.get("status") != "succeeded":
@@ -168,7 +176,10 @@ def reproduce(
     # Reproduce only what verifies: a tampered original must not be declared reproducible.
     from pipeline.release.verify import verify_run
 
-    report = verify_run(run_dir)
+    trusted_ws = None if (owner_key or owner_key_file) else workspace_of_run(run_dir).root
+    report = verify_run(
+        run_dir, owner_key=owner_key, owner_key_file=owner_key_file, workspace=trusted_ws
+    )
     recorded = run_dir / "config.yaml"
     signed_config = {link.environment.get("config_sha256") for link in report.links.values()}
     if signed_config != {sha256_file(recorded)}:

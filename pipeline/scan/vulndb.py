@@ -37,6 +37,7 @@ from typing import Any
 
 from packaging.utils import canonicalize_name
 
+from pipeline import bounded
 from pipeline.errors import Error, InputError
 from pipeline.fsutil import atomic_write_bytes
 from pipeline.scan.osv import record_problem
@@ -131,19 +132,39 @@ def _yaml_loader() -> type:
 
 
 def _load_yaml(data: bytes, loader: type, where: str) -> Any:
+    """An OSV record in YAML, within pipeline.bounded's nesting and alias-expansion caps."""
     import yaml
 
     try:
-        return yaml.load(data, Loader=loader)  # noqa: S506 - a SafeLoader subclass
+        text = data.decode("utf-8")
+        bounded.compose_yaml(text, source=where)  # refuses alias bombs and deep nesting first
+        return yaml.load(text, Loader=loader)  # noqa: S506 - a SafeLoader subclass
+    except UnicodeDecodeError as e:
+        raise InputError(f"{where}: not UTF-8 text (bad byte at offset {e.start})") from e
     except yaml.YAMLError as e:
         raise InputError(f"{where}: not valid YAML: {e}") from e
 
 
 def _load_json(data: bytes, where: str) -> Any:
     try:
-        return json.loads(data)
+        return bounded.loads_json(data, source=where)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise InputError(f"{where}: not valid JSON: {e}") from e
+
+
+def _member(zf: zipfile.ZipFile, name: str, where: str) -> bytes:
+    """One record of an export zip, refused past the record cap before it is inflated."""
+    cap = bounded.RECORD_BYTES
+    limit = cap.value()
+    size = zf.getinfo(name).file_size
+    if size <= limit:
+        with zf.open(name) as fh:
+            data = fh.read(limit + 1)  # the header may lie: never inflate past the cap
+        if len(data) <= limit:
+            return data
+    raise bounded.LimitExceeded(
+        f"{where} expands past {cap.describe(limit)}", cap=cap, limit=limit, source=where
+    )
 
 
 def _iter_source(source: Path) -> Iterator[tuple[str, Any]]:
@@ -152,7 +173,7 @@ def _iter_source(source: Path) -> Iterator[tuple[str, Any]]:
         loader = None
         for path in _record_files(source):
             where = str(path)
-            data = path.read_bytes()
+            data = bounded.read_bytes(path, what="OSV record")
             if path.suffix == ".json":
                 yield where, _load_json(data, where)
             else:
@@ -163,9 +184,9 @@ def _iter_source(source: Path) -> Iterator[tuple[str, Any]]:
             for name in sorted(zf.namelist()):
                 if name.endswith(".json"):
                     where = f"{source}!{name}"
-                    yield where, _load_json(zf.read(name), where)
+                    yield where, _load_json(_member(zf, name, where), where)
     elif source.is_file() and source.suffix in _RECORD_SUFFIXES:
-        data = source.read_bytes()
+        data = bounded.read_bytes(source, what="OSV record")
         if source.suffix == ".json":
             yield str(source), _load_json(data, str(source))
         else:
