@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -183,3 +185,55 @@ def test_outside_a_repository_only_names_remain(tmp_path, monkeypatch):
     assert str(tmp_path) not in json.dumps(stmt)
     deps = {d["name"]: d for d in stmt["predicate"]["buildDefinition"]["resolvedDependencies"]}
     assert deps["lock:small.txt"]["annotations"] == {"path": "locks/small.txt"}
+
+
+ITA_VENV = Path(os.environ.get("CHAINPROOF_ITA_VENV", "/tmp/chainproof-in-toto-attestation"))
+PARSE = """
+import json, sys
+import google.protobuf.json_format as pbj
+from in_toto_attestation.v1.statement import Statement
+from in_toto_attestation.v1.statement_pb2 import Statement as StatementPB
+from in_toto_attestation.v1.resource_descriptor import ResourceDescriptor
+from in_toto_attestation.predicates.provenance.v1.provenance_pb2 import Provenance
+doc = json.load(sys.stdin)
+stmt = pbj.ParseDict(doc, StatementPB())  # unknown fields are errors
+Statement.copy_from_pb(stmt).validate()
+prov = pbj.ParseDict(doc["predicate"], Provenance())
+for rd in [*stmt.subject, *prov.build_definition.resolved_dependencies]:
+    ResourceDescriptor.copy_from_pb(rd).validate()
+print(len(prov.build_definition.resolved_dependencies), prov.run_details.builder.id)
+"""
+
+
+def ita_python() -> Path:
+    """The in-toto-attestation SLSA v1 bindings in a throwaway venv (not in the lock)."""
+    python = ITA_VENV / "bin" / "python"
+    if not python.exists():
+        try:
+            subprocess.run([sys.executable, "-m", "venv", str(ITA_VENV)], check=True, timeout=120)
+            subprocess.run(
+                [str(python), "-m", "pip", "install", "-q", "in-toto-attestation"],
+                check=True,
+                timeout=300,
+                capture_output=True,
+            )
+        except (subprocess.SubprocessError, OSError) as e:
+            shutil.rmtree(ITA_VENV, ignore_errors=True)
+            pytest.skip(f"in-toto-attestation could not be installed into {ITA_VENV}: {e}")
+    return python
+
+
+def test_the_in_toto_attestation_bindings_parse_our_provenance(tmp_path):
+    python = ita_python()
+    stmt = provenance(make_inputs(tmp_path, remote="git@git.example:org/p.git", dirty=True))
+    out = subprocess.run(
+        [str(python), "-c", PARSE],
+        input=json.dumps(stmt),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    count, builder = out.stdout.split()
+    assert int(count) == len(stmt["predicate"]["buildDefinition"]["resolvedDependencies"])
+    assert builder == stmt["predicate"]["runDetails"]["builder"]["id"]
