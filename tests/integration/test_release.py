@@ -171,6 +171,12 @@ def test_slsa_provenance_names_model_inputs_and_every_link(lone_bundle):
     assert run["builder"]["id"] and run["metadata"]["invocationId"]
     links = {f"attestations/{p.name}" for p in (bundle / "attestations").glob("*.link")}
     assert links <= {b["name"] for b in run["byproducts"]}
+    # portable: no builder path, no file: URI; the dataset's uri is a purl
+    text = json.dumps(stmt)
+    assert "file:" not in text and str(ROOT) not in text
+    deps = {d["name"]: d for d in build["resolvedDependencies"]}
+    assert deps["dataset:sklearn-digits"]["uri"].startswith("pkg:pypi/scikit-learn@")
+    assert "dirty" in deps["code"]["annotations"]
 
 
 def test_load_verified_returns_a_working_model(lone_bundle):
@@ -263,6 +269,32 @@ def test_serve_answers_predictions_over_http(lone_bundle):
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(bad, timeout=10)
         assert info.value.code == 422
+        # hostile values: NaN, 1e38 and unscaled 0..16 pixels are refused without an echo
+        flat = [round(float(v) / 16, 6) for v in digits.data[0]]
+        for poison in ("NaN", "1e38", "16.0"):
+            body = json.dumps({"instances": [flat[:-1]]})[:-3] + f", {poison}]]}}"
+            req = urllib.request.Request(
+                f"{url}/predict", data=body.encode(), headers={"Content-Type": "application/json"}
+            )
+            with pytest.raises(urllib.error.HTTPError) as info:
+                urllib.request.urlopen(req, timeout=10)
+            assert info.value.code == 422, poison
+            answer = info.value.read().decode()
+            assert str(flat[10]) not in answer and poison not in answer, answer
+        # a 108 MB body is refused by its Content-Length, before the server reads any of it
+        import http.client
+
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn.putrequest("POST", "/predict")
+        conn.putheader("Content-Type", "application/json")
+        conn.putheader("Content-Length", str(108 * 1000 * 1000))
+        conn.endheaders()
+        assert conn.getresponse().status == 413
+        conn.close()
+        assert json.loads(urllib.request.urlopen(f"{url}/openapi.json", timeout=10).read())
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(f"{url}/docs", timeout=10)
+        assert info.value.code == 404
     finally:
         server.terminate()
         server.wait(20)
