@@ -112,8 +112,9 @@ def installed_wheels(prefix: Path | None = None) -> dict[tuple[str, str], Instal
         except ValueError:
             continue
         digest = _sha256_of(info.get("archive_info")) if isinstance(info, dict) else None
-        if digest:
-            key = (str(canonicalize_name(dist.metadata["Name"])), dist.version)
+        name = dist.metadata["Name"]
+        if digest and isinstance(name, str):
+            key = (str(canonicalize_name(name)), dist.version)
             out[key] = InstalledWheel(digest, "direct_url.json", str(info.get("url")))
     report = (prefix or Path(sys.prefix)) / INSTALL_REPORT
     try:
@@ -128,10 +129,10 @@ def installed_wheels(prefix: Path | None = None) -> dict[tuple[str, str], Instal
         if not isinstance(meta, dict) or not isinstance(dl, dict):
             continue
         digest = _sha256_of(dl.get("archive_info"))
-        name, ver = meta.get("name"), meta.get("version")
-        if digest and isinstance(name, str) and isinstance(ver, str):
+        pname, ver = meta.get("name"), meta.get("version")
+        if digest and isinstance(pname, str) and isinstance(ver, str):
             url = dl.get("url") if isinstance(dl.get("url"), str) else None
-            out[(str(canonicalize_name(name)), ver)] = InstalledWheel(
+            out[(str(canonicalize_name(pname)), ver)] = InstalledWheel(
                 digest, "pip install report", url
             )
     return out
