@@ -59,6 +59,7 @@ class Metadata(BaseModel):
     model: str
     model_sha256: str
     verified: bool
+    input_shape: list[int]
     input: InputSpec
     max_body_bytes: int
 
@@ -208,6 +209,7 @@ def create_app(
     app = FastAPI(title="chainproof model server", version="1", docs_url=None, redoc_url=None)
     info = Metadata(
         **metadata,
+        input_shape=list(input_shape),
         input=InputSpec(shape=list(input_shape), range=list(input_range) if input_range else None),
         max_body_bytes=limit,
     )
