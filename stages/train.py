@@ -511,6 +511,9 @@ class TrainStage(Stage):
                     "sha256": sha256_file(dataset),
                     "source": manifest["source"],
                     "split": manifest["split"],
+                    # What the model was trained on: serve refuses inputs outside this range.
+                    "input_shape": [int(d) for d in x_train.shape[1:]],
+                    "input_range": [float(x_train.min()), float(x_train.max())],
                 },
                 "framework": {"tensorflow": tf.__version__, "keras": keras.__version__},
             },

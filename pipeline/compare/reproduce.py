@@ -28,6 +28,16 @@ from pipeline.workspace import Workspace, read_run_record, workspace_of_run
 STATEMENT_NAME = "reproduce.intoto.json"
 # Kinds whose products name their own run (run id, release version): compared via upstream.
 
+# Why SavedModel exports are never compared: measured, two exports of one .keras file in fresh
+# processes (same PYTHONHASHSEED, op determinism on) differ in every file, since Keras orders
+# the export's variables and graph nodes differently each time (and fingerprint.pb hashes
+# those). Calling them "identical" would be luck; comparing them would always fail.
+NOT_REPRODUCIBLE = (
+    "not byte-reproducible (each Keras SavedModel export orders its variables and graph nodes "
+    "differently); the weights it serves are compared through model.keras"
+)
+BOM_NAME = "bom.cdx.json"
+
 
 @dataclass
 class FileComparison:
@@ -41,7 +51,8 @@ class StageComparison:
     stage: str
     files: list[FileComparison] = field(default_factory=list)
     skipped: str = ""
-    exports_differ: list[str] = field(default_factory=list)
+    not_compared: list[str] = field(default_factory=list)  # SavedModel export files
+    equivalent: list[FileComparison] = field(default_factory=list)  # same content, not bytes
 
     @property
     def identical(self) -> bool:
@@ -52,11 +63,12 @@ class StageComparison:
         out = []
         if self.skipped:
             out.append(f"{self.stage}: not compared ({self.skipped})")
-        if self.exports_differ:
+        if self.not_compared:
             out.append(
-                f"{self.stage}: {len(self.exports_differ)} SavedModel export file(s) differ "
-                "(exports are not byte-stable; the weights are compared via model.keras)"
+                f"{self.stage}: {len(self.not_compared)} SavedModel export file(s) not compared: "
+                f"{NOT_REPRODUCIBLE}"
             )
+        out += [f"{f.name}: {f.detail}" for f in self.equivalent]
         return out
 
 
@@ -124,6 +136,46 @@ def compare_file(name: str, a: Path, b: Path) -> FileComparison:
     return FileComparison(name, False, detail)
 
 
+_BOM_LIMIT = 64 << 20
+
+
+def _bom_content(path: Path) -> Any:
+    """A CycloneDX BOM without what differs per build by design: its serialNumber, its
+    timestamp, and the digests of SavedModel export files (see NOT_REPRODUCIBLE)."""
+    if path.stat().st_size > _BOM_LIMIT:
+        raise ValueError(f"larger than {_BOM_LIMIT >> 20} MiB")
+    doc = json.loads(path.read_text())
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    doc.pop("serialNumber", None)
+    meta = doc.get("metadata")
+    if isinstance(meta, dict):
+        meta.pop("timestamp", None)
+        model = meta.get("component")
+        files = model.get("components") if isinstance(model, dict) else None
+        for f in files if isinstance(files, list) else []:
+            if isinstance(f, dict) and str(f.get("name", "")).startswith("saved_model/"):
+                f.pop("hashes", None)
+    return doc
+
+
+def compare_bom(name: str, a: Path, b: Path) -> FileComparison:
+    """Equal content apart from per-build fields is reported as such, never as identical."""
+    try:
+        ca, cb = _bom_content(a), _bom_content(b)
+    except (OSError, ValueError) as e:
+        return FileComparison(name, False, f"not a readable BOM: {e}")
+    if ca == cb:
+        return FileComparison(
+            name,
+            True,
+            "same content; not byte-identical by design (a new serialNumber and timestamp per "
+            "build; SavedModel file digests not compared)",
+        )
+    keys = sorted(k for k in set(ca) | set(cb) if ca.get(k) != cb.get(k))
+    return FileComparison(name, False, f"BOM content differs in: {', '.join(keys)}")
+
+
 def compare_runs(old_dir: Path, new_dir: Path) -> list[StageComparison]:
     old_rec, new_rec = read_run_record(old_dir), read_run_record(new_dir)
     old_links = (old_dir / old_rec["links"]).resolve()
@@ -144,12 +196,14 @@ def compare_runs(old_dir: Path, new_dir: Path) -> list[StageComparison]:
             if name not in old_p or name not in new_p:
                 where = "original" if name in old_p else "reproduction"
                 comp.files.append(FileComparison(name, False, f"only in the {where}"))
+            elif "/saved_model/" in name:
+                # Not compared even when the digests happen to match (see NOT_REPRODUCIBLE).
+                comp.not_compared.append(name)
             elif old_p[name] == new_p[name]:
                 comp.files.append(FileComparison(name, True))
-            elif "/saved_model/" in name:
-                # SavedModel exports embed per-export ids and are not byte-stable; the weights
-                # they serve are compared through the .keras file of the same stage.
-                comp.exports_differ.append(name)
+            elif name.endswith(f"/{BOM_NAME}"):
+                bom = compare_bom(name, old_dir / name, new_dir / name)
+                (comp.equivalent if bom.identical else comp.files).append(bom)
             else:
                 comp.files.append(compare_file(name, old_dir / name, new_dir / name))
     return out

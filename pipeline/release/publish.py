@@ -7,11 +7,14 @@ so a release appears whole or not at all.
 
 from __future__ import annotations
 
+import re
 import shutil
+import subprocess
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 from pipeline.bounded import read_json
 from pipeline.config import PipelineConfig
@@ -55,7 +58,118 @@ class ReleaseInputs:
     destination: Path  # releases/<name>/<version>
 
 
-def _dataset_dependencies(inp: ReleaseInputs) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class Repository:
+    """The git work tree a file of the build lives in, as others can name it."""
+
+    top: Path
+    remote: str | None  # a portable `git+<scheme>://host/path` URL, without credentials
+    commit: str | None
+    dirty: bool | None
+
+    def name_of(self, path: Path) -> str | None:
+        """`path` relative to the repository, or None when it lies outside it."""
+        try:
+            return path.resolve().relative_to(self.top).as_posix()
+        except ValueError:
+            return None
+
+    def uri_of(self, path: Path) -> str | None:
+        """`git+https://host/repo@<commit>#<path>`: where anyone can get this exact file."""
+        rel = self.name_of(path)
+        if rel is None or not self.remote or not self.commit:
+            return None
+        return f"{self.remote}@{self.commit}#{quote(rel)}"
+
+
+_SCP_LIKE = re.compile(r"^(?:(?P<user>[\w.-]+)@)?(?P<host>[\w.-]+):(?P<path>(?!/)[^\s]+)$")
+
+
+def portable_remote(url: str) -> str | None:
+    """A git remote as a SPDX/pip-style VCS URL (`git+https://host/org/repo.git`), with any
+    user name or token dropped (credentials must never reach a signed, published file); None
+    for a local path or `file:` remote, which names only the builder's disk."""
+    url = url.strip()
+    scp = _SCP_LIKE.match(url)
+    if scp and "://" not in url:
+        return f"git+ssh://{scp['host']}/{scp['path']}"
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http", "ssh", "git") or not parts.hostname:
+        return None
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return None
+    return urlunsplit((f"git+{parts.scheme}", f"{parts.hostname}{port}", parts.path, "", ""))
+
+
+def repository_of(directory: Path) -> Repository | None:
+    """The repository holding `directory` (its first remote, preferring origin), or None."""
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(
+                ["git", "-C", str(directory), *args], capture_output=True, text=True, timeout=30
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return out.stdout.strip() if out.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if not top:
+        return None
+    remotes = (git("remote") or "").split()
+    name = "origin" if "origin" in remotes else (remotes[0] if remotes else None)
+    url = git("remote", "get-url", name) if name else None
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return Repository(
+        top=Path(top).resolve(),
+        remote=portable_remote(url) if url else None,
+        commit=commit,
+        dirty=None if status is None else bool(status),
+    )
+
+
+def _file_dependency(
+    name: str, path: Path, digest: str, repo: Repository | None, bundled: str | None = None
+) -> dict[str, Any]:
+    """A resource descriptor for a file of the build: a git URI when the repository has a
+    remote, and always a path relative to the repository (or to the bundle), never the
+    builder's absolute path."""
+    dep: dict[str, Any] = {"name": name, "digest": {"sha256": digest}}
+    uri = repo.uri_of(path) if repo else None
+    if uri:
+        dep["uri"] = uri
+    rel = repo.name_of(path) if repo else None
+    dep["annotations"] = {"path": rel or bundled or path.name}
+    return dep
+
+
+_MEDIA_TYPES = {
+    ".npz": "application/x-npz",
+    ".npy": "application/x-npy",
+    ".csv": "text/csv",
+    ".gz": "application/gzip",
+}
+
+
+def dataset_uri(source: dict[str, Any]) -> str | None:
+    """The dataset's origin as a URI: its URL, or a purl for a file a package bundles
+    (`pkg:pypi/scikit-learn@1.6.1#sklearn/datasets/data/digits.csv.gz`); None for a local file."""
+    location = str(source.get("location", ""))
+    if source.get("kind") == "url" and location.startswith(("https://", "http://")):
+        return location
+    if source.get("kind") == "package":
+        # as the source stage writes it: "scikit-learn 1.6.1: sklearn/datasets/data/digits.csv.gz"
+        head, _, inner = location.partition(": ")
+        dist, _, ver = head.partition(" ")
+        if dist and ver and inner:
+            return f"pkg:pypi/{quote(dist.lower(), safe='')}@{quote(ver, safe='')}#{quote(inner)}"
+    return None
+
+
+def _dataset_dependencies(inp: ReleaseInputs, repo: Repository | None) -> list[dict[str, Any]]:
     deps: list[dict[str, Any]] = []
     for step, link in inp.links.items():
         for name, d in link.products.items():
@@ -66,58 +180,75 @@ def _dataset_dependencies(inp: ReleaseInputs) -> list[dict[str, Any]]:
                     raise InputError(f"{path} is not a dataset manifest (not a JSON object)")
                 origin = manifest.get("source")
                 origin = origin if isinstance(origin, dict) else {}
-                deps.append(
-                    {
-                        "name": f"dataset:{manifest.get('name')}",
-                        "uri": str(origin.get("location", name)),
-                        "digest": {"sha256": d["sha256"]},
-                        "annotations": {
-                            "origin_sha256": origin.get("sha256"),
-                            "split": manifest.get("split"),
-                        },
-                    }
-                )
-        origin = link.environment.get("base_model")
-        if origin:
-            deps.append(
-                {
-                    "name": f"base_model:{step}",
-                    "uri": origin["location"],
-                    "digest": {"sha256": origin["sha256"]},
-                    "annotations": {
-                        k: v for k, v in origin.items() if k not in ("location", "sha256")
-                    },
+                location = str(origin.get("location", ""))
+                # The descriptor is the origin (what the uri names, with its own digest); the
+                # canonical split file the chain starts from is named in the annotations.
+                dep: dict[str, Any] = {"name": f"dataset:{manifest.get('name')}"}
+                uri = dataset_uri(origin)
+                if origin.get("kind") == "file" and repo is not None:
+                    uri = repo.uri_of(Path(location))
+                if uri:
+                    dep["uri"] = uri
+                digest = origin.get("sha256")
+                dep["digest"] = {"sha256": digest if isinstance(digest, str) else d["sha256"]}
+                media = _MEDIA_TYPES.get(Path(location.split("?", 1)[0]).suffix)
+                if media:
+                    dep["mediaType"] = media
+                dep["annotations"] = {
+                    "kind": origin.get("kind"),
+                    "dataset_file": name,
+                    "dataset_sha256": d["sha256"],
+                    "split": manifest.get("split"),
                 }
-            )
+                if origin.get("kind") == "file":
+                    rel = repo.name_of(Path(location)) if repo else None
+                    dep["annotations"]["path"] = rel or Path(location).name
+                deps.append(dep)
+        base = link.environment.get("base_model")
+        if base:
+            location = str(base.get("location", ""))
+            dep = {"name": f"base_model:{step}", "digest": {"sha256": base["sha256"]}}
+            if urlsplit(location).scheme in ("https", "http"):
+                dep["uri"] = location
+            elif repo is not None and repo.uri_of(Path(location)):
+                dep["uri"] = repo.uri_of(Path(location))
+            dep["annotations"] = {
+                **{k: v for k, v in base.items() if k not in ("location", "sha256")},
+                "path": (repo.name_of(Path(location)) if repo else None) or Path(location).name,
+            }
+            deps.append(dep)
     return deps
 
 
 def write_provenance(inp: ReleaseInputs, released: list[str]) -> Path:
-    """SLSA provenance v1 for the released model files, signed by the runner's key."""
+    """SLSA provenance v1 for the released model files, signed by the runner's key.
+
+    Every URI is portable: files of the repository as `git+<remote>@<commit>#<path>` (or, with
+    no remote, a path relative to the repository), the locks also by their place in the bundle,
+    the dataset by its origin URL or purl; no absolute path of the builder's machine."""
     config = inp.config
+    repo = repository_of(config.base_dir)
     subjects = {
         name: d["sha256"]
         for step in released
         for name, d in inp.links[step].products.items()
         if name.endswith((".keras", ".h5")) or "/saved_model/" in name
     }
-    deps: list[dict[str, Any]] = [
-        {"name": "config", "uri": config.path.as_uri(), "digest": {"sha256": config.sha256}},
-    ]
+    deps: list[dict[str, Any]] = [_file_dependency("config", config.path, config.sha256, repo)]
     for lock, digest in inp.locks.items():
         deps.append(
-            {"name": f"lock:{lock.name}", "uri": lock.as_uri(), "digest": {"sha256": digest}}
+            _file_dependency(f"lock:{lock.name}", lock, digest, repo, bundled=f"locks/{lock.name}")
         )
-    deps += _dataset_dependencies(inp)
-    if inp.source_commit and inp.source_commit != "unknown":
-        deps.append(
-            {
-                "name": "source",
-                "uri": f"git+file://{config.base_dir}",
-                "digest": {"gitCommit": inp.source_commit},
-                "annotations": {"dirty": inp.code.get("dirty")},
-            }
-        )
+    deps += _dataset_dependencies(inp, repo)
+    commit = inp.source_commit if inp.source_commit not in (None, "unknown") else None
+    if commit:
+        source: dict[str, Any] = {"name": "source", "digest": {"gitCommit": commit}}
+        if repo and repo.remote:
+            source["uri"] = f"{repo.remote}@{commit}"
+        # The tree the config came from; a dirty tree means the commit alone does not
+        # reproduce it (the code digest below still pins chainproof's own files).
+        source["annotations"] = {"dirty": repo.dirty if repo else None}
+        deps.append(source)
     deps.append(
         {
             "name": "code",
@@ -129,11 +260,12 @@ def write_provenance(inp: ReleaseInputs, released: list[str]) -> Path:
         f"attestations/{p.name}": sha256_file(p)
         for p in sorted(inp.links_dir.glob("*.link")) + [inp.layout_path]
     }
+    config_ref = (repo.name_of(config.path) if repo else None) or config.path.name
     stmt = slsa_provenance(
         subjects=subjects,
         external={
             "pipeline": config.name,
-            "config": {"path": str(config.path), "sha256": config.sha256},
+            "config": {"path": config_ref, "sha256": config.sha256},
         },
         internal={
             "stages": [s.name for s in config.stages],
