@@ -37,7 +37,7 @@ train: setup
 verify: setup
 	$(CP) verify runs/latest --owner-key-file attestations/keys/owner.pub
 
-## test: the whole test suite (unit + integration), about 7 minutes on 2 cores
+## test: the whole test suite (unit + integration), about 15 minutes on 2 cores (560 tests)
 test: setup
 	$(PY) -m pytest -q tests
 
