@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from pipeline import bounded
 from pipeline.errors import InputError
 from pipeline.hashing import sha256_file
 from pipeline.provenance.links import Link, read_link
@@ -378,9 +379,10 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def _read_yaml(path: Path) -> Any:
+    """A recorded config copy: unsigned, so read within pipeline.bounded's caps (no alias bomb)."""
     _check_size(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = bounded.read_yaml(path, what="recorded config")
     except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:
         raise InputError(f"cannot read {path}: {e}") from e
     _check_depth(data, path)

@@ -211,3 +211,16 @@ def test_a_fine_tuned_release_points_at_its_shipped_upstream(tmp_path: Path, sig
         f"its chain: chainproof show {shipped}"
     ) in text.splitlines()
     assert read_chain(shipped).kind == "bundle"  # and it shows on its own
+
+
+def test_a_yaml_alias_bomb_in_a_recorded_config_is_refused_quickly(tmp_path: Path) -> None:
+    from pipeline.compare.recorded import _read_yaml
+    from pipeline.errors import InputError
+
+    lines = ['a0: &n0 ["x","x","x","x","x","x","x","x","x"]']
+    for i in range(1, 25):
+        lines.append(f"a{i}: &n{i} [" + ",".join([f"*n{i - 1}"] * 9) + "]")
+    path = tmp_path / "config.yaml"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(InputError, match="past the .*-node cap"):
+        _read_yaml(path)
