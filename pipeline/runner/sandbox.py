@@ -293,7 +293,7 @@ def link_view(
     stage changes nothing the stage reads, and a file added on the host is not in the view —
     with one bind per top-level directory instead of one per file (bubblewrap's cost grows
     with the square of the number of mounts). A file that cannot be linked (another
-    filesystem) is bound on its own over an empty placeholder in the view.
+    filesystem) is bound on its own over an empty stand-in file in the view.
     """
     anchor = Path(os.path.abspath(anchor))
     tops: dict[str, None] = {}

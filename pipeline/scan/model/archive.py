@@ -80,7 +80,7 @@ def scan_zip(out: Collector, loc: Location, name: str, fh: IO[bytes], depth: int
     try:
         zf = zipfile.ZipFile(fh)
         infos = zf.infolist()
-    # NotImplementedError (a RuntimeError): a directory entry claiming a zip version from the
+    # zipfile raises a RuntimeError subclass for a directory entry claiming a zip version from the
     # future; zipfile refuses it, and so does the scan.
     except (zipfile.BadZipFile, OSError, ValueError, EOFError, RuntimeError) as e:
         out.add(Severity.HIGH, "zip-malformed", f"not a readable zip: {e}", loc)
