@@ -16,18 +16,17 @@ from pipeline.compare.recorded import (
     RUN,
     link_files,
     release_identity,
+    require_target,
     run_links_dir,
     run_record,
     scan_record,
     stage_order,
 )
-from pipeline.errors import InputError
 from pipeline.provenance.links import Link
 from pipeline.release.verify import is_bundle
 from pipeline.workspace import DEPENDENCIES, UPSTREAM
 
 UNVERIFIED = "unverified view: use `chainproof verify` to check"
-_WHERE = "pass runs/<run-id>, runs/latest or releases/<name>/<version>"
 DIGEST_SHOWN = 16  # hex characters of each digest in the tree; JSON has them whole
 
 
@@ -67,10 +66,7 @@ class ChainView:
 
 def read_chain(path: Path) -> ChainView:
     """A run (`runs/<id>`, `runs/latest`) or a release bundle's chain, without verifying it."""
-    if not path.exists():
-        raise InputError(f"{path} does not exist", hint=_WHERE)
-    if not path.is_dir():
-        raise InputError(f"{path} is not a directory", hint=_WHERE)
+    require_target(path)
     return _read_bundle(path) if is_bundle(path) else _read_run(path)
 
 

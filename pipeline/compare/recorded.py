@@ -129,12 +129,17 @@ class Lineage:
         return next((s for s in self.stages if s.name == name), None)
 
 
-def load_lineage(path: Path) -> Lineage:
-    """Read a run (`runs/<id>`, `runs/latest`) or a release bundle, without verifying it."""
+def require_target(path: Path) -> None:
+    """`path` must be an existing directory: a run or a release bundle (InputError if not)."""
     if not path.exists():
         raise InputError(f"{path} does not exist", hint=_WHERE)
     if not path.is_dir():
         raise InputError(f"{path} is not a directory", hint=_WHERE)
+
+
+def load_lineage(path: Path) -> Lineage:
+    """Read a run (`runs/<id>`, `runs/latest`) or a release bundle, without verifying it."""
+    require_target(path)
     return _load_bundle(path) if is_bundle(path) else _load_run(path)
 
 
