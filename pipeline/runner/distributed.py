@@ -56,9 +56,24 @@ def plan_for(stage: StageConfig) -> Plan | None:
     return Plan(stage.name, int(d.get("workers", 1)), tuple(d.get("hosts") or ()))
 
 
+def refuse_hosts(plan: Plan) -> None:
+    """A cluster config is refused whole, before the run (from the layout's pins) and again
+    before any worker: never half-run with only this machine's workers."""
+    if plan.hosts:
+        raise InputError(
+            f"stage '{plan.stage}': distribution.hosts names a real cluster; this runner starts "
+            "workers on this machine only",
+            hint="drop hosts to train on 127.0.0.1 here; README 'Distributed training' says "
+            "what a cluster host needs",
+        )
+
+
 def worker_counts(stages: Sequence[StageConfig]) -> dict[str, int]:
     """{step: workers} for the layout's pins: the owner signs how many workers each step has."""
-    return {s.name: plan.workers for s in stages if (plan := plan_for(s)) is not None}
+    plans = [plan for s in stages if (plan := plan_for(s)) is not None]
+    for plan in plans:
+        refuse_hosts(plan)
+    return {plan.stage: plan.workers for plan in plans}
 
 
 def tf_config(addresses: Sequence[str], index: int) -> str:
@@ -198,13 +213,7 @@ class Workers:
         """Every worker to exit 0 -> 0. A worker that fails, or a run past `timeout`, stops
         every worker (process groups killed, none left behind) and raises StageFailed."""
         name, n = self.plan.stage, self.plan.workers
-        if self.plan.hosts:
-            raise InputError(
-                f"stage '{name}': distribution.hosts names a real cluster; this runner starts "
-                "workers on this machine only",
-                hint="drop hosts to train on 127.0.0.1 here; README 'Distributed training' "
-                "says what a cluster host needs",
-            )
+        refuse_hosts(self.plan)
         self.say(f"[{name}] checking the environment of {n} worker(s) before any starts")
         fingerprints = self._checked(n)
         with contextlib.ExitStack() as stack:

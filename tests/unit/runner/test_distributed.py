@@ -13,7 +13,7 @@ import pytest
 from pipeline.config import StageConfig
 from pipeline.errors import EnvironmentDrift, InputError, StageFailed
 from pipeline.runner import distributed, sandbox
-from pipeline.runner.distributed import Plan, Workers
+from pipeline.runner.distributed import STRATEGY, Plan, Workers
 
 # A worker: reads its TF_CONFIG; worker 0 serves one connection, the others connect to it
 # over 127.0.0.1 and also try an outside address (which must fail under the sandbox).
@@ -174,3 +174,20 @@ def test_hosts_are_refused_not_half_run(tmp_path) -> None:
     w = Workers(Plan("train", 2, ("10.0.0.1:2222", "10.0.0.2:2222")), lambda: FakeFingerprint())  # type: ignore[arg-type,return-value]
     with pytest.raises(InputError, match="this runner starts workers on this machine only"):
         run(tmp_path, w, "ok", sandbox.NO_SANDBOX)
+
+
+def test_a_cluster_config_is_refused_before_the_run() -> None:
+    """From the layout's pins, computed before any stage runs."""
+    stage = StageConfig(
+        name="train",
+        kind="train",
+        needs=(),
+        timeout=5,
+        lock=None,
+        outputs=(),
+        params={"distribution": {"strategy": STRATEGY, "workers": 2, "hosts": ["a:1", "b:1"]}},
+        impl=None,  # type: ignore[arg-type]
+    )
+    with pytest.raises(InputError) as info:
+        distributed.worker_counts([stage])
+    assert info.value.exit_code == 2
