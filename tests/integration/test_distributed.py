@@ -63,7 +63,7 @@ def test_two_workers_trained_verified_released_and_reproduced(tmp_path):
     ws = tmp_path / "ws"
     proc = chainproof("run", config(tmp_path), "--workspace", ws)
     assert proc.returncode == 0, proc.stderr + proc.stdout
-    assert "starting 2 workers on 127.0.0.1:23456, 127.0.0.1:23457" in proc.stdout
+    assert "starting 2 workers on 127.0.0.1:23456, 127.0.0.1:23457" in proc.stderr
     run = (ws / "runs" / "latest").resolve()
     assert list((ws / "releases" / "digits-dist").iterdir()), "released"
     (link,) = ws.glob(f"attestations/runs/{run.name}/train.*.link")
