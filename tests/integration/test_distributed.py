@@ -179,3 +179,20 @@ def test_a_drifted_worker_environment_is_refused_before_training(tmp_path):
     assert info.value.exit_code == 3
     assert not (runner.run_dir / "logs" / "train.stdout").exists(), "no worker ran"
     assert not list(runner.links_dir.glob("train.*.link"))
+
+
+def test_mirrored_trains_in_one_process_through_the_custom_loop(tmp_path):
+    body = DISTRIBUTED.replace(
+        "{strategy: multi_worker_mirrored, workers: 2}", "{strategy: mirrored}"
+    ).replace("@EPOCHS@", "1")
+    cfg = write_config(tmp_path / "cfg", body.split("  - name: package")[0])
+    ws = tmp_path / "ws"
+    proc = chainproof("run", cfg, "--workspace", ws)
+    assert proc.returncode == 0, proc.stderr
+    assert "starting" not in proc.stderr, "no workers: one process"
+    run = (ws / "runs" / "latest").resolve()
+    training = json.loads((run / "train" / "metrics.json").read_text())["training"]
+    assert training["path"] == "custom_loop" and training["strategy"] == "mirrored"
+    assert not list((run / "logs").glob("train.worker-*"))
+    (link,) = ws.glob(f"attestations/runs/{run.name}/train.*.link")
+    assert "workers" not in read_link(link).byproducts
