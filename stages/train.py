@@ -151,8 +151,41 @@ class BaseModelSpec(Params):
         return self
 
 
+MAX_WORKERS = 16  # beyond this one machine's loopback is not where the job belongs
+
+
+class Distribution(Params):
+    """How training is spread: TensorFlow's own strategies, nothing home-made.
+
+    `multi_worker_mirrored`: `workers` processes, each a full replica, gradients all-reduced
+    (the runner starts them; see pipeline/runner/distributed.py). `mirrored`: one process over
+    its local devices. `hosts` (host:port, one per worker, the chief first) names a real
+    cluster; without it the workers listen on 127.0.0.1 inside a private network namespace.
+    """
+
+    strategy: Literal["multi_worker_mirrored", "mirrored"]
+    workers: int = Field(1, ge=1, le=MAX_WORKERS)
+    hosts: tuple[str, ...] | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Distribution:
+        if self.strategy == "mirrored" and (self.workers != 1 or self.hosts):
+            raise ValueError("mirrored runs in one process: workers must be 1 and no hosts")
+        if self.hosts is not None:
+            if len(self.hosts) != self.workers:
+                raise ValueError(
+                    f"hosts names {len(self.hosts)} worker(s) but workers is {self.workers}"
+                )
+            for h in self.hosts:
+                host, _, port = h.rpartition(":")
+                if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                    raise ValueError(f"host {h!r} is not host:port")
+        return self
+
+
 class TrainParams(Params):
     base_model: BaseModelSpec | None = None
+    distribution: Distribution | None = None
     layers: tuple[LayerSpec, ...] = Field(SEED_CNN, min_length=1)
     augmentation: Augmentation = Augmentation()
     optimizer: Literal["adam", "sgd", "rmsprop"] = "adam"
@@ -163,6 +196,15 @@ class TrainParams(Params):
     early_stopping: EarlyStopping | None = None
     # keras.utils.set_random_seed seeds numpy too, which takes only 0 <= seed < 2**32.
     seed: int = Field(42, ge=0, lt=2**32)
+
+    @model_validator(mode="after")
+    def _distributable(self) -> TrainParams:
+        if self.distribution is not None and self.early_stopping is not None:
+            raise ValueError(
+                "early_stopping is not supported with distribution (the custom training loop "
+                "has no Keras callbacks); drop one of them"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------- augmentation
@@ -416,6 +458,237 @@ def plot_confusion(matrix: list[list[int]], path) -> None:
     plt.close(fig)
 
 
+# --------------------------------------------------------------------------- distributed
+#
+# Keras 3's model.fit fails under MultiWorkerMirroredStrategy (keras-team/keras#20585: "Attempt
+# to convert a value (PerReplica:{...})"), so the distributed path is a custom loop over the
+# same Keras model: the dataset distributed by the strategy, one strategy.run per step, the loss
+# averaged over the global batch, the Keras optimizer applying the all-reduced gradients.
+
+TIMING_PREFIX = "chainproof-timing "  # one stdout line the bench reads; never in a product
+PROBE_ROUNDS = 10
+
+
+def worker_task(d: Distribution) -> tuple[int, dict[str, Any]]:
+    """(this worker's index, TF_CONFIG) from the environment the runner set, checked against
+    the params: a worker started by hand with another cluster is refused, not trusted."""
+    import json
+
+    raw = os.environ.get("TF_CONFIG", "")
+    if not raw:
+        raise StageError(
+            "distribution.strategy multi_worker_mirrored needs TF_CONFIG; the runner sets it",
+            hint="run the pipeline with `chainproof run`, which starts every worker",
+        )
+    try:
+        tf_config = json.loads(raw)
+        cluster = tf_config["cluster"]["worker"]
+        index = tf_config["task"]["index"]
+        kind = tf_config["task"]["type"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise StageError(f"TF_CONFIG is not a worker's cluster spec: {e}") from None
+    if (
+        kind != "worker"
+        or not isinstance(index, int)
+        or not isinstance(cluster, list)
+        or len(cluster) != d.workers
+        or not 0 <= index < d.workers
+    ):
+        raise StageError(
+            f"TF_CONFIG names task {kind} {index} of {len(cluster)} worker(s); the params say "
+            f"{d.workers}"
+        )
+    return index, tf_config
+
+
+def make_strategy(tf: Any, d: Distribution) -> Any:
+    if d.strategy == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    impl = tf.distribute.experimental.CommunicationImplementation.RING  # CPU: ring all-reduce
+    return tf.distribute.MultiWorkerMirroredStrategy(
+        communication_options=tf.distribute.experimental.CommunicationOptions(implementation=impl)
+    )
+
+
+def predict_batches(model: Any, x: Any, batch_size: int) -> Any:
+    """Class probabilities, batch by batch, in this process only (no collective): every
+    worker holds the same weights, so any of them can evaluate."""
+    import numpy as np
+
+    out = [
+        np.asarray(model(x[i : i + batch_size], training=False))
+        for i in range(0, len(x), batch_size)
+    ]
+    return np.concatenate(out) if out else np.zeros((0,), np.float32)
+
+
+def scores(probs: Any, y: Any) -> tuple[float, float]:
+    """(mean sparse categorical cross-entropy, accuracy), as Keras computes them (eps-clipped)."""
+    import numpy as np
+
+    if len(y) == 0:
+        return 0.0, 0.0
+    picked = np.clip(probs[np.arange(len(y)), np.asarray(y, np.int64)], 1e-7, 1.0)
+    return float(-np.mean(np.log(picked))), float(np.mean(np.argmax(probs, 1) == y))
+
+
+def weights_sha256(model: Any) -> str:
+    """Digest of every weight's bytes, in model order: equal on every worker after a step."""
+    import hashlib
+
+    import numpy as np
+
+    h = hashlib.sha256()
+    for v in model.weights:
+        h.update(np.ascontiguousarray(np.asarray(v)).tobytes())
+    return h.hexdigest()
+
+
+def fit_distributed(
+    tf: Any, keras: Any, make_model: Any, make_optimizer: Any, x: Any, y: Any, p: TrainParams
+) -> tuple[Any, dict[str, list[float]], dict[str, Any]]:
+    """(model, history, what ran): the custom loop under the configured strategy."""
+    import time
+
+    import numpy as np
+
+    d = p.distribution
+    assert d is not None
+    strategy = make_strategy(tf, d)
+    with strategy.scope():
+        model = make_model()
+        optimizer = make_optimizer()
+    n_val = int(len(x) * p.validation_split)
+    x_fit, y_fit = x[: len(x) - n_val], y[: len(y) - n_val]
+    x_val, y_val = x[len(x) - n_val :], y[len(y) - n_val :]
+    if len(x_fit) < p.batch_size:
+        raise StageError(
+            f"{len(x_fit)} training sample(s) make no full batch of {p.batch_size}; distributed "
+            "training drops the last partial batch (every worker must run the same steps)",
+            hint="lower batch_size or use more data",
+        )
+    # batch_size is the global batch: each of the replicas gets batch_size / replicas of it.
+    train = tf.data.Dataset.from_tensor_slices((x_fit, y_fit)).shuffle(
+        len(x_fit), seed=p.seed, reshuffle_each_iteration=True
+    )
+    train = train.batch(p.batch_size, drop_remainder=True)
+    if p.augmentation.active:
+        train = augment(tf, train, p.augmentation, p.seed)
+    options = tf.data.Options()
+    # Every worker builds the same dataset from the same array; DATA sharding gives each its
+    # slice of every global batch (FILE sharding needs files).
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    dist = strategy.experimental_distribute_dataset(train.with_options(options))
+    loss_fn = keras.losses.SparseCategoricalCrossentropy(reduction="none")
+    global_batch = p.batch_size
+
+    def replica_step(images: Any, labels: Any) -> tuple[Any, Any]:
+        with tf.GradientTape() as tape:
+            probs = model(images, training=True)
+            loss = tf.nn.compute_average_loss(
+                loss_fn(labels, probs), global_batch_size=global_batch
+            )
+            if model.losses:
+                loss += tf.nn.scale_regularization_loss(tf.add_n(model.losses))
+        grads = tape.gradient(loss, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables, strict=True))
+        hits = tf.cast(tf.argmax(probs, axis=-1), labels.dtype) == labels
+        return loss, tf.reduce_sum(tf.cast(hits, tf.float32))
+
+    @tf.function
+    def train_step(images: Any, labels: Any) -> tuple[Any, Any]:
+        loss, hits = strategy.run(replica_step, args=(images, labels))
+        total = tf.distribute.ReduceOp.SUM
+        return strategy.reduce(total, loss, axis=None), strategy.reduce(total, hits, axis=None)
+
+    history: dict[str, list[float]] = {"loss": [], "accuracy": []}
+    if n_val:
+        history.update(val_loss=[], val_accuracy=[])
+    step_times: list[float] = []
+    steps = 0
+    for epoch in range(p.epochs):
+        losses, hits, seen = [], 0.0, 0
+        for images, labels in dist:
+            t0 = time.perf_counter()
+            loss, correct = train_step(images, labels)
+            losses.append(float(loss))  # float() waits for the step: the time is the step's
+            step_times.append(time.perf_counter() - t0)
+            hits += float(correct)
+            seen += global_batch
+            steps += 1
+        history["loss"].append(float(np.mean(losses)))
+        history["accuracy"].append(hits / seen)
+        line = f"epoch {epoch + 1}/{p.epochs}: loss {history['loss'][-1]:.4f}"
+        if n_val:
+            val_loss, val_acc = scores(predict_batches(model, x_val, p.batch_size), y_val)
+            history["val_loss"].append(val_loss)
+            history["val_accuracy"].append(val_acc)
+            line += f", val_loss {val_loss:.4f}"
+        print(line, flush=True)
+    ran = {
+        "path": "custom_loop",
+        "strategy": d.strategy,
+        "workers": d.workers,
+        "replicas_in_sync": int(strategy.num_replicas_in_sync),
+        "global_batch_size": global_batch,
+        "steps": steps,
+        "partial_batch": "dropped",
+    }
+    print(TIMING_PREFIX + _timing(tf, strategy, model, step_times), flush=True)
+    return model, history, ran
+
+
+def _timing(tf: Any, strategy: Any, model: Any, step_times: list[float]) -> str:
+    """Step times and an all-reduce probe of the gradients' size: the share of a step spent in
+    collective communication, for the bench. Logged, never in a product (it is not
+    reproducible)."""
+    import json
+    import time
+
+    def probe() -> Any:
+        ctx = tf.distribute.get_replica_context()
+        return ctx.all_reduce(
+            tf.distribute.ReduceOp.SUM, [tf.zeros_like(v) for v in model.trainable_variables]
+        )
+
+    fn = tf.function(lambda: strategy.run(probe))
+    fn()  # traced and the collective's ring set up, outside the timing
+    t0 = time.perf_counter()
+    for _ in range(PROBE_ROUNDS):
+        out = fn()
+    float(tf.reduce_sum(strategy.experimental_local_results(out)[0][0]))
+    collective = (time.perf_counter() - t0) / PROBE_ROUNDS
+    steady = step_times[1:] or step_times  # the first step includes tracing
+    per_step = sum(steady) / len(steady) if steady else 0.0
+    return json.dumps(
+        {
+            "steps": len(step_times),
+            "first_step_s": step_times[0] if step_times else 0.0,
+            "step_s": per_step,
+            "allreduce_s": collective,
+            "collective_share": min(1.0, collective / per_step) if per_step else 0.0,
+        },
+        sort_keys=True,
+    )
+
+
+def evaluate_local(
+    model: Any, x_test: Any, y_test: Any, classes: int, batch: int
+) -> dict[str, Any]:
+    """evaluate() for a model trained under a strategy: the same figures, computed here."""
+    import numpy as np
+
+    probs = predict_batches(model, x_test, batch)
+    loss, accuracy = scores(probs, y_test)
+    pred = np.argmax(probs, axis=1) if len(probs) else np.zeros((0,), np.int64)
+    return {
+        "accuracy": accuracy,
+        "loss": loss,
+        "samples": int(len(y_test)),
+        **classification_report(y_test, pred, classes),
+    }
+
+
 class TrainStage(Stage):
     kind = "train"
     Params = TrainParams
@@ -448,6 +721,12 @@ class TrainStage(Stage):
                 hint="set image_shape in the source stage's params",
             )
 
+        d = p.distribution
+        chief = True
+        if d is not None and d.strategy == "multi_worker_mirrored":
+            index, _ = worker_task(d)  # checked before TF loads
+            chief = index == 0  # the chief writes the model; the others only train
+
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import tensorflow as tf
 
@@ -457,37 +736,32 @@ class TrainStage(Stage):
         tf.config.experimental.enable_op_determinism()
 
         classes = int(manifest["classes"])
-        if p.base_model is not None:
-            model = self._load_base(ctx, keras, classes)
-        else:
-            model = build_model(keras, x_train.shape[1:], classes, p)
-        optimizer = {
-            "adam": keras.optimizers.Adam,
-            "sgd": keras.optimizers.SGD,
-            "rmsprop": keras.optimizers.RMSprop,
-        }[p.optimizer](learning_rate=p.learning_rate)
-        model.compile(
-            optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"]
-        )
-        train_ds, val_ds = make_datasets(tf, x_train, y_train, p)
-        callbacks = []
-        if p.early_stopping:
-            es = p.early_stopping
-            if es.monitor.startswith("val_") and val_ds is None:
-                raise StageError(f"early_stopping monitors {es.monitor} but validation_split is 0")
-            callbacks.append(
-                keras.callbacks.EarlyStopping(
-                    monitor=es.monitor,
-                    patience=es.patience,
-                    min_delta=es.min_delta,
-                    restore_best_weights=es.restore_best_weights,
-                )
+
+        def make_model() -> Any:
+            if p.base_model is not None:
+                return self._load_base(ctx, keras, classes)
+            return build_model(keras, x_train.shape[1:], classes, p)
+
+        def make_optimizer() -> Any:
+            return {
+                "adam": keras.optimizers.Adam,
+                "sgd": keras.optimizers.SGD,
+                "rmsprop": keras.optimizers.RMSprop,
+            }[p.optimizer](learning_rate=p.learning_rate)
+
+        if d is not None:
+            model, hist, ran = fit_distributed(
+                tf, keras, make_model, make_optimizer, x_train, y_train, p
             )
-        history = model.fit(
-            train_ds, validation_data=val_ds, epochs=p.epochs, callbacks=callbacks, verbose=2
-        )
-        hist = {k: [float(v) for v in vals] for k, vals in history.history.items()}
-        test = evaluate(model, x_test, y_test, classes)
+            print(f"weights sha256 {weights_sha256(model)}", flush=True)
+            if not chief:
+                print("worker done; the chief writes the outputs")
+                return
+            test = evaluate_local(model, x_test, y_test, classes, p.batch_size)
+        else:
+            model, hist = self._fit(tf, keras, make_model(), make_optimizer(), x_train, y_train, p)
+            ran = {"path": "keras_fit", "strategy": "default", "workers": 1}
+            test = evaluate(model, x_test, y_test, classes)
 
         model.save(ctx.output(MODEL))
         canonicalize_keras_file(ctx.output(MODEL))
@@ -516,9 +790,37 @@ class TrainStage(Stage):
                     "input_range": [float(x_train.min()), float(x_train.max())],
                 },
                 "framework": {"tensorflow": tf.__version__, "keras": keras.__version__},
+                "training": ran,  # which path ran: keras_fit, or the custom loop and strategy
             },
         )
         print(f"test accuracy {test['accuracy']:.4f}, loss {test['loss']:.4f}")
+
+    @staticmethod
+    def _fit(
+        tf: Any, keras: Any, model: Any, optimizer: Any, x: Any, y: Any, p: TrainParams
+    ) -> tuple[Any, dict[str, list[float]]]:
+        """Single-process training: Keras' own model.fit."""
+        model.compile(
+            optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"]
+        )
+        train_ds, val_ds = make_datasets(tf, x, y, p)
+        callbacks = []
+        if p.early_stopping:
+            es = p.early_stopping
+            if es.monitor.startswith("val_") and val_ds is None:
+                raise StageError(f"early_stopping monitors {es.monitor} but validation_split is 0")
+            callbacks.append(
+                keras.callbacks.EarlyStopping(
+                    monitor=es.monitor,
+                    patience=es.patience,
+                    min_delta=es.min_delta,
+                    restore_best_weights=es.restore_best_weights,
+                )
+            )
+        history = model.fit(
+            train_ds, validation_data=val_ds, epochs=p.epochs, callbacks=callbacks, verbose=2
+        )
+        return model, {k: [float(v) for v in vals] for k, vals in history.history.items()}
 
     @staticmethod
     def _load_base(ctx: StageContext, keras, classes: int):

@@ -2,7 +2,8 @@
 
 Order: layout signature (owner key) -> layout expiry -> links present and well-formed ->
 link signatures (functionary keys the layout names) -> expected commands (enforced) ->
-return values -> artifact rules (MATCH/REQUIRE/CREATE/DISALLOW) -> artifacts on disk.
+return values -> training workers (provenance/workers.py) -> artifact rules
+(MATCH/REQUIRE/CREATE/DISALLOW) -> artifacts on disk.
 The first failing check raises VerificationError naming the step, the rule and the artifact.
 """
 
@@ -31,6 +32,7 @@ from pipeline.hashing import hash_files
 from pipeline.provenance.keys import PublicKey
 from pipeline.provenance.layout import LayoutPins, pins_of
 from pipeline.provenance.links import link_filename, load_metadata
+from pipeline.provenance.workers import verify_workers
 
 
 @dataclass
@@ -413,6 +415,7 @@ def verify_chain(
     _verify_binding(reduced, report)
     _verify_return_values(reduced)
     report.passed("return values", "every step exited 0")
+    verify_workers(reduced, report, disk.root if disk is not None else None)
     try:
         verifylib.verify_all_item_rules(layout.steps, reduced)
     except RuleVerificationError as e:

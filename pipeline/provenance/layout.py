@@ -46,6 +46,9 @@ class LayoutPins:
     # signed on the fly for one run (then `run_id` names it).
     signed_by: str = "owner"
     run_id: str | None = None
+    # step -> how many training workers it runs (distribution.workers): verify holds every
+    # such link to exactly that many worker records.
+    workers: dict[str, int] = field(default_factory=dict)
 
     def to_readme(self) -> str:
         body = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"))

@@ -39,7 +39,7 @@ from pipeline.provenance.layout import stage_command
 from pipeline.provenance.links import Link, link_filename, read_link, write_link
 from pipeline.provenance.statements import write_signed_statement
 from pipeline.release.publish import ReleaseInputs, publish
-from pipeline.runner import basemodel, sandbox
+from pipeline.runner import basemodel, distributed, sandbox
 from pipeline.runner.gates import check_dependencies, model_scan_statement, scan_models
 from pipeline.runner.record import (
     RunRecord,
@@ -462,7 +462,17 @@ class Runner:
                 if n.split("/", 1)[0] not in ("logs", "tmp", stage.name)
             ]
             visible.append(self.links_dir)
-        rc = sandbox.execute(
+        plan = distributed.plan_for(stage)  # several TensorFlow workers: started together
+        workers = plan and distributed.Workers(
+            plan,
+            distributed.environment_check(
+                self.lock_for(stage.lock or self.config.lock),
+                python,
+                verify_files=self.verify_files,
+            ),
+            self.say,
+        )
+        rc = (workers.execute if workers else sandbox.execute)(
             [str(python), *command[1:]],
             workdir=workdir,
             scratch=self.run_dir / "tmp" / stage.name,
@@ -527,6 +537,8 @@ class Runner:
         link_byproducts = byproducts(
             rc, {w: (n, log_digests[n]) for w, n in log_names.items()}, timings["execute"]
         )
+        if workers:  # every worker's environment, exit status and log digests
+            link_byproducts.update(workers.byproducts(self._hash))
         environment = {
             **fingerprint.as_dict(),
             "determinism": determinism(stage),

@@ -19,7 +19,7 @@ import shutil
 import signal
 import subprocess
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib.util import find_spec
 from pathlib import Path
@@ -170,6 +170,9 @@ class Mounts:
     # The run directory: read-only files under it are shown through a private tree of hard
     # links, one bind per top-level directory (see link_view); others are bound one by one.
     anchor: Path | None = None
+    # Shown at the working directory's path instead of it (a non-chief training worker's
+    # private directory: it sees the stage's layout but cannot write the chief's products).
+    workdir_source: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -373,6 +376,8 @@ def bwrap_args(
     base = [*interpreter_roots(python), *packages]
     loose = coalesce(mounts.read_only)
     rw = [workdir, scratch, *mounts.read_write]
+    if mounts.workdir_source is not None:
+        check_visible([mounts.workdir_source], mounts.forbidden)
     check_visible([*base, *loose, *rw, *(p for pair in view for p in pair)], mounts.forbidden)
     for p in dict.fromkeys(Path(os.path.abspath(p)) for p in base):
         args += ["--ro-bind", os.path.realpath(p), str(p)]
@@ -383,7 +388,8 @@ def bwrap_args(
         # rename over the host path does not change what the stage reads.
         args += ["--ro-bind", os.path.realpath(p), str(p)]
     for p in dict.fromkeys(Path(os.path.abspath(p)) for p in rw):
-        args += ["--bind", os.path.realpath(p), str(p)]
+        source = mounts.workdir_source if p == Path(os.path.abspath(workdir)) else None
+        args += ["--bind", os.path.realpath(source or p), str(p)]
     # The directories bubblewrap created to hold the binds (../source/ around a bound
     # dataset) live on its root tmpfs; read-only, so a stage cannot add files beside them.
     args += ["--remount-ro", "/", "--chdir", str(workdir)]
@@ -426,27 +432,63 @@ def _exit_code(status_fd: int) -> int | None:
     return code
 
 
-def execute(
+@dataclass
+class Started:
+    """A stage process under way (see `spawn`): its Popen, and how to read its exit code."""
+
+    proc: subprocess.Popen[bytes]
+    logs: StageLogs
+    status_fd: int = -1
+
+    def exit_code(self, rc: int) -> int:
+        """The command's own exit code (under bubblewrap: from its status, not bubblewrap's).
+
+        Raises SandboxUnavailable when bubblewrap could not set the sandbox up."""
+        if self.status_fd < 0:
+            return rc
+        code = _exit_code(self.status_fd)
+        if code is None:
+            raise SandboxUnavailable(
+                f"bubblewrap could not set up the sandbox (exit {rc}): "
+                + (self.logs.tail().splitlines()[-1:] or ["no message"])[0],
+                hint="read the stage's stderr log; a material or the workspace in an "
+                "unusual place (a special file, a path bubblewrap cannot create) is the "
+                "usual cause. Or run with --no-sandbox (recorded)",
+            )
+        return code
+
+    def kill(self) -> None:
+        """SIGKILL its whole process group (bubblewrap's; the sandboxed command dies with it:
+        --die-with-parent, and the pid namespace ends with its init)."""
+        if self.proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+@contextlib.contextmanager
+def spawn(
     argv: list[str],
     *,
     workdir: Path,
     scratch: Path,
     logs: StageLogs,
-    timeout: int,
     sandbox: Sandbox = NO_SANDBOX,
     mounts: Mounts = Mounts(),
     packages: Sequence[Path] | None = None,
-) -> int | None:
-    """Run `argv` in `workdir`; its return code, or None when it timed out and was killed.
+    env: Mapping[str, str] | None = None,
+    prefix: Sequence[str] = (),
+) -> Iterator[Started]:
+    """Start `argv` as `execute` does and yield it running; when the block ends it is killed
+    if still alive, and its scratch removed, whatever happened.
 
-    `argv[0]` is the interpreter. Under bubblewrap only what `mounts` names (plus the
-    system, the interpreter and chainproof's packages) is visible. `scratch` (HOME, TMPDIR)
-    is created here and removed afterwards, whatever happens. Raises SandboxUnavailable when
-    bubblewrap could not set the sandbox up (the stage never started).
+    `env`: variables added to the scrubbed environment (a worker's TF_CONFIG). `prefix`: a
+    command the sandbox is started through (nsenter into a shared loopback-only network).
     """
     fds: list[int] = []
     status_fd = -1
     view = scratch.with_name(scratch.name + ".view")  # beside the scratch, never bound itself
+    started: Started | None = None
     try:
         command = argv
         if sandbox.enabled:
@@ -472,6 +514,7 @@ def execute(
             args_fd = _memfd("bwrap-args", b"".join(a.encode() + b"\0" for a in opts))
             fds.append(args_fd)
             command = [
+                *prefix,
                 str(sandbox.path),
                 "--args",
                 str(args_fd),
@@ -485,7 +528,7 @@ def execute(
             proc = subprocess.Popen(
                 command,
                 cwd=workdir,
-                env=stage_environment(scratch),
+                env={**stage_environment(scratch), **(env or {})},
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=err,
@@ -493,36 +536,56 @@ def execute(
                 preexec_fn=_die_with_parent,
                 pass_fds=fds,
             )
-            try:
-                rc: int | None = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                # bubblewrap's own process group; the sandboxed command dies with it
-                # (--die-with-parent, and the pid namespace ends with its init).
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                rc = None
-            except BaseException:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-                raise
-        if sandbox.enabled and rc is not None:
-            code = _exit_code(status_fd)
-            if code is None:
-                raise SandboxUnavailable(
-                    f"bubblewrap could not set up the sandbox (exit {rc}): "
-                    + (logs.tail().splitlines()[-1:] or ["no message"])[0],
-                    hint="read the stage's stderr log; a material or the workspace in an "
-                    "unusual place (a special file, a path bubblewrap cannot create) is the "
-                    "usual cause. Or run with --no-sandbox (recorded)",
-                )
-            rc = code
+        started = Started(proc, logs, status_fd)
+        yield started
     finally:
+        if started is not None and started.proc.poll() is None:
+            started.kill()
         for fd in fds:
             os.close(fd)
         shutil.rmtree(scratch, ignore_errors=True)
         shutil.rmtree(view, ignore_errors=True)
         with contextlib.suppress(OSError):
             scratch.parent.rmdir()  # only when no other stage's scratch is left
+
+
+def execute(
+    argv: list[str],
+    *,
+    workdir: Path,
+    scratch: Path,
+    logs: StageLogs,
+    timeout: int,
+    sandbox: Sandbox = NO_SANDBOX,
+    mounts: Mounts = Mounts(),
+    packages: Sequence[Path] | None = None,
+) -> int | None:
+    """Run `argv` in `workdir`; its return code, or None when it timed out and was killed.
+
+    `argv[0]` is the interpreter. Under bubblewrap only what `mounts` names (plus the
+    system, the interpreter and chainproof's packages) is visible. `scratch` (HOME, TMPDIR)
+    is created here and removed afterwards, whatever happens. Raises SandboxUnavailable when
+    bubblewrap could not set the sandbox up (the stage never started).
+    """
+    with spawn(
+        argv,
+        workdir=workdir,
+        scratch=scratch,
+        logs=logs,
+        sandbox=sandbox,
+        mounts=mounts,
+        packages=packages,
+    ) as started:
+        try:
+            rc: int | None = started.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            started.kill()
+            rc = None
+        except BaseException:
+            started.kill()
+            raise
+        if rc is not None:
+            rc = started.exit_code(rc)
     return rc
 
 

@@ -16,6 +16,7 @@ from pipeline.hashing import sha256_file
 from pipeline.provenance import keys as keymod
 from pipeline.provenance.chain import VerifyReport, load_layout
 from pipeline.provenance.layout import LayoutPins, compile_layout, signed_layout_bytes
+from pipeline.runner.distributed import worker_counts
 
 
 @contextmanager
@@ -66,6 +67,7 @@ def layout_pins(
         code=dict(code.files),
         signed_by=signed_by,
         run_id=run_id,
+        workers=worker_counts(config.stages),
     )
 
 
