@@ -51,6 +51,10 @@ UPSTREAM = "upstream reruns"
 EXTERNAL = "external input"
 PUBLISHES = "publishes"
 UNKNOWN = "unknown"
+# The order of the checks: a reason found later means an earlier link that matched more, so
+# it is the one worth reporting ("the inputs are all the same, but a product was tampered").
+_CHECK_ORDER = (SIGNATURE, NOT_THIS_STEP, COMMAND, CODE, LOCK, SANDBOX, SPEC, MATERIAL)
+_CHECK_ORDER += (EXTERNAL, PRODUCT, LOG)
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ class Earlier:
 class Verdict:
     stage: str
     earlier: Earlier | None
-    reasons: tuple[Reason, ...] = ()  # newest first; the first is the one to report
+    reasons: tuple[Reason, ...] = ()  # one per earlier link refused, newest first
 
     @property
     def reusable(self) -> bool:
@@ -97,7 +101,11 @@ class Verdict:
 
     @property
     def reason(self) -> Reason | None:
-        return self.reasons[0] if self.reasons else None
+        """The refusal of the earlier link that came closest (the newest among equals)."""
+        if not self.reasons:
+            return None
+        rank = {kind: i for i, kind in enumerate(_CHECK_ORDER)}
+        return max(reversed(self.reasons), key=lambda r: rank.get(r.kind, -1))
 
 
 @dataclass(frozen=True)
