@@ -53,8 +53,8 @@ PUBLISHES = "publishes"
 UNKNOWN = "unknown"
 # The order of the checks: a reason found later means an earlier link that matched more, so
 # it is the one worth reporting ("the inputs are all the same, but a product was tampered").
-_CHECK_ORDER = (SIGNATURE, NOT_THIS_STEP, COMMAND, CODE, LOCK, SANDBOX, SPEC, MATERIAL)
-_CHECK_ORDER += (EXTERNAL, PRODUCT, LOG)
+_CHECK_ORDER: tuple[str, ...] = (SIGNATURE, NOT_THIS_STEP, COMMAND, CODE, LOCK, SANDBOX)
+_CHECK_ORDER += (SPEC, MATERIAL, EXTERNAL, PRODUCT, LOG)
 
 
 @dataclass(frozen=True)
