@@ -23,7 +23,7 @@ from pipeline import bounded
 from pipeline.codedigest import CodeManifest
 from pipeline.config import StageConfig
 from pipeline.errors import InputError
-from pipeline.hashing import hash_many, scan_tree, sha256_file
+from pipeline.hashing import hash_many, scan_tree, sha256_bytes, sha256_file
 from pipeline.provenance.keys import PublicKey
 from pipeline.provenance.layout import stage_command
 from pipeline.provenance.links import Link, LinkSignatureError, link_filename, read_signed_link
@@ -123,7 +123,9 @@ class Expected:
 class _Refused(Exception):
     def __init__(self, kind: str, detail: str) -> None:
         super().__init__(detail)
-        self.kind, self.detail = kind, detail
+        # names and commands come from records on disk: escape what could forge report lines
+        self.kind = kind
+        self.detail = "".join(c if c.isprintable() else repr(c)[1:-1] for c in detail)
 
 
 def earlier_runs(workspace: Workspace, *, exclude: str | None = None) -> list[str]:
@@ -269,10 +271,10 @@ class StageReuse:
     def find(self, want: Expected, *, adopt_into: Path | None = None) -> Verdict:
         """The newest earlier link that proves `want`, or why none does.
 
-        Without `adopt_into` (status), the earlier products are re-hashed where they are;
-        with it (a run), they are placed in `adopt_into` first and re-hashed there, so what
-        the new run attests is exactly what was checked. A refused adoption leaves
-        `adopt_into` empty.
+        Without `adopt_into` (status), the earlier products and logs are re-hashed where they
+        are; with it (the new run's directory), they are placed there first (`<stage>/...`,
+        `logs/<stage>.*`) and re-hashed where they landed, so what the new run attests is
+        exactly what was checked. A refused adoption takes back what it placed.
         """
         stage = want.stage
         if stage.impl.publishes:
@@ -294,7 +296,7 @@ class StageReuse:
             except _Refused as e:
                 reasons.append(Reason(e.kind, e.detail, run_id))
                 if adopt_into is not None:
-                    _empty(adopt_into)
+                    _clear(adopt_into, stage.name)
                 continue
             return Verdict(stage.name, earlier, tuple(reasons))
         if not reasons:
@@ -358,9 +360,12 @@ class StageReuse:
         signed = link.materials.get(name)
         path = run_dir / name
         try:
-            if os.path.islink(path) or sha256_file(path) != _digest(signed):
+            if os.path.islink(path):
+                raise _Refused(SPEC, f"its spec {name} is a symlink")
+            data = bounded.read_bytes(path, what="spec")  # hashed and parsed: the same bytes
+            if sha256_bytes(data) != _digest(signed):
                 raise _Refused(SPEC, f"its spec {name} is not the one its link signed")
-            old = bounded.read_json(path, what="spec")
+            old = bounded.loads_json(data, source=str(path))
         except (OSError, InputError) as e:
             raise _Refused(SPEC, f"its spec {name} cannot be read: {e}") from e
         then = _normalized(old, _identity(self.ws, run_id))
@@ -371,13 +376,17 @@ class StageReuse:
     def _check_products(
         self, run_dir: Path, link: Link, stage: str, adopt_into: Path | None
     ) -> None:
+        """The earlier products and logs are exactly what the link signed, as regular files;
+        with `adopt_into` (the new run), placed there first and re-hashed where they landed."""
         prefix = f"{stage}/"
         signed = {_relative(n, prefix).as_posix(): _digest(d) for n, d in link.products.items()}
-        logs: dict[str, tuple[PurePosixPath, str]] = {}
+        logs: dict[str, str] = {}
         for which in ("stdout", "stderr"):
             entry = link.byproducts.get(which)
             if isinstance(entry, dict) and isinstance(entry.get("path"), str):
-                logs[which] = (_relative(entry["path"], "logs/"), _digest(entry))
+                if entry["path"] != f"logs/{stage}.{which}":
+                    raise _Refused(NOT_THIS_STEP, f"its {which} log is {entry['path']!r}")
+                logs[entry["path"]] = _digest(entry)
         try:
             present = {n for n, _, _ in scan_tree(run_dir / stage, prefix=prefix)}
         except (InputError, OSError) as e:  # a symlink among the products
@@ -391,40 +400,26 @@ class StageReuse:
                     [*(f"{n} unsigned" for n in extra), *(f"{n} missing" for n in missing)][:5]
                 ),
             )
+        for name in logs:
+            if os.path.islink(run_dir / name) or not (run_dir / name).is_file():
+                raise _Refused(LOG, f"its log {name} is missing or not a regular file")
         names = sorted(signed)
-        sources = [run_dir / n for n in names]
-        if adopt_into is None:
-            targets = sources
-        else:
-            targets = [adopt_into / PurePosixPath(n).relative_to(stage) for n in names]
-            for src, dest in zip(sources, targets, strict=True):
+        expected = {**signed, **logs}
+        everything = [*names, *sorted(logs)]
+        targets = [(adopt_into or run_dir) / n for n in everything]
+        if adopt_into is not None:
+            for name, dest in zip(everything, targets, strict=True):
                 try:
-                    _place(src, dest)
+                    _place(run_dir / name, dest)
                 except OSError as e:
-                    raise _Refused(PRODUCT, f"{src} cannot be placed in the new run: {e}") from e
-        for name, digest in zip(names, _hash(targets), strict=True):
-            if digest != signed[name]:
+                    raise _Refused(PRODUCT, f"{run_dir / name} cannot be placed here: {e}") from e
+        for name, digest in zip(everything, _hash(targets), strict=True):
+            if digest != expected[name]:
                 raise _Refused(
-                    PRODUCT,
+                    LOG if name in logs else PRODUCT,
                     f"{name} was changed after it was signed: sha256 {digest[:12]}… on disk, "
-                    f"{signed[name][:12]}… in its link",
+                    f"{expected[name][:12]}… in its link",
                 )
-        for which, (rel, digest) in logs.items():
-            src = run_dir / rel
-            if os.path.islink(src) or not src.is_file() or sha256_file(src) != digest:
-                raise _Refused(LOG, f"its {which} log {rel} is not the one its link signed")
-
-    def adopt_logs(self, earlier: Earlier, run_dir: Path) -> None:
-        """Copy the earlier stage logs into the new run under the names its link records."""
-        for which in ("stdout", "stderr"):
-            entry = earlier.link.byproducts.get(which)
-            if isinstance(entry, dict) and isinstance(entry.get("path"), str):
-                rel = _relative(entry["path"], "logs/")
-                dest = run_dir / rel
-                dest.unlink(missing_ok=True)
-                _place(earlier.run_dir / rel, dest)
-                if sha256_file(dest) != _digest(entry):
-                    raise InputError(f"{earlier.run_dir / rel} changed while it was adopted")
 
     def link_fields(
         self, earlier: Earlier, *, environment: Mapping[str, Any]
@@ -441,8 +436,12 @@ class StageReuse:
         return dict(earlier.link.byproducts), env
 
 
-def _empty(directory: Path) -> None:
-    """Leave `directory` empty, as a stage that is about to run expects its own directory."""
+def _clear(run_dir: Path, stage: str) -> None:
+    """Take back what a refused adoption placed: the stage's directory is left empty, as a
+    stage about to run expects it, and its logs are left to the stage."""
+    directory = run_dir / stage
     if directory.is_dir():
         shutil.rmtree(directory)
     directory.mkdir(parents=True)
+    for which in ("stdout", "stderr"):
+        (run_dir / "logs" / f"{stage}.{which}").unlink(missing_ok=True)

@@ -677,14 +677,13 @@ class Runner:
                 sandbox=self.sandbox.record(network=stage.network),
                 external=external,
             ),
-            adopt_into=workdir,
+            adopt_into=self.run_dir,
         )
         earlier = verdict.earlier
         if earlier is None:
             if verdict.reason is not None and verdict.reason.kind not in (NO_RUN, PUBLISHES):
                 self.say(f"[{stage.name}] not reusable: {verdict.reason}")
             return None
-        self.reuse.adopt_logs(earlier, self.run_dir)
         logs = sandbox.StageLogs(
             stdout=self.run_dir / "logs" / f"{stage.name}.stdout",
             stderr=self.run_dir / "logs" / f"{stage.name}.stderr",

@@ -136,7 +136,7 @@ def test_an_unchanged_stage_is_reused_and_its_products_placed_in_the_new_run(ws,
     link = earlier(ws, keys[0], OLD, source(config))
     target = ws.runs / NEW / "source"
     target.mkdir(parents=True)
-    verdict = finder(ws, keys).find(expected(ws, source(config)), adopt_into=target)
+    verdict = finder(ws, keys).find(expected(ws, source(config)), adopt_into=target.parent)
     assert verdict.reusable and verdict.earlier is not None
     assert verdict.earlier.run_id == OLD and verdict.earlier.link_path == link
     assert verdict.earlier.record(ws.root)["link"] == f"attestations/runs/{OLD}/{link.name}"
@@ -145,6 +145,8 @@ def test_an_unchanged_stage_is_reused_and_its_products_placed_in_the_new_run(ws,
         assert not (target / file).is_symlink()
         # hard-linked where it can be: no second copy of a big dataset
         assert os.stat(target / file).st_ino == os.stat(ws.runs / OLD / "source" / file).st_ino
+    # and the logs its link names, so the new run's chain holds on its own
+    assert (ws.runs / NEW / "logs" / "source.stdout").read_text() == f"stdout of {OLD}\n"
 
 
 def test_a_product_swapped_after_signing_with_the_same_size_and_mtime_is_never_reused(
@@ -159,12 +161,13 @@ def test_a_product_swapped_after_signing_with_the_same_size_and_mtime_is_never_r
     os.utime(product, ns=(st.st_atime_ns, st.st_mtime_ns))  # size and mtime as signed
     target = ws.runs / NEW / "source"
     target.mkdir(parents=True)
-    verdict = finder(ws, keys).find(expected(ws, source(config)), adopt_into=target)
+    verdict = finder(ws, keys).find(expected(ws, source(config)), adopt_into=target.parent)
     assert not verdict.reusable
     assert verdict.reason is not None and verdict.reason.kind == reuse.PRODUCT
     assert "source/dataset.npz was changed after it was signed" in verdict.reason.detail
     assert verdict.reason.run_id == OLD
     assert list(target.iterdir()) == [], "nothing of the refused run is left to be signed"
+    assert not (ws.runs / NEW / "logs" / "source.stdout").exists()
     # status (no adoption) says the same
     assert finder(ws, keys).find(expected(ws, source(config))).reason.kind == reuse.PRODUCT
 
@@ -273,6 +276,15 @@ def test_a_stage_code_change_is_not_reused(ws, keys, config):
 def test_another_command_or_a_failed_step_is_not_reused(ws, keys, config):
     earlier(ws, keys[0], OLD, source(config), command=["python", "-c", "evil"])
     assert finder(ws, keys).find(expected(ws, source(config))).reason.kind == reuse.COMMAND
+
+
+def test_a_spec_rewritten_to_look_like_the_new_one_is_not_reused(ws, keys, config):
+    # the earlier run had other params; its spec file is rewritten to match what runs now
+    earlier(ws, keys[0], OLD, source(config), params={"dataset": "sklearn-digits", "seed": 99})
+    (ws.runs / OLD / spec_name("source")).write_text(json.dumps(spec(ws, OLD), sort_keys=True))
+    verdict = finder(ws, keys).find(expected(ws, source(config)))
+    assert verdict.reason.kind == reuse.SPEC
+    assert "not the one its link signed" in verdict.reason.detail
 
 
 def test_a_tampered_log_is_not_reused(ws, keys, config):
