@@ -387,6 +387,9 @@ class StageReuse:
                 if entry["path"] != f"logs/{stage}.{which}":
                     raise _Refused(NOT_THIS_STEP, f"its {which} log is {entry['path']!r}")
                 logs[entry["path"]] = _digest(entry)
+        for directory in (run_dir / stage, run_dir / "logs"):
+            if os.path.islink(directory) or not directory.is_dir():
+                raise _Refused(PRODUCT, f"{directory} is a symlink or not a directory")
         try:
             present = {n for n, _, _ in scan_tree(run_dir / stage, prefix=prefix)}
         except (InputError, OSError) as e:  # a symlink among the products

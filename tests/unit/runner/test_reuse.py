@@ -184,6 +184,16 @@ def test_a_symlink_among_the_products_is_not_reused(ws, keys, config):
     assert "symlink" in verdict.reason.detail
 
 
+def test_a_stage_directory_that_is_a_symlink_is_not_reused(ws, keys, config):
+    earlier(ws, keys[0], OLD, source(config))
+    stage_dir = ws.runs / OLD / "source"
+    moved = ws.root / "outside"
+    stage_dir.rename(moved)
+    stage_dir.symlink_to(moved)  # the same files, reached through a link out of the run
+    verdict = finder(ws, keys).find(expected(ws, source(config)))
+    assert verdict.reason.kind == reuse.PRODUCT and "symlink" in verdict.reason.detail
+
+
 def test_an_unsigned_file_added_to_the_stage_directory_is_not_reused(ws, keys, config):
     earlier(ws, keys[0], OLD, source(config))
     (ws.runs / OLD / "source" / "extra.py").write_text("import os\n")
