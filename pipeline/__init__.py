@@ -25,10 +25,11 @@ if TYPE_CHECKING:
     from pipeline.release.loading import load_verified
 
 
-def run(config, *, workspace=".", on_event=None, sandbox=True):
+def run(config, *, workspace=".", on_event=None, sandbox=True, reuse=True):
     """Run a loaded config in `workspace`; returns the RunResult (see pipeline.runner.run).
 
-    Stages run under bubblewrap; `sandbox=False` is the recorded `--no-sandbox`.
+    Stages run under bubblewrap; `sandbox=False` is the recorded `--no-sandbox`. A stage an
+    earlier run of the workspace proves unchanged is reused; `reuse=False` is `--no-reuse`.
     """
     from pathlib import Path
 
@@ -40,6 +41,7 @@ def run(config, *, workspace=".", on_event=None, sandbox=True):
         Workspace(Path(workspace).resolve()),
         on_event=on_event or (lambda m: None),
         sandbox=sandbox,
+        reuse=reuse,
     ).run()
 
 

@@ -86,6 +86,7 @@ _RECORD_FIELDS = {
     "code": _OBJECT,
     "lineage": _OBJECT,
     "candidate": _OBJECT,
+    "reused": _OBJECT,  # stage -> the earlier run and link it was reused from
 }
 RECORD_REQUIRED = ("run_id", "links", "layout", "pipeline", "stages")
 

@@ -37,6 +37,7 @@ def _register() -> None:
 
     for command in (
         run.run,
+        run.status,
         release.verify,
         run.layout,
         run.keys,

@@ -27,6 +27,12 @@ from pipeline.cli.options import echo_progress, trust_options, workspace_option
     help="Run stages without bubblewrap (where it cannot be installed); recorded in run.json "
     "and in every link as sandbox: none.",
 )
+@click.option(
+    "--no-reuse",
+    is_flag=True,
+    help="Run every stage, even one an earlier run of this workspace proves unchanged "
+    "(by default such a stage is reused; see `chainproof status`).",
+)
 def run(
     config: Path,
     layout_file: Path | None,
@@ -34,8 +40,12 @@ def run(
     owner_key_file: Path | None,
     workspace: Path,
     no_sandbox: bool,
+    no_reuse: bool,
 ) -> None:
-    """Run every stage of CONFIG, sign each link, verify the chain, publish the release."""
+    """Run every stage of CONFIG, sign each link, verify the chain, publish the release.
+
+    A stage an earlier run of this workspace proves unchanged (its signed link, spec,
+    materials, lock and code; its products re-hashed) is reused, unless --no-reuse."""
     from pipeline.config import load_config
     from pipeline.errors import InputError
     from pipeline.provenance.keys import resolve_trusted_owner
@@ -64,6 +74,7 @@ def run(
         layout=layout_file,
         owner=owner,
         sandbox=not no_sandbox,
+        reuse=not no_reuse,
     ).run()
     root = ws.root
     rel = lambda p: str(p.relative_to(root)) if p.is_relative_to(root) else str(p)  # noqa: E731
@@ -74,7 +85,39 @@ def run(
         f"release:   {rel(result.release_dir) if result.release_dir else '(no deploy stage)'}"
     )
     click.echo(f"lineage:   {result.lineage}")
+    if result.reused:
+        click.echo(f"reused:    {', '.join(result.reused)} (from earlier runs, re-verified)")
     click.echo("verified: ok")
+
+
+@click.command()
+@click.argument("config", type=click.Path(dir_okay=False, path_type=Path))
+@workspace_option
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option(
+    "--no-sandbox",
+    is_flag=True,
+    help="Answer for a run with --no-sandbox (earlier links record the sandbox they ran under).",
+)
+def status(config: Path, workspace: Path, as_json: bool, no_sandbox: bool) -> None:
+    """Per stage of CONFIG: would the next run reuse it (from which run and link), or why not.
+
+    Reasons name what changed: spec/params, a material digest, the lock, the code, a product
+    tampered with after it was signed, an invalid signature. Nothing is written."""
+    import json
+
+    from pipeline.config import load_config
+    from pipeline.runner.status import render, stage_status
+    from pipeline.workspace import Workspace
+
+    report = stage_status(
+        load_config(config), Workspace(workspace.resolve()), sandbox=not no_sandbox
+    )
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2, sort_keys=True))
+    else:
+        for line in render(report):
+            click.echo(line)
 
 
 @click.command()

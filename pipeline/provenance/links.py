@@ -6,16 +6,28 @@ import json
 from pathlib import Path
 from typing import Any
 
+from in_toto.exceptions import SignatureVerificationError
 from in_toto.models.link import FILENAME_FORMAT, Link
 from in_toto.models.metadata import Envelope, Metadata
 from securesystemslib.exceptions import Error as SSLibError
+from securesystemslib.exceptions import FormatError
 from securesystemslib.signer import Signer
 
 from pipeline import bounded
 from pipeline.errors import InputError
 from pipeline.fsutil import atomic_write_bytes
+from pipeline.provenance.keys import PublicKey
 
-__all__ = ["Link", "envelope_bytes", "link_filename", "load_metadata", "read_link", "write_link"]
+__all__ = [
+    "Link",
+    "LinkSignatureError",
+    "envelope_bytes",
+    "link_filename",
+    "load_metadata",
+    "read_link",
+    "read_signed_link",
+    "write_link",
+]
 
 # Everything in-toto's readers raise on a well-formed JSON value of the wrong shape.
 _SHAPE_ERRORS = (ValueError, KeyError, TypeError, AttributeError, IndexError, SSLibError)
@@ -98,6 +110,29 @@ def read_link(path: Path) -> Link:
         raise InputError(f"link {path} does not exist") from e
     except _SHAPE_ERRORS as e:
         raise InputError(f"cannot read link {path}: {e or type(e).__name__}") from e
+    if not isinstance(payload, Link):
+        raise InputError(f"{path} is not an in-toto link (it holds a {type(payload).__name__})")
+    return payload
+
+
+class LinkSignatureError(InputError):
+    """A link whose signature does not verify with the key it is checked against."""
+
+
+def read_signed_link(path: Path, key: PublicKey) -> Link:
+    """The link at `path`, its signature verified with `key` (and only that key).
+
+    Raises LinkSignatureError when the signature is not `key`'s (altered, unsigned, or signed
+    by another key), InputError for anything that is not a link, FileNotFoundError when absent.
+    """
+    metadata = load_metadata(path, what="link")
+    try:
+        metadata.verify_signature(key.legacy_dict())
+    except (SignatureVerificationError, FormatError) as e:
+        raise LinkSignatureError(
+            f"link {path} is not validly signed by functionary key {key.keyid[:16]}…"
+        ) from e
+    payload = metadata.get_payload()
     if not isinstance(payload, Link):
         raise InputError(f"{path} is not an in-toto link (it holds a {type(payload).__name__})")
     return payload

@@ -55,6 +55,7 @@ class RunResult:
     report: VerifyReport | None
     stage_seconds: dict[str, dict[str, float]] = field(default_factory=dict)
     lineage: str = ""
+    reused: dict[str, dict[str, str]] = field(default_factory=dict)  # stage -> run and link
 
 
 def determinism(stage: StageConfig) -> dict[str, Any]:

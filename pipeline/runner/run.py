@@ -49,6 +49,7 @@ from pipeline.runner.record import (
     new_run_id,
     utc_now,
 )
+from pipeline.runner.reuse import NO_RUN, PUBLISHES, Expected, StageReuse
 from pipeline.runner.sandbox import NO_SANDBOX
 from pipeline.runner.signing import (
     accept_layout,
@@ -96,10 +97,13 @@ class Runner:
         layout: Path | None = None,
         owner: TrustedOwner | None = None,
         sandbox: bool = True,
+        reuse: bool = False,
     ) -> None:
         """`layout` (with the `owner` key that signed it): run under a layout the owner signed
         beforehand, with only the functionary key here. Without it, the one-machine
-        convenience path: dev keys, and the layout signed on the fly for this run."""
+        convenience path: dev keys, and the layout signed on the fly for this run. `reuse`: a
+        stage whose earlier link of this workspace proves the same inputs and intact products
+        is not run again (runner/reuse.py)."""
         if (layout is None) != (owner is None):
             raise ValueError("a pre-signed layout needs the owner key that signed it")
         self.given_layout = layout
@@ -111,6 +115,9 @@ class Runner:
         self.verify_files = verify_environment_files
         self.use_sandbox = sandbox  # False only for an explicit --no-sandbox, recorded
         self.sandbox = NO_SANDBOX
+        self.reuse_enabled = reuse
+        self.reuse: StageReuse | None = None
+        self.reused: dict[str, dict[str, str]] = {}  # stage -> the run and link it came from
         self.run_id = new_run_id()
         self.run_dir = workspace.runs / self.run_id
         self.links_dir = workspace.links(self.run_id)
@@ -148,6 +155,7 @@ class Runner:
             report,
             self.stage_seconds,
             self.lineage,
+            self.reused,
         )
 
     @contextmanager
@@ -228,6 +236,10 @@ class Runner:
         else:
             shutil.copyfile(self.given_layout, self.layout_path)
         write_signed_statement(self.run_dir / DEPENDENCIES, gate.statement, self.functionary.signer)
+        if self.reuse_enabled:
+            self.reuse = StageReuse(
+                self.ws, run_id=self.run_id, key=self.functionary.public, code=self.code
+            )
         self.record.write(
             {
                 "run_id": self.run_id,
@@ -445,6 +457,10 @@ class Runner:
             named.update(list_tree(self.run_dir / CHECKS_DIR, prefix=f"{CHECKS_DIR}/"))
         materials = self._hash(named)
         timings["materials"] = time.perf_counter() - t0
+        if self.reuse is not None:
+            reused = self._reuse_stage(stage, spec, materials, external, timings)
+            if reused is not None:
+                return reused
 
         command = stage_command(stage.impl.module, stage.name)
         self._check_code(stage, "before it ran")
@@ -647,3 +663,70 @@ class Runner:
         self.say(f"released {final}")
         self.published = final
         return final
+
+    # ------------------------------------------------------------------ reuse
+
+    def _reuse_stage(
+        self,
+        stage: StageConfig,
+        spec: dict[str, Any],
+        materials: dict[str, dict[str, str]],
+        external: dict[str, Path],
+        timings: dict[str, float],
+    ) -> Path | None:
+        """Sign a link for `stage` over an earlier run's re-verified products, when one proves
+        the same inputs (runner/reuse.py); None when the stage must run."""
+        assert self.reuse is not None
+        t0 = time.perf_counter()
+        workdir = self.run_dir / stage.name
+        self._check_code(stage, "before it was reused")
+        verdict = self.reuse.find(
+            Expected(
+                stage=stage,
+                spec=spec,
+                materials={n: d for n, d in materials.items() if n != spec_name(stage.name)},
+                lock_sha256=self.lock_for(stage.lock or self.config.lock).sha256,
+                sandbox=self.sandbox.record(network=stage.network),
+                external=external,
+            ),
+            adopt_into=self.run_dir,
+        )
+        earlier = verdict.earlier
+        if earlier is None:
+            if verdict.reason is not None and verdict.reason.kind not in (NO_RUN, PUBLISHES):
+                self.say(f"[{stage.name}] not reusable: {verdict.reason}")
+            return None
+        logs = sandbox.StageLogs(
+            stdout=self.run_dir / "logs" / f"{stage.name}.stdout",
+            stderr=self.run_dir / "logs" / f"{stage.name}.stderr",
+        )
+        self.model_scans += self._scan_products(stage, workdir, logs)
+        link_byproducts, environment = self.reuse.link_fields(
+            earlier,
+            environment={
+                "run_id": self.run_id,
+                "config_sha256": self.config.sha256,
+                "code": {"sha256": self.code.sha256, **self.git, "manifest": dict(self.code.files)},
+            },
+        )
+        link = write_link(
+            self.links_dir,
+            name=stage.name,
+            materials=materials,
+            products=dict(earlier.link.products),
+            command=stage_command(stage.impl.module, stage.name),
+            byproducts=link_byproducts,
+            environment=environment,
+            signer=self.functionary.signer,
+        )
+        timings["reuse"] = time.perf_counter() - t0
+        self.stage_seconds[stage.name] = timings
+        self.done.append(stage.name)
+        self.reused[stage.name] = earlier.record(self.ws.root)
+        self._update(reused=self.reused)
+        self.say(
+            f"[{stage.name}] reused from run {earlier.run_id} "
+            f"({self.reused[stage.name]['link']}): {len(earlier.link.products)} product(s) "
+            f"re-verified, link {link.name}"
+        )
+        return link
