@@ -161,6 +161,37 @@ def keys_init(force: bool, role: str, workspace: Path) -> None:
         click.echo(f"{state} {name:<12} {key.keyid}  {ws.keys / (name + '.pem')}")
 
 
+@keys.command("export")
+@click.argument("name", type=click.Choice(["owner", "functionary"]))
+@click.option(
+    "--pem",
+    is_flag=True,
+    help="(required) SubjectPublicKeyInfo PEM, as in-toto-verify 3.x reads it.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write to FILE instead of stdout.",
+)
+@workspace_option
+def keys_export(name: str, pem: bool, output: Path | None, workspace: Path) -> None:
+    """The public half of key NAME, as PEM (never the private key)."""
+    from pipeline.fsutil import atomic_write_bytes
+    from pipeline.provenance.keys import load_public_key, public_key_path
+    from pipeline.workspace import Workspace
+
+    if not pem:  # the .pub files are already the securesystemslib JSON form
+        raise click.UsageError("name the format: --pem (the only export format)")
+    key = load_public_key(public_key_path(name, Workspace(workspace.resolve()).keys))
+    data = key.to_pem()
+    if output is None:
+        click.echo(data.decode(), nl=False)
+    else:
+        atomic_write_bytes(output, data)
+        echo_progress(f"wrote {output} ({name} key {key.keyid})")
+
+
 @click.group()
 def env() -> None:
     """Locked environments."""
