@@ -79,6 +79,7 @@ class AcceptLookalikeSpec(_Strict):
 class DependencyPolicySpec(_Strict):
     database: StrictStr = ".chainproof/vulndb.sqlite"
     required: bool = False
+    # as `scan deps`: pipeline.scan.vulns.DEFAULT_THRESHOLD (a test holds them equal)
     severity: Literal["low", "medium", "high", "critical"] = "high"
     max_age_days: StrictInt = Field(30, gt=0)
     allow: tuple[AllowSpec, ...] = ()

@@ -242,7 +242,8 @@ def vulndb_info(db: Path, max_age_days: int) -> None:
     "--severity",
     type=click.Choice(["low", "medium", "high", "critical"]),
     default=None,
-    help="Fail on findings at or above this (default low, or the policy file's). "
+    help="Fail on findings at or above this (default high, as the run's gate, or the "
+    "policy file's). "
     "Unknown severity fails at every threshold.",
 )
 @click.option(
