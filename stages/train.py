@@ -483,6 +483,13 @@ class TrainStage(Stage):
                     restore_best_weights=es.restore_best_weights,
                 )
             )
+        # Each finished epoch to the runner, which streams it to the terminal (the log keeps
+        # Keras's own lines too). Reading `logs` touches no random state.
+        callbacks.append(
+            keras.callbacks.LambdaCallback(
+                on_epoch_end=lambda epoch, logs: ctx.progress(epoch + 1, p.epochs, logs or {})
+            )
+        )
         history = model.fit(
             train_ds, validation_data=val_ds, epochs=p.epochs, callbacks=callbacks, verbose=2
         )
