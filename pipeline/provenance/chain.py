@@ -387,17 +387,19 @@ def _verify_disk(reduced: dict[str, Link], disk: DiskArtifacts, report: VerifyRe
 def _check_inspections(layout: Layout) -> list[Inspection]:
     """The layout's inspections, each the exact one chainproof writes: we never run a command
     a layout names, we apply its rules ourselves; anything else is refused, not skipped."""
-    for insp in layout.inspect:
-        if insp.name != INSPECTION_NAME or list(insp.run) != INSPECTION_COMMAND:
+    inspections = layout.inspect if isinstance(layout.inspect, list) else [layout.inspect]
+    for insp in inspections:
+        name, run = getattr(insp, "name", None), getattr(insp, "run", None)
+        if name != INSPECTION_NAME or run != INSPECTION_COMMAND:
             raise _fail(
-                f"the layout's inspection {insp.name!r} runs {list(insp.run)}, not the "
+                f"the layout's inspection {name!r} runs {run!r}, not the "
                 f"inspection chainproof writes ({INSPECTION_NAME!r}: {INSPECTION_COMMAND})",
                 "inspections",
-                rule=f"inspection {insp.name!r}",
+                rule=f"inspection {name!r}",
                 hint="chainproof never executes a command from a layout; this layout was not "
                 "compiled by chainproof (`chainproof layout`)",
             )
-    return list(layout.inspect)
+    return list(inspections)
 
 
 def _excluded(name: str) -> bool:
@@ -423,6 +425,14 @@ def _verify_inspections(
         verifylib.verify_all_item_rules(inspections, links)
     except RuleVerificationError as e:
         raise _explain_rule_failure(e, links, "inspections") from e
+    except (FormatError, KeyError, TypeError, ValueError) as e:
+        # owner-signed, yet not rules in-toto's grammar accepts (or naming a step not in
+        # the layout): refuse, as in-toto-verify would, rather than crash
+        raise _fail(
+            f"the layout's inspection rules are not valid in-toto rules ({e!r})",
+            "inspections",
+            rule=f"inspection {INSPECTION_NAME!r}",
+        ) from e
     report.passed(
         "inspections",
         f"{len(tree)} file(s) in the run directory: every file under a step's directory is "

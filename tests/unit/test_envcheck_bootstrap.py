@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import marshal
 import json
+import marshal
 import os
 import subprocess
 import sys

@@ -313,3 +313,14 @@ def test_a_bundle_is_not_judged_by_the_run_inspection(tmp_path):
         disk=DiskArtifacts(chain.root, require_all=False, required_steps=("use",)),
     )
     assert "inspections" not in [c for c, _ in report.checks]
+
+
+def test_malformed_inspection_rules_are_a_verification_failure_not_a_crash(tmp_path):
+    bad = Inspection(
+        name=INSPECTION_NAME,
+        run=list(INSPECTION_COMMAND),
+        expected_materials=[["MATCH", "x/*", "WITH", "PRODUCTS", "FROM", "no-such-step"]],
+        expected_products=[["DISALLOW", "*"]],
+    )
+    chain = Chain(tmp_path, inspect=[bad]).both()
+    assert chain.fails().check == "inspections"
