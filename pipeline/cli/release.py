@@ -107,7 +107,8 @@ def serve(
     from pipeline.release.serving import serve as do_serve
 
     trusted_ws = workspace_trust(ctx, workspace)
-    log_third_party(workspace.resolve())  # TensorFlow's and absl's warnings, off the terminal
+    if trusted_ws is not None:  # TensorFlow's and absl's warnings into that workspace's log
+        log_third_party(trusted_ws)
     if not owner_key and not owner_key_file and trusted_ws is not None:
         owner_key_file = trusted_ws / "attestations" / "keys" / "owner.pub"
     do_serve(
