@@ -334,7 +334,14 @@ def _explain_rule_failure(
         step=step,
         rule=f"expected_{kind}: {rule}",
         artifact=artifacts,
+        hint=INSPECTION_HINT if check == "inspections" else None,
     )
+
+
+INSPECTION_HINT = (
+    "a file in the run directory was added or changed after its step signed the link; "
+    "do not use this run (in-toto-verify run from the run directory fails the same way)"
+)
 
 
 def _verify_disk(reduced: dict[str, Link], disk: DiskArtifacts, report: VerifyReport) -> None:

@@ -284,6 +284,7 @@ def test_the_inspection_refuses_an_unattested_file_in_a_step_directory(tmp_path)
     (chain.root / "use" / "extra.pkl").write_bytes(b"not signed by any step")
     err = chain.fails()
     assert err.check == "inspections" and "use/extra.pkl" in err.message
+    assert "added or changed after its step signed" in (err.hint or "")
 
 
 def test_the_inspection_refuses_a_file_no_rule_allows(tmp_path):
