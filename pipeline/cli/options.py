@@ -106,9 +106,14 @@ def log_third_party(workspace: Path) -> Path:
     path = workspace / ".chainproof" / "logs" / "third-party.log"
     path.parent.mkdir(parents=True, exist_ok=True)
     root = logging.getLogger()
-    if not any(getattr(h, "baseFilename", None) == str(path) for h in root.handlers):
-        handler = logging.FileHandler(path, encoding="utf-8")
+    for h in list(root.handlers):  # one command, one log: a previous workspace's goes
+        if getattr(h, "_chainproof", False) and h.baseFilename != str(path):  # type: ignore[attr-defined]
+            root.removeHandler(h)
+            h.close()
+    if not any(getattr(h, "_chainproof", False) for h in root.handlers):
+        handler = logging.FileHandler(path, encoding="utf-8", delay=True)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler._chainproof = True  # type: ignore[attr-defined]
         root.addHandler(handler)
     root.setLevel(logging.INFO)
     for name in THIRD_PARTY_LOGGERS:

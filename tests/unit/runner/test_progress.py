@@ -136,3 +136,26 @@ def test_held_out_metrics_come_from_the_last_stage_that_has_them(tmp_path: Path)
         {"accuracy": 0.97, "samples": 360},
     )
     assert held_out_metrics(tmp_path, ["source"]) is None
+
+
+def test_library_logging_goes_to_the_workspace_log_not_the_terminal(tmp_path, capsys) -> None:
+    import logging
+
+    from pipeline.cli.options import log_third_party
+
+    noisy = logging.getLogger("mlflow.store.db.utils")
+    terminal = logging.StreamHandler(sys.stderr)
+    logging.getLogger("mlflow").addHandler(terminal)  # as mlflow does when it configures itself
+    try:
+        first = log_third_party(tmp_path / "a")
+        second = log_third_party(tmp_path / "b")  # a later command in the same process
+        noisy.info("Creating initial MLflow database tables...")
+        assert "Creating initial" not in capsys.readouterr().err
+        assert "Creating initial MLflow database tables" in second.read_text()
+        assert not first.exists() or "Creating initial" not in first.read_text()
+        assert terminal not in logging.getLogger("mlflow").handlers
+    finally:
+        root = logging.getLogger()
+        for h in [h for h in root.handlers if getattr(h, "_chainproof", False)]:
+            root.removeHandler(h)
+            h.close()
