@@ -306,8 +306,13 @@ def reproduce(
     if (run_dir / RUN_RECORD).is_file():
         log_third_party(workspace_of_run(run_dir).root)
     # the original verifies against the owner you name, else its own workspace's owner key
+    terminal = RunProgress()
     result = do_reproduce(
-        run_dir, on_event=echo_progress, owner_key=owner_key, owner_key_file=owner_key_file
+        run_dir,
+        on_event=terminal.message,
+        owner_key=owner_key,
+        owner_key_file=owner_key_file,
+        on_progress=terminal.epoch,
     )
     if as_json:
         echo_json(
@@ -378,6 +383,7 @@ def candidate(
     from pipeline.workspace import Workspace
 
     log_third_party(workspace.resolve())
+    terminal = RunProgress()
     result = run_candidate(
         config,
         Workspace(workspace.resolve()),
@@ -386,7 +392,8 @@ def candidate(
         owner_key=owner_key,
         owner_key_file=owner_key_file,
         deploy=deploy,
-        on_event=echo_progress,
+        on_event=terminal.message,
+        on_progress=terminal.epoch,
     )
     click.echo(render(result))
     if not result.passed:
