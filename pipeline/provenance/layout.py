@@ -22,10 +22,8 @@ from pipeline.provenance.links import envelope_bytes
 from pipeline.workspace import (
     CHECKS_DIR,
     GATE_CHECKS,
-    INPUTS,
+    RUN_DIRS,
     RUN_RECORD,
-    SPEC_DIR,
-    UPSTREAM,
     base_model_name,
     spec_name,
 )
@@ -119,18 +117,7 @@ def _product_rules(stage: StageConfig) -> list[list[str]]:
 INSPECTION_NAME = "run.artifacts"
 INSPECTION_COMMAND = ["true"]
 # What the runner keeps in a run directory beside the stages' own: not products of a step.
-RUN_BOOKKEEPING = (
-    RUN_RECORD,
-    "config.yaml",
-    f"{SPEC_DIR}/*",
-    f"{CHECKS_DIR}/*",
-    "locks/*",
-    "keys/*",
-    "logs/*",
-    "tmp/*",
-    f"{INPUTS}/*",
-    f"{UPSTREAM}/*",
-)
+RUN_BOOKKEEPING = (RUN_RECORD, "config.yaml", *(f"{d}/*" for d in RUN_DIRS))
 
 
 def _inspection_rules(config: PipelineConfig) -> list[list[str]]:
