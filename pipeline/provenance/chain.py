@@ -487,16 +487,21 @@ def verify_chain(
     except RuleVerificationError as e:
         raise _explain_rule_failure(e, reduced) from e
     report.passed("artifact rules", "materials chain to upstream products; nothing undeclared")
-    inspections = _check_inspections(layout)
+    _check_inspections(layout)  # a foreign one is refused whatever is verified
     if disk is not None:
         _verify_disk(reduced, disk, report)
-        # The inspection judges a whole run directory; a bundle carries only the released
-        # steps and its release manifest judges every file, and a prefix (the deploy gate)
-        # lacks the steps still to come.
-        if disk.require_all and only_steps is None:
-            _verify_inspections(inspections, reduced, disk.root, report)
     report.links = reduced
     return report
+
+
+def verify_inspections(report: VerifyReport, run_dir: Path) -> None:
+    """The layout's inspection over a whole run directory, after `verify_chain` passed.
+
+    Only a run: a bundle carries only the released steps (its release manifest judges every
+    file in it), and a prefix of the chain (the deploy gate) lacks the steps still to come.
+    """
+    if report.layout is not None:
+        _verify_inspections(_check_inspections(report.layout), report.links, run_dir, report)
 
 
 def released_steps(

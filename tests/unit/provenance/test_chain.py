@@ -13,7 +13,7 @@ from securesystemslib.signer import CryptoSigner
 
 from pipeline.errors import VerificationError
 from pipeline.hashing import hash_tree
-from pipeline.provenance.chain import DiskArtifacts, verify_chain
+from pipeline.provenance.chain import DiskArtifacts, verify_chain, verify_inspections
 from pipeline.provenance.keys import KeyPair, PublicKey
 from pipeline.provenance.layout import (
     INSPECTION_COMMAND,
@@ -117,12 +117,14 @@ class Chain:
         return self
 
     def verify(self, owner: PublicKey | None = None):
-        return verify_chain(
+        report = verify_chain(
             layout_path=self.layout,
             link_dir=self.links,
             owner=owner or self.owner.public,
             disk=DiskArtifacts(self.root),
         )
+        verify_inspections(report, self.root)  # as verify_run does for a run
+        return report
 
     def fails(self, owner: PublicKey | None = None) -> VerificationError:
         with pytest.raises(VerificationError) as info:
