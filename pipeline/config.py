@@ -28,6 +28,7 @@ from pipeline import bounded
 from pipeline.errors import ConfigError, ConfigProblem, InputError
 from pipeline.hashing import sha256_bytes
 from pipeline.registry import StageKind, known_kinds, stage_kind
+from pipeline.workspace import RUN_DIRS
 
 SCHEMA_VERSION = 1
 NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
@@ -79,6 +80,7 @@ class AcceptLookalikeSpec(_Strict):
 class DependencyPolicySpec(_Strict):
     database: StrictStr = ".chainproof/vulndb.sqlite"
     required: bool = False
+    # as `scan deps`: pipeline.scan.vulns.DEFAULT_THRESHOLD (a test holds them equal)
     severity: Literal["low", "medium", "high", "critical"] = "high"
     max_age_days: StrictInt = Field(30, gt=0)
     allow: tuple[AllowSpec, ...] = ()
@@ -337,6 +339,15 @@ def load_config(path: str | Path, *, base_dir: Path | None = None) -> PipelineCo
                 )
             )
         names.setdefault(st.name, i)
+        if st.name in RUN_DIRS:
+            problems.append(
+                ConfigProblem(
+                    loc.line(at + ("name",)),
+                    _dotted(at + ("name",)),
+                    f"stage name {st.name!r} is a directory the runner keeps in each run "
+                    f"(reserved: {', '.join(RUN_DIRS)}); choose another name",
+                )
+            )
         cls = stage_kind(st.kind)
         if cls is None:
             problems.append(

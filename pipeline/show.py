@@ -169,9 +169,9 @@ def _printable(value: Any) -> str:
 
 
 def _branches(items: list[str], indent: str) -> Iterator[str]:
-    """`items` as the children of one node: ├─ for each but the last, └─ for the last."""
+    """`items` as the children of one node: ├── for each but the last, └── for the last."""
     for i, item in enumerate(items):
-        yield f"{indent}{'└─' if i == len(items) - 1 else '├─'} {item}"
+        yield f"{indent}{'└──' if i == len(items) - 1 else '├──'} {item}"
 
 
 def render_tree(view: ChainView) -> str:
@@ -186,7 +186,7 @@ def render_tree(view: ChainView) -> str:
     ]
     for i, stage in enumerate(view.stages):
         last = i == len(view.stages) - 1
-        glyph, indent = ("└─", "   ") if last else ("├─", "│  ")
+        glyph, indent = ("└──", "    ") if last else ("├──", "│   ")
         if stage.link is None:
             lines.append(f"{glyph} {_printable(stage.name)}: no link (did not complete)")
             continue
@@ -211,7 +211,7 @@ def render_tree(view: ChainView) -> str:
             )
         lines += _branches(children, indent)
     if not view.stages:
-        lines.append("└─ (no links)")
+        lines.append("└── (no links)")
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ in a small environment of its own can use it.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -19,6 +20,10 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from pipeline.errors import Error
+
+# One line a stage prints to stdout per finished epoch; the runner shows it on the terminal
+# (pipeline/runner/progress.py reads it back, as hostile input).
+PROGRESS_PREFIX = "chainproof-progress: "
 
 
 class StageError(Error):
@@ -57,6 +62,14 @@ class StageContext:
         if name not in self.outputs and f"{name}/" not in self.outputs:
             raise StageError(f"{name!r} is not a declared output of stage '{self.stage}'")
         return self.workdir / name
+
+    def progress(self, epoch: int, epochs: int, metrics: dict[str, float]) -> None:
+        """Report one finished epoch (1-based) to the runner, which streams it to the user.
+
+        Flushed at once: stdout is a file here, block-buffered otherwise."""
+        clean = {str(k): float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+        body = json.dumps({"epoch": epoch, "epochs": epochs, "metrics": clean}, sort_keys=True)
+        print(PROGRESS_PREFIX + body, flush=True)
 
     def find_input(self, name: str) -> Path:
         """The file `name` from whichever upstream stage produced it (exactly one must)."""

@@ -47,6 +47,10 @@ GATE_CHECKS = (DEPENDENCIES, MODELS)  # what every gate step REQUIREs
 INPUTS = "inputs"  # inputs/<stage>/...: what the runner placed for a stage (a base model)
 BASE_MODEL = "base_model.keras"
 UPSTREAM = "upstream"  # upstream/<stage>/: the release a base model came from
+# Directories the runner keeps in runs/<id>/ beside the stages' own: no stage may be named
+# so (its working directory would be one of them, and the layout's inspection tells the
+# stages' files from the runner's by these names).
+RUN_DIRS = (SPEC_DIR, CHECKS_DIR, "locks", "keys", "logs", "tmp", INPUTS, UPSTREAM)
 DEFAULT_MODEL = "package/model.keras"  # the model a bundle's consumer loads by default
 RELEASE_MANIFEST = "release.intoto.json"  # in a bundle's attestations/: every file, signed
 RENEWAL = "renewal.intoto.json"  # in a bundle's attestations/: the owner's later extension

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -545,9 +546,18 @@ def weights_sha256(model: Any) -> str:
 
 
 def fit_distributed(
-    tf: Any, keras: Any, make_model: Any, make_optimizer: Any, x: Any, y: Any, p: TrainParams
+    tf: Any,
+    keras: Any,
+    make_model: Any,
+    make_optimizer: Any,
+    x: Any,
+    y: Any,
+    p: TrainParams,
+    progress: Callable[[int, int, dict[str, float]], None],
 ) -> tuple[Any, dict[str, list[float]], dict[str, Any]]:
-    """(model, history, what ran): the custom loop under the configured strategy."""
+    """(model, history, what ran): the custom loop under the configured strategy.
+
+    `progress` gets each finished epoch (the runner streams the chief's to the terminal)."""
     import time
 
     import numpy as np
@@ -625,6 +635,7 @@ def fit_distributed(
             history["val_accuracy"].append(val_acc)
             line += f", val_loss {val_loss:.4f}"
         print(line, flush=True)
+        progress(epoch + 1, p.epochs, {k: v[-1] for k, v in history.items()})
     ran = {
         "path": "custom_loop",
         "strategy": d.strategy,
@@ -751,7 +762,7 @@ class TrainStage(Stage):
 
         if d is not None:
             model, hist, ran = fit_distributed(
-                tf, keras, make_model, make_optimizer, x_train, y_train, p
+                tf, keras, make_model, make_optimizer, x_train, y_train, p, ctx.progress
             )
             print(f"weights sha256 {weights_sha256(model)}", flush=True)
             if not chief:
@@ -759,7 +770,9 @@ class TrainStage(Stage):
                 return
             test = evaluate_local(model, x_test, y_test, classes, p.batch_size)
         else:
-            model, hist = self._fit(tf, keras, make_model(), make_optimizer(), x_train, y_train, p)
+            model, hist = self._fit(
+                tf, keras, make_model(), make_optimizer(), x_train, y_train, p, ctx.progress
+            )
             ran = {"path": "keras_fit", "strategy": "default", "workers": 1}
             test = evaluate(model, x_test, y_test, classes)
 
@@ -797,9 +810,16 @@ class TrainStage(Stage):
 
     @staticmethod
     def _fit(
-        tf: Any, keras: Any, model: Any, optimizer: Any, x: Any, y: Any, p: TrainParams
+        tf: Any,
+        keras: Any,
+        model: Any,
+        optimizer: Any,
+        x: Any,
+        y: Any,
+        p: TrainParams,
+        progress: Callable[[int, int, dict[str, float]], None],
     ) -> tuple[Any, dict[str, list[float]]]:
-        """Single-process training: Keras' own model.fit."""
+        """Single-process training: Keras' own model.fit; each finished epoch to `progress`."""
         model.compile(
             optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"]
         )
@@ -817,6 +837,13 @@ class TrainStage(Stage):
                     restore_best_weights=es.restore_best_weights,
                 )
             )
+        # Each finished epoch to the runner, which streams it to the terminal (the log keeps
+        # Keras's own lines too). Reading `logs` touches no random state.
+        callbacks.append(
+            keras.callbacks.LambdaCallback(
+                on_epoch_end=lambda epoch, logs: progress(epoch + 1, p.epochs, logs or {})
+            )
+        )
         history = model.fit(
             train_ds, validation_data=val_ds, epochs=p.epochs, callbacks=callbacks, verbose=2
         )

@@ -110,6 +110,9 @@ def osv_db(tmp_path_factory) -> Path:
     return db
 
 
+RUN_OUTPUT = "cli-output"  # in the completed workspace: the run command's stdout and stderr
+
+
 @pytest.fixture(scope="session")
 def completed_workspace(tmp_path_factory) -> Path:
     """One real end-to-end run of a small four-stage pipeline; tests copy it, never edit it."""
@@ -118,6 +121,10 @@ def completed_workspace(tmp_path_factory) -> Path:
     proc = chainproof("run", cfg, "--workspace", ws)
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert "verified: ok" in proc.stdout
+    # what the terminal showed, for the tests of the CLI's output (beside, not in, the runs)
+    (ws / RUN_OUTPUT).mkdir()
+    (ws / RUN_OUTPUT / "stdout").write_text(proc.stdout)
+    (ws / RUN_OUTPUT / "stderr").write_text(proc.stderr)
     return ws
 
 

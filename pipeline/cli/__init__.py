@@ -104,7 +104,10 @@ def main() -> None:
         # PYTHONPATH and every .pth may have run, so start over isolated, checked first.
         cmd = envmanifest.isolated_command(sys.executable)
         os.execv(cmd[0], [*cmd, *sys.argv[1:]])
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # only serve imports TensorFlow here
+    # Only serve imports TensorFlow here; 3 also hides its C++ ERROR lines such as "failed
+    # call to cuInit" on a machine without a GPU (the stages' own go to their logs).
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ.setdefault("MLFLOW_CONFIGURE_LOGGING", "false")  # see options.log_third_party
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate)
     sys.exit(run_cli())

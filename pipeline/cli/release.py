@@ -6,7 +6,16 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.options import echo_progress, trust_options, workspace_option, workspace_trust
+from pipeline.cli.options import (
+    echo_json,
+    echo_progress,
+    error_json,
+    json_option,
+    log_third_party,
+    trust_options,
+    workspace_option,
+    workspace_trust,
+)
 
 
 @click.command()
@@ -17,6 +26,7 @@ from pipeline.cli.options import echo_progress, trust_options, workspace_option,
     help="The release version you expect (a bundle of any other version is refused).",
 )
 @workspace_option
+@json_option
 @click.pass_context
 def verify(
     ctx: click.Context,
@@ -25,21 +35,41 @@ def verify(
     owner_key_file: Path | None,
     release_version: str | None,
     workspace: Path,
+    as_json: bool,
 ) -> None:
     """Verify a run (runs/<id>, runs/latest) or a release bundle (releases/<name>/<version>).
 
     Whom to trust is always explicit: --owner-key FINGERPRINT, --owner-key-file PATH, or (for
     your own runs) --workspace DIR to trust that workspace's owner key.
     """
+    from pipeline.errors import Error
     from pipeline.release.verify import verify_target
 
-    report = verify_target(
-        target,
-        owner_key=owner_key,
-        owner_key_file=owner_key_file,
-        workspace=workspace_trust(ctx, workspace),
-        expected_version=release_version,
-    )
+    try:
+        report = verify_target(
+            target,
+            owner_key=owner_key,
+            owner_key_file=owner_key_file,
+            workspace=workspace_trust(ctx, workspace),
+            expected_version=release_version,
+        )
+    except Error as e:
+        if as_json:  # the answer on stdout, the diagnostics on stderr, the exit code the same
+            echo_json({"verified": False, "target": str(target), "error": error_json(e)})
+        raise
+    if as_json:
+        echo_json(
+            {
+                "verified": True,
+                "target": report.target,
+                "owner_keyid": report.owner_keyid,
+                "trust": report.trust,
+                "run_id": report.run_id,
+                "release": report.release,
+                "checks": [{"check": c, "detail": d} for c, d in report.checks],
+            }
+        )
+        return
     click.echo(f"verifying {report.target}")
     click.echo(f"  trusted owner key {report.owner_keyid} ({report.trust})")
     for check, detail in report.checks:
@@ -77,6 +107,8 @@ def serve(
     from pipeline.release.serving import serve as do_serve
 
     trusted_ws = workspace_trust(ctx, workspace)
+    if trusted_ws is not None:  # TensorFlow's and absl's warnings into that workspace's log
+        log_third_party(trusted_ws)
     if not owner_key and not owner_key_file and trusted_ws is not None:
         owner_key_file = trusted_ws / "attestations" / "keys" / "owner.pub"
     do_serve(

@@ -7,7 +7,15 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.options import echo_progress, trust_options, workspace_option
+from pipeline.cli.options import (
+    RunProgress,
+    echo_json,
+    echo_progress,
+    json_option,
+    log_third_party,
+    trust_options,
+    workspace_option,
+)
 
 
 @click.command()
@@ -49,11 +57,13 @@ def run(
     from pipeline.config import load_config
     from pipeline.errors import InputError
     from pipeline.provenance.keys import resolve_trusted_owner
+    from pipeline.runner.progress import held_out_metrics
     from pipeline.runner.run import Runner
     from pipeline.workspace import Workspace
 
     cfg = load_config(config)
     ws = Workspace(workspace.resolve())
+    log_third_party(ws.root)
     owner = None
     if layout_file is not None:
         if not owner_key and not owner_key_file:
@@ -67,14 +77,16 @@ def run(
         )
     elif owner_key or owner_key_file:
         raise InputError("--owner-key and --owner-key-file go with --layout")
+    terminal = RunProgress()
     result = Runner(
         cfg,
         ws,
-        on_event=echo_progress,
+        on_event=terminal.message,
         layout=layout_file,
         owner=owner,
         sandbox=not no_sandbox,
         reuse=not no_reuse,
+        on_progress=terminal.epoch,
     ).run()
     root = ws.root
     rel = lambda p: str(p.relative_to(root)) if p.is_relative_to(root) else str(p)  # noqa: E731
@@ -87,6 +99,13 @@ def run(
     click.echo(f"lineage:   {result.lineage}")
     if result.reused:
         click.echo(f"reused:    {', '.join(result.reused)} (from earlier runs, re-verified)")
+    held_out = held_out_metrics(result.run_dir, [s.name for s in cfg.stages])
+    if held_out is not None:
+        where, test = held_out
+        samples = f", {test['samples']} samples" if isinstance(test.get("samples"), int) else ""
+        click.echo(
+            f"accuracy:  {test['accuracy']:.4f} on the held-out test split{samples} ({where})"
+        )
     click.echo("verified: ok")
 
 
@@ -204,6 +223,37 @@ def keys_init(force: bool, role: str, workspace: Path) -> None:
         click.echo(f"{state} {name:<12} {key.keyid}  {ws.keys / (name + '.pem')}")
 
 
+@keys.command("export")
+@click.argument("name", type=click.Choice(["owner", "functionary"]))
+@click.option(
+    "--pem",
+    is_flag=True,
+    help="(required) SubjectPublicKeyInfo PEM, as in-toto-verify 3.x reads it.",
+)
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write to FILE instead of stdout.",
+)
+@workspace_option
+def keys_export(name: str, pem: bool, output: Path | None, workspace: Path) -> None:
+    """The public half of key NAME, as PEM (never the private key)."""
+    from pipeline.fsutil import atomic_write_bytes
+    from pipeline.provenance.keys import load_public_key, public_key_path
+    from pipeline.workspace import Workspace
+
+    if not pem:  # the .pub files are already the securesystemslib JSON form
+        raise click.UsageError("name the format: --pem (the only export format)")
+    key = load_public_key(public_key_path(name, Workspace(workspace.resolve()).keys))
+    data = key.to_pem()
+    if output is None:
+        click.echo(data.decode(), nl=False)
+    else:
+        atomic_write_bytes(output, data)
+        echo_progress(f"wrote {output} ({name} key {key.keyid})")
+
+
 @click.group()
 def env() -> None:
     """Locked environments."""
@@ -222,11 +272,15 @@ def env() -> None:
     type=click.Path(dir_okay=False, path_type=Path),
     help="Check another environment's interpreter instead of this one.",
 )
-def env_check(lock: Path, python: Path | None) -> None:
+@json_option
+def env_check(lock: Path, python: Path | None, as_json: bool) -> None:
     """Check an environment against LOCK and every installed file against its sealed manifest."""
     from pipeline.envcheck import check_environment, parse_lock
 
     fp = check_environment(parse_lock(lock), python=python, progress=echo_progress)
+    if as_json:  # drift is exit 3 with its diff on stderr, as without --json
+        echo_json({"matches": True, "lock": str(lock), "fingerprint": fp.as_dict()})
+        return
     click.echo(f"environment matches {lock}")
     for key, value in fp.as_dict().items():
         click.echo(f"  {key:<22} {value}")
@@ -273,24 +327,61 @@ def lineage_sync(run_dir: Path) -> None:
 
     # the alias moves only for a run that verifies now, under this store's workspace owner
     ws = workspace_of_run(run_dir).root
+    log_third_party(ws)
     click.echo(sync_run_dir(run_dir, verified=lambda rd: verified_release(rd, ws)))
 
 
 @click.command()
 @click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
 @trust_options
-def reproduce(run_dir: Path, owner_key: str | None, owner_key_file: Path | None) -> None:
+@json_option
+def reproduce(
+    run_dir: Path, owner_key: str | None, owner_key_file: Path | None, as_json: bool
+) -> None:
     """Re-run RUN_DIR's recorded pipeline into a new run and compare every product.
 
     Exit 0 only when every compared product is identical; the comparison is written as a
     signed in-toto Statement (test-result predicate) beside the new run's links.
     """
     from pipeline.compare.reproduce import reproduce as do_reproduce
+    from pipeline.workspace import RUN_RECORD, workspace_of_run
 
+    if (run_dir / RUN_RECORD).is_file():
+        log_third_party(workspace_of_run(run_dir).root)
     # the original verifies against the owner you name, else its own workspace's owner key
+    terminal = RunProgress()
     result = do_reproduce(
-        run_dir, on_event=echo_progress, owner_key=owner_key, owner_key_file=owner_key_file
+        run_dir,
+        on_event=terminal.message,
+        owner_key=owner_key,
+        owner_key_file=owner_key_file,
+        on_progress=terminal.epoch,
     )
+    if as_json:
+        echo_json(
+            {
+                "original": result.original,
+                "reproduction": result.reproduction,
+                "identical": result.identical,
+                "statement": str(result.statement_path),
+                "stages": [
+                    {
+                        "stage": st.stage,
+                        "identical": st.identical,
+                        "skipped": st.skipped or None,
+                        "notes": st.notes(),
+                        "files": [
+                            {"name": f.name, "identical": f.identical, "detail": f.detail}
+                            for f in st.files
+                        ],
+                    }
+                    for st in result.stages
+                ],
+            }
+        )
+        if not result.identical:
+            sys.exit(1)
+        return
     click.echo(f"reproduced {result.original} as {result.reproduction}")
     for st in result.stages:
         for note in st.notes():
@@ -334,6 +425,8 @@ def candidate(
     from pipeline.compare.candidate import render, run_candidate
     from pipeline.workspace import Workspace
 
+    log_third_party(workspace.resolve())
+    terminal = RunProgress()
     result = run_candidate(
         config,
         Workspace(workspace.resolve()),
@@ -342,7 +435,8 @@ def candidate(
         owner_key=owner_key,
         owner_key_file=owner_key_file,
         deploy=deploy,
-        on_event=echo_progress,
+        on_event=terminal.message,
+        on_progress=terminal.epoch,
     )
     click.echo(render(result))
     if not result.passed:

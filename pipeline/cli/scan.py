@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from pipeline.cli.options import echo_json, json_option
 from pipeline.scan.model import (
     DEFAULT_FAIL_ON,
     DEFAULT_PROFILES,
@@ -159,11 +160,27 @@ def deps_graph(lock: Path | None, installed: bool, python: Path | None, fmt: str
 @deps.command("why")
 @click.argument("package")
 @source_options
-def deps_why(package: str, lock: Path | None, installed: bool, python: Path | None) -> None:
+@json_option
+def deps_why(
+    package: str, lock: Path | None, installed: bool, python: Path | None, as_json: bool
+) -> None:
     """Every path from a direct requirement down to PACKAGE."""
-    from pipeline.scan.deps import render_why
+    from pipeline.scan.deps import paths_to, render_why
 
-    click.echo(render_why(_graph(lock, installed, python), package))
+    graph = _graph(lock, installed, python)
+    if as_json:
+        target = graph.resolve(package)
+        paths = paths_to(graph, package)
+        echo_json(
+            {
+                "package": target,
+                "version": graph.version(target),
+                "direct": target in graph.roots,
+                "paths": [[{"name": n, "version": v} for n, v in p] for p in paths],
+            }
+        )
+        return
+    click.echo(render_why(graph, package))
 
 
 # --------------------------------------------------------------------------- vulndb
@@ -242,7 +259,8 @@ def vulndb_info(db: Path, max_age_days: int) -> None:
     "--severity",
     type=click.Choice(["low", "medium", "high", "critical"]),
     default=None,
-    help="Fail on findings at or above this (default low, or the policy file's). "
+    help="Fail on findings at or above this (default high, as the run's gate, or the "
+    "policy file's). "
     "Unknown severity fails at every threshold.",
 )
 @click.option(

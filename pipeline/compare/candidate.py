@@ -34,6 +34,7 @@ from typing import Any
 from pipeline.config import PipelineConfig, load_config
 from pipeline.errors import InputError, VerificationError
 from pipeline.provenance.statements import TEST_RESULT, statement
+from pipeline.runner.progress import ProgressEvent
 from pipeline.runner.run import Runner
 from pipeline.workspace import CANDIDATE, CHECKS_DIR, Workspace
 
@@ -297,6 +298,7 @@ def run_candidate(
     owner_key_file: Path | None = None,
     deploy: bool = False,
     on_event: Callable[[str], None] = lambda _m: None,
+    on_progress: Callable[[ProgressEvent], None] | None = None,
 ) -> CandidateResult:
     from pipeline.compare.diff import diff as lineage_diff
     from pipeline.compare.diff import load_lineage, render_table
@@ -307,7 +309,7 @@ def run_candidate(
     production = (against or production_release(config, ws)).resolve()
     on_event(f"candidate of '{config.name}' against production release {production}")
 
-    runner = Runner(config, ws, on_event=on_event, candidate=True)
+    runner = Runner(config, ws, on_event=on_event, candidate=True, on_progress=on_progress)
     with runner.session():
         gates = runner.gates()
         first_gate = config.stages.index(gates[0]) if gates else len(config.stages)

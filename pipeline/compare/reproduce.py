@@ -22,6 +22,7 @@ from pipeline.errors import InputError, VerificationError
 from pipeline.hashing import sha256_file
 from pipeline.provenance.links import read_link
 from pipeline.provenance.statements import TEST_RESULT, statement
+from pipeline.runner.progress import ProgressEvent
 from pipeline.runner.run import Runner
 from pipeline.workspace import Workspace, read_run_record, workspace_of_run
 
@@ -215,6 +216,7 @@ def reproduce(
     on_event: Callable[[str], None] = lambda _m: None,
     owner_key: str | None = None,
     owner_key_file: Path | None = None,
+    on_progress: Callable[[ProgressEvent], None] | None = None,
 ) -> ReproduceResult:
     """Re-run a recorded run in its own workspace and compare every product.
 
@@ -258,7 +260,7 @@ def reproduce(
             hint="reproduce needs the same lock; check out the commit the run was made from",
         )
     ws = workspace_of_run(run_dir)
-    runner = Runner(config, Workspace(ws.root), on_event=on_event)
+    runner = Runner(config, Workspace(ws.root), on_event=on_event, on_progress=on_progress)
     with runner.session():
         runner.run_stages(config.stages)
         runner.verify_run()

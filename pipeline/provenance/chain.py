@@ -3,8 +3,8 @@
 Order: layout signature (owner key) -> layout expiry -> links present and well-formed ->
 link signatures (functionary keys the layout names) -> expected commands (enforced) ->
 return values -> training workers (provenance/workers.py) -> artifact rules
-(MATCH/REQUIRE/CREATE/DISALLOW) -> artifacts on disk.
-The first failing check raises VerificationError naming the step, the rule and the artifact.
+(MATCH/REQUIRE/CREATE/DISALLOW) -> artifacts on disk -> inspections. The first failing check
+raises VerificationError naming the step, the rule and the artifact.
 """
 
 from __future__ import annotations
@@ -13,24 +13,26 @@ import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from fnmatch import fnmatch
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from in_toto import settings as intoto_settings
 from in_toto import verifylib
 from in_toto.exceptions import (
     LayoutExpiredError,
     RuleVerificationError,
     SignatureVerificationError,
 )
-from in_toto.models.layout import Layout
+from in_toto.models.layout import Inspection, Layout
 from in_toto.models.link import Link
 from in_toto.models.metadata import Metadata
 from securesystemslib.exceptions import FormatError
 
 from pipeline.errors import InputError, VerificationError
-from pipeline.hashing import hash_files
+from pipeline.hashing import hash_artifacts, hash_files, list_tree
 from pipeline.provenance.keys import PublicKey
-from pipeline.provenance.layout import LayoutPins, pins_of
+from pipeline.provenance.layout import INSPECTION_COMMAND, INSPECTION_NAME, LayoutPins, pins_of
 from pipeline.provenance.links import link_filename, load_metadata
 from pipeline.provenance.workers import verify_workers
 
@@ -301,7 +303,9 @@ _RULE = re.compile(r"^'([^']+)'")
 _ARTIFACTS = re.compile(r"artifacts: (\[[^\]]*\])")
 
 
-def _explain_rule_failure(e: RuleVerificationError, reduced: dict[str, Link]) -> VerificationError:
+def _explain_rule_failure(
+    e: RuleVerificationError, reduced: dict[str, Link], check: str = "artifact rules"
+) -> VerificationError:
     trace = verifylib.RULE_TRACE
     step, kind = trace.get("source_name"), trace.get("source_type")
     text = str(e)
@@ -324,13 +328,21 @@ def _explain_rule_failure(e: RuleVerificationError, reduced: dict[str, Link]) ->
                     f"{up.products[name].get('sha256', '?')[:16]}…"
                 )
                 break
+    what = "inspection" if check == "inspections" else "step"
     return _fail(
-        f"step '{step}': {kind} rule '{rule}' failed for {artifacts or 'the artifacts'}{detail}",
-        "artifact rules",
+        f"{what} '{step}': {kind} rule '{rule}' failed for {artifacts or 'the artifacts'}{detail}",
+        check,
         step=step,
         rule=f"expected_{kind}: {rule}",
         artifact=artifacts,
+        hint=INSPECTION_HINT if check == "inspections" else None,
     )
+
+
+INSPECTION_HINT = (
+    "a file in the run directory was added or changed after its step signed the link; "
+    "do not use this run (in-toto-verify run from the run directory fails the same way)"
+)
 
 
 def _verify_disk(reduced: dict[str, Link], disk: DiskArtifacts, report: VerifyReport) -> None:
@@ -380,6 +392,62 @@ def _verify_disk(reduced: dict[str, Link], disk: DiskArtifacts, report: VerifyRe
     report.passed("artifacts on disk", f"{len(present)} file(s) match their signed digests")
 
 
+def _check_inspections(layout: Layout) -> list[Inspection]:
+    """The layout's inspections, each the exact one chainproof writes: we never run a command
+    a layout names, we apply its rules ourselves; anything else is refused, not skipped."""
+    inspections = layout.inspect if isinstance(layout.inspect, list) else [layout.inspect]
+    for insp in inspections:
+        name, run = getattr(insp, "name", None), getattr(insp, "run", None)
+        if name != INSPECTION_NAME or run != INSPECTION_COMMAND:
+            raise _fail(
+                f"the layout's inspection {name!r} runs {run!r}, not the "
+                f"inspection chainproof writes ({INSPECTION_NAME!r}: {INSPECTION_COMMAND})",
+                "inspections",
+                rule=f"inspection {name!r}",
+                hint="chainproof never executes a command from a layout; this layout was not "
+                "compiled by chainproof (`chainproof layout`)",
+            )
+    return list(inspections)
+
+
+def _excluded(name: str) -> bool:
+    """in-toto's default exclude patterns (*.link*, .git, *.pyc, *~), applied to each part of
+    the name as its gitwildmatch does, so we see the directory as in-toto-verify records it."""
+    patterns = intoto_settings.ARTIFACT_EXCLUDE_PATTERNS
+    return any(fnmatch(part, p) for part in name.split("/") for p in patterns)
+
+
+def _verify_inspections(
+    inspections: list[Inspection], reduced: dict[str, Link], root: Path, report: VerifyReport
+) -> None:
+    """What in-toto-verify run from `root` would conclude, without running the command: its
+    command does nothing, so the materials and products are the directory as it is."""
+    if not inspections:
+        return
+    tree = {n: p for n, p in list_tree(root).items() if not _excluded(n)}
+    artifacts = hash_artifacts(tree)  # files _verify_disk hashed are not read again
+    links: dict[str, Link] = dict(reduced)
+    for insp in inspections:
+        links[insp.name] = Link(name=insp.name, materials=artifacts, products=artifacts)
+    try:
+        verifylib.verify_all_item_rules(inspections, links)
+    except RuleVerificationError as e:
+        raise _explain_rule_failure(e, links, "inspections") from e
+    except (FormatError, KeyError, TypeError, ValueError) as e:
+        # owner-signed, yet not rules in-toto's grammar accepts (or naming a step not in
+        # the layout): refuse, as in-toto-verify would, rather than crash
+        raise _fail(
+            f"the layout's inspection rules are not valid in-toto rules ({e!r})",
+            "inspections",
+            rule=f"inspection {INSPECTION_NAME!r}",
+        ) from e
+    report.passed(
+        "inspections",
+        f"{len(tree)} file(s) in the run directory: every file under a step's directory is "
+        "a product that step signed",
+    )
+
+
 def verify_chain(
     *,
     layout_path: Path,
@@ -421,10 +489,21 @@ def verify_chain(
     except RuleVerificationError as e:
         raise _explain_rule_failure(e, reduced) from e
     report.passed("artifact rules", "materials chain to upstream products; nothing undeclared")
+    _check_inspections(layout)  # a foreign one is refused whatever is verified
     if disk is not None:
         _verify_disk(reduced, disk, report)
     report.links = reduced
     return report
+
+
+def verify_inspections(report: VerifyReport, run_dir: Path) -> None:
+    """The layout's inspection over a whole run directory, after `verify_chain` passed.
+
+    Only a run: a bundle carries only the released steps (its release manifest judges every
+    file in it), and a prefix of the chain (the deploy gate) lacks the steps still to come.
+    """
+    if report.layout is not None:
+        _verify_inspections(_check_inspections(report.layout), report.links, run_dir, report)
 
 
 def released_steps(

@@ -43,6 +43,39 @@ class PublicKey:
     def to_json(self) -> str:
         return json.dumps(self.legacy_dict(), sort_keys=True, indent=1) + "\n"
 
+    def to_pem(self) -> bytes:
+        """SubjectPublicKeyInfo PEM, the form in-toto-verify 3.x reads (--verification-keys).
+
+        in-toto recomputes the keyid from the PEM with the key type's default scheme; a key
+        whose keyid would come out different (a non-default scheme) is refused here, since
+        in-toto-verify would then not find the layout's signature.
+        """
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+        from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+        public = self.key.keyval.get("public")
+        if not isinstance(public, str):
+            raise InputError(f"key {self.keyid[:16]}… has no public key value")
+        try:
+            if self.key.keytype == "ed25519":
+                crypto: Any = Ed25519PublicKey.from_public_bytes(bytes.fromhex(public))
+            else:  # ecdsa and rsa keys keep their PEM in keyval
+                crypto = load_pem_public_key(public.encode())
+            again = SSlibKey.from_crypto(crypto)
+        except (ValueError, TypeError, SSLibError) as e:
+            raise InputError(f"key {self.keyid[:16]}… cannot be written as PEM ({e})") from e
+        if again.keyid != self.keyid:
+            raise InputError(
+                f"key {self.keyid[:16]}… uses scheme {self.key.scheme!r}; in-toto-verify would "
+                f"read its PEM as {again.scheme!r} with keyid {again.keyid[:16]}…",
+                hint="only keys with their type's default scheme can be exported for in-toto",
+            )
+        pem: bytes = crypto.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        return pem
+
 
 def public_key_from_dict(d: dict[str, Any], *, source: str) -> PublicKey:
     try:
@@ -147,6 +180,18 @@ def release_public_key(pem: bytes) -> PublicKey:
     except UnsupportedAlgorithm as e:
         raise ValueError(f"unsupported public key algorithm ({e})") from e
     return PublicKey(key)
+
+
+def public_key_path(role: str, keys_dir: Path) -> Path:
+    """Where `role`'s public key is: $CHAINPROOF_<ROLE>_PUBKEY beside a configured signer URI
+    (as `load_signer` reads it), else the dev key's `<role>.pub` in `keys_dir`."""
+    if role not in ROLES:
+        raise InputError(f"no key named {role!r}", hint=f"the keys are named {', '.join(ROLES)}")
+    if os.environ.get(ENV_URI.format(role=role.upper())):
+        pub = os.environ.get(ENV_PUB.format(role=role.upper()))
+        if pub:
+            return Path(pub)
+    return keys_dir / f"{role}.pub"
 
 
 def owner_signer_configured(keys_dir: Path) -> bool:

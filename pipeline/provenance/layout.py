@@ -4,7 +4,8 @@ One step per stage. Material rules first REQUIRE each declared output of every u
 stage, then MATCH it against that stage's products; product rules REQUIRE and CREATE each
 declared output. Every rule list ends in DISALLOW *, so nothing undeclared slips through
 in-toto's implicit ALLOW. The expected command is enforced by our verifier (in-toto only
-warns on a mismatch).
+warns on a mismatch). One inspection lets in-toto-verify alone, run from the run directory,
+reject a file changed after its step signed it (see `run_inspection`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,18 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from in_toto.models.layout import Layout, Step
+from in_toto.models.layout import Inspection, Layout, Step
 
 from pipeline.provenance.keys import PublicKey
 from pipeline.provenance.links import envelope_bytes
-from pipeline.workspace import CHECKS_DIR, GATE_CHECKS, base_model_name, spec_name
+from pipeline.workspace import (
+    CHECKS_DIR,
+    GATE_CHECKS,
+    RUN_DIRS,
+    RUN_RECORD,
+    base_model_name,
+    spec_name,
+)
 
 if TYPE_CHECKING:
     from securesystemslib.signer import Signer
@@ -105,6 +113,46 @@ def _product_rules(stage: StageConfig) -> list[list[str]]:
     return rules
 
 
+# The one inspection chainproof writes. in-toto-verify runs an inspection's command in its
+# current directory and records every file there as the inspection's materials and
+# products; the command does nothing, so the rules alone judge the run directory. The name
+# holds a dot, which no stage name can (config NAME_PATTERN), so it never collides with a step.
+INSPECTION_NAME = "run.artifacts"
+INSPECTION_COMMAND = ["true"]
+# What the runner keeps in a run directory beside the stages' own: not products of a step.
+RUN_BOOKKEEPING = (RUN_RECORD, "config.yaml", *(f"{d}/*" for d in RUN_DIRS))
+
+
+def _inspection_rules(config: PipelineConfig) -> list[list[str]]:
+    """Every file under a stage's directory is a product that step signed, unchanged.
+
+    MATCH consumes only files whose digest equals the step's signed product; what is left
+    under the step's directory (a changed or an unattested file) meets the DISALLOW.
+    REQUIRE catches a declared output that was deleted.
+    """
+    rules: list[list[str]] = []
+    for stage in config.stages:
+        rules += [
+            ["REQUIRE", f"{stage.name}/{out}"] for out in stage.outputs if not out.endswith("/")
+        ]
+        rules.append(["MATCH", f"{stage.name}/*", "WITH", "PRODUCTS", "FROM", stage.name])
+        rules.append(["DISALLOW", f"{stage.name}/*"])
+    rules += [["ALLOW", pattern] for pattern in RUN_BOOKKEEPING]
+    rules.append(["DISALLOW", "*"])
+    return rules
+
+
+def run_inspection(config: PipelineConfig) -> Inspection:
+    """The inspection in-toto-verify runs from inside `runs/<run-id>/` (its cwd)."""
+    rules = _inspection_rules(config)
+    return Inspection(
+        name=INSPECTION_NAME,
+        run=list(INSPECTION_COMMAND),
+        expected_materials=rules,
+        expected_products=[list(r) for r in rules],
+    )
+
+
 def compile_layout(
     config: PipelineConfig,
     *,
@@ -137,7 +185,7 @@ def compile_layout(
         keys[release_key.keyid] = release_key.legacy_dict()
     layout = Layout(
         steps=steps,
-        inspect=[],
+        inspect=[run_inspection(config)],
         keys=keys,
         expires=expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
         readme=pins.to_readme(),

@@ -14,6 +14,7 @@ from pipeline.provenance.chain import (
     released_steps,
     safe_join,
     verify_chain,
+    verify_inspections,
 )
 from pipeline.provenance.keys import public_key_from_dict, resolve_trusted_owner
 from pipeline.provenance.links import Link
@@ -348,6 +349,7 @@ def verify_run(
     refuse_symlinks(run_dir)
     refuse_unattested(run_dir, report)
     refuse_stray_links(links, report)
+    verify_inspections(report, run_dir)  # what in-toto-verify run from run_dir checks
     check_run_files(run_dir, report)
     check_statements(
         [(run_dir / CHECKS_DIR, f"{CHECKS_DIR}/"), (links, "")], report, run_id=report.run_id

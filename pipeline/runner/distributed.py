@@ -209,6 +209,7 @@ class Workers:
         sandbox: sb.Sandbox = sb.NO_SANDBOX,
         mounts: sb.Mounts = NO_MOUNTS,
         packages: Sequence[Path] | None = None,
+        watch: Callable[[], None] | None = None,
     ) -> int | None:
         """Every worker to exit 0 -> 0. A worker that fails, or a run past `timeout`, stops
         every worker (process groups killed, none left behind) and raises StageFailed."""
@@ -257,7 +258,7 @@ class Workers:
                         prefix=prefix,
                     )
                 )
-            self._supervise(t0, timeout)
+            self._supervise(t0, timeout, watch)
         return 0
 
     def _checked(self, n: int) -> list[Fingerprint]:
@@ -274,9 +275,11 @@ class Workers:
             ) from e
         return [fp] * n
 
-    def _supervise(self, t0: float, timeout: int) -> None:
+    def _supervise(self, t0: float, timeout: int, watch: Callable[[], None] | None) -> None:
         deadline = t0 + timeout
         while True:
+            if watch is not None:  # the chief's progress lines, as the single-process path
+                watch()
             running = False
             for w in self.workers:
                 assert w.started is not None
@@ -294,6 +297,8 @@ class Workers:
                     self._stop_all()
                     raise self._failed(w, f"worker {w.index} exited with code {w.return_value}")
             if not running:
+                if watch is not None:  # the lines written since the last look
+                    watch()
                 return
             if time.monotonic() > deadline:
                 self._stop_all()

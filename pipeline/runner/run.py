@@ -41,6 +41,7 @@ from pipeline.provenance.statements import write_signed_statement
 from pipeline.release.publish import ReleaseInputs, publish
 from pipeline.runner import basemodel, distributed, sandbox
 from pipeline.runner.gates import check_dependencies, model_scan_statement, scan_models
+from pipeline.runner.progress import ProgressEvent, StdoutTail
 from pipeline.runner.record import (
     RunRecord,
     RunResult,
@@ -98,6 +99,7 @@ class Runner:
         owner: TrustedOwner | None = None,
         sandbox: bool = True,
         reuse: bool = False,
+        on_progress: Callable[[ProgressEvent], None] | None = None,
     ) -> None:
         """`layout` (with the `owner` key that signed it): run under a layout the owner signed
         beforehand, with only the functionary key here. Without it, the one-machine
@@ -112,6 +114,7 @@ class Runner:
         self.config = config
         self.ws = workspace
         self.say = on_event
+        self.on_progress = on_progress  # epochs a stage reports, as they happen
         self.verify_files = verify_environment_files
         self.use_sandbox = sandbox  # False only for an explicit --no-sandbox, recorded
         self.sandbox = NO_SANDBOX
@@ -502,6 +505,9 @@ class Runner:
                 anchor=self.run_dir,
             ),
             packages=sandbox.package_dirs(("pipeline", stage.impl.module.split(".")[0])),
+            watch=StdoutTail(stage.name, logs.stdout, self.on_progress)
+            if self.on_progress
+            else None,
         )
         timings["execute"] = time.perf_counter() - t0
         self._check_code(stage, "while it ran")

@@ -18,8 +18,9 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from importlib.util import find_spec
 from pathlib import Path
@@ -559,8 +560,12 @@ def execute(
     sandbox: Sandbox = NO_SANDBOX,
     mounts: Mounts = Mounts(),
     packages: Sequence[Path] | None = None,
+    watch: Callable[[], None] | None = None,
 ) -> int | None:
     """Run `argv` in `workdir`; its return code, or None when it timed out and was killed.
+
+    `watch` is called about twice a second while the stage runs, and once after it ended
+    (the runner reads the stage's progress from its stdout log there).
 
     `argv[0]` is the interpreter. Under bubblewrap only what `mounts` names (plus the
     system, the interpreter and chainproof's packages) is visible. `scratch` (HOME, TMPDIR)
@@ -577,7 +582,7 @@ def execute(
         packages=packages,
     ) as started:
         try:
-            rc: int | None = started.proc.wait(timeout=timeout)
+            rc: int | None = _wait(started.proc, timeout, watch)
         except subprocess.TimeoutExpired:
             started.kill()
             rc = None
@@ -587,6 +592,23 @@ def execute(
         if rc is not None:
             rc = started.exit_code(rc)
     return rc
+
+
+def _wait(proc: subprocess.Popen[bytes], timeout: int, watch: Callable[[], None] | None) -> int:
+    """`proc.wait(timeout)`, calling `watch` every half second meanwhile and once at the end."""
+    if watch is None:
+        return proc.wait(timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            rc = proc.wait(timeout=max(0.0, min(0.5, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            if time.monotonic() >= deadline:
+                raise
+            watch()
+            continue
+        watch()
+        return rc
 
 
 def changed_materials(

@@ -43,6 +43,9 @@ if TYPE_CHECKING:  # vex imports the signing stack; a scan without VEX never nee
 Located = tuple[tuple[tuple[tuple[str, str], ...], ...], tuple[str, ...]]
 
 THRESHOLDS = ("low", "medium", "high", "critical")
+# The one default: `scan deps` and the run's dependency gate (config
+# security.dependencies.severity, which defaults to this too) fail at the same findings.
+DEFAULT_THRESHOLD = "high"
 BY_VERSION = "name and version"
 
 
@@ -244,7 +247,7 @@ class Policy:
     (kept to be shown: a statement that counts for nothing must not look as if it counted).
     """
 
-    threshold: str = "low"
+    threshold: str = DEFAULT_THRESHOLD
     allow: tuple[AllowEntry, ...] = ()
     accept_names: tuple[AcceptName, ...] = ()
     vex: tuple[VexStatement, ...] = ()
@@ -280,7 +283,9 @@ class Policy:
             )
         )
         return cls(
-            threshold=str(data.get("severity", "low")).lower(), allow=allow, accept_names=accept
+            threshold=str(data.get("severity", DEFAULT_THRESHOLD)).lower(),
+            allow=allow,
+            accept_names=accept,
         )
 
 

@@ -70,6 +70,9 @@ def test_fine_tune_from_a_release_verifies_as_a_two_level_chain(workspace_copy, 
         (upstream_bundle(ws) / "artifacts/package/model.keras").read_bytes()
     ).hexdigest()
     assert deps["base_model:train"]["digest"]["sha256"] == upstream_model
+    # the run too, its inspection included: inputs/ and upstream/ are the runner's, not a step's
+    run = (ws / "runs" / "latest").resolve()
+    assert "inspections" in [c for c, _ in verify_target(run, workspace=ws).checks]
 
 
 def test_fine_tune_from_a_tampered_upstream_is_refused_before_loading(workspace_copy, tmp_path):

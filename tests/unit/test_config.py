@@ -85,6 +85,15 @@ def test_duplicate_stage_name(tmp_path):
     assert "duplicate stage name 'train' (first at stages[1])" in ps[0].message
 
 
+def test_a_stage_cannot_take_the_name_of_a_run_directory(tmp_path):
+    body = FAST_PIPELINE.replace("- name: source\n", "- name: logs\n").replace(
+        "needs: [source]", "needs: [logs]"
+    )
+    ps = problems(tmp_path, body)
+    assert ps[0].key == "stages[0].name" and ps[0].line == 7
+    assert "stage name 'logs' is a directory the runner keeps in each run" in ps[0].message
+
+
 def test_cycle(tmp_path):
     ps = problems(
         tmp_path, FAST_PIPELINE.replace("kind: source\n", "kind: source\n    needs: [deploy]\n")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import json
 import marshal
 import os
 import subprocess
@@ -172,3 +173,23 @@ def test_a_sitecustomize_in_site_packages_is_refused_and_never_runs(tiny, tmp_pa
     assert proc.returncode == 3, proc.stderr
     assert "+ sitecustomize.py: a start-up file in site-packages" in proc.stderr
     assert not marker.exists(), "judged before anything could import it"
+
+
+def test_env_check_json_is_the_fingerprint_and_drift_keeps_exit_3(tiny):
+    lock = tiny.root / "lock.txt"
+    user = {k: v for k, v in os.environ.items() if k != SEAL_KEY_ENV}
+    subprocess.run(
+        [tiny.python, "-I", "-S", BOOTSTRAP, "env", "seal", "--force", "--lock", lock],
+        check=True,
+        capture_output=True,
+        env=user,
+    )
+    check = [*CHAINPROOF, "env", "check", "--lock", lock, "--python", tiny.python, "--json"]
+    proc = subprocess.run(check, capture_output=True, text=True, env=user, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    answer = json.loads(proc.stdout)
+    assert answer["matches"] is True and answer["lock"] == str(lock)
+    assert answer["fingerprint"]["lock"] == "lock.txt" and "python" in answer["fingerprint"]
+    (tiny.site / "tiny" / "__init__.py").write_text("X = 'edited'\n")
+    proc = subprocess.run(check, capture_output=True, text=True, env=user, cwd=ROOT)
+    assert proc.returncode == 3 and proc.stdout == ""  # drift: its diff on stderr, as before

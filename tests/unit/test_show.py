@@ -20,7 +20,7 @@ from pipeline.provenance.links import write_link
 from pipeline.show import read_chain, render_chain
 from tests.unit.compare.lineages import DATASET, finding, make_bundle, make_run, sha, side
 
-TREE_LINE = re.compile(r"^(├─|└─|│  ├─|│  └─|   ├─|   └─) ")
+TREE_LINE = re.compile(r"^(├──|└──|│   ├──|│   └──|    ├──|    └──) ")
 
 
 @pytest.fixture(scope="module")
@@ -65,13 +65,13 @@ def test_tree_glyphs_last_child_corner_others_tee_and_continuation_bar(
     assert all(TREE_LINE.match(line) for line in lines), lines
     stages = [i for i, line in enumerate(lines) if not line.startswith(("│", " "))]
     assert [lines[i].split()[1] for i in stages] == ["source", "train", "package"]
-    assert [lines[i][:2] for i in stages] == ["├─", "├─", "└─"]  # only the last is a corner
+    assert [lines[i][:3] for i in stages] == ["├──", "├──", "└──"]  # only the last is a corner
     for start, end in zip(stages, [*stages[1:], len(lines)], strict=True):
         children = lines[start + 1 : end]
         last_stage = start == stages[-1]
-        assert children and all(c.startswith("   " if last_stage else "│  ") for c in children)
-        assert [c[3:5] for c in children] == ["├─"] * (len(children) - 1) + ["└─"]
-    assert lines[stages[1] + 1] == f"│  ├─ in   {sha(DATASET)[:16]}  source/dataset.npz"
+        assert children and all(c.startswith("    " if last_stage else "│   ") for c in children)
+        assert [c[4:7] for c in children] == ["├──"] * (len(children) - 1) + ["└──"]
+    assert lines[stages[1] + 1] == f"│   ├── in   {sha(DATASET)[:16]}  source/dataset.npz"
 
 
 def test_json_is_the_whole_chain_with_full_digests_and_unverified(tmp_path: Path, signer) -> None:
@@ -109,7 +109,7 @@ def test_a_run_shows_a_stage_that_left_no_link_and_an_unscanned_run_says_so(
         ("train", True),
         ("package", False),
     ]
-    assert "├─ train: no link (did not complete)" in text.splitlines()
+    assert "├── train: no link (did not complete)" in text.splitlines()
     assert text.splitlines()[0] == "run r1  pipeline digits  status succeeded"
     assert "dependencies: NOT SCANNED (no database at x.sqlite)" in text
 
@@ -134,7 +134,7 @@ def test_a_hostile_artifact_name_cannot_forge_report_lines(tmp_path: Path, signe
 
     assert code == 0
     assert "verified: ok" not in out.splitlines() and "\x1b" not in out
-    forged_line = "└─ out  aaaaaaaaaaaaaaaa  x\\nverified: ok\\x1b[2J"  # one line, escaped
+    forged_line = "└── out  aaaaaaaaaaaaaaaa  x\\nverified: ok\\x1b[2J"  # one line, escaped
     assert any(line.endswith(forged_line) for line in out.splitlines())
 
 
@@ -207,7 +207,7 @@ def test_a_fine_tuned_release_points_at_its_shipped_upstream(tmp_path: Path, sig
 
     assert train.base_model == {**origin, "upstream": str(shipped)}
     assert (
-        f"│  ├─ base bbbbbbbbbbbbbbbb  fine-tuned from bundle ../releases/digits/0.9; "
+        f"│   ├── base bbbbbbbbbbbbbbbb  fine-tuned from bundle ../releases/digits/0.9; "
         f"its chain: chainproof show {shipped}"
     ) in text.splitlines()
     assert read_chain(shipped).kind == "bundle"  # and it shows on its own

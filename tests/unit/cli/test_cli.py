@@ -97,3 +97,31 @@ def test_show_refuses_a_directory_that_is_not_a_run(tmp_path: Path) -> None:
 def test_bad_input_never_reaches_the_internal_error_code(args: tuple[str, ...], tmp_path) -> None:
     code, _, _ = invoke(*args, "--help")
     assert code == 0
+
+
+def test_keys_export_pem_is_the_key_in_toto_verify_reads(tmp_path: Path) -> None:
+    from in_toto.models._signer import load_public_key_from_file
+
+    from pipeline.provenance.keys import load_public_key
+
+    assert invoke("keys", "init", "--workspace", tmp_path)[0] == 0
+    owner = load_public_key(tmp_path / "attestations" / "keys" / "owner.pub")
+    code, out, _ = invoke("keys", "export", "owner", "--pem", "--workspace", tmp_path)
+    assert code == 0 and out.startswith("-----BEGIN PUBLIC KEY-----")
+    assert "PRIVATE" not in out
+    dest = tmp_path / "owner.pem.pub"
+    code, _, err = invoke("keys", "export", "owner", "--pem", "-o", dest, "--workspace", tmp_path)
+    assert code == 0 and owner.keyid in err
+    assert dest.read_text() == out
+    # in-toto-verify's own loader computes the keyid that signed the layout
+    assert load_public_key_from_file(str(dest))["keyid"] == owner.keyid
+
+
+def test_keys_export_names_what_is_wrong(tmp_path: Path) -> None:
+    code, _, err = invoke("keys", "export", "owner", "--pem", "--workspace", tmp_path)
+    assert code == 2 and "keys init" in err  # no key yet
+    assert invoke("keys", "init", "--workspace", tmp_path)[0] == 0
+    code, _, err = invoke("keys", "export", "owner", "--workspace", tmp_path)
+    assert code == 2 and "--pem" in err
+    code, _, err = invoke("keys", "export", "release", "--pem", "--workspace", tmp_path)
+    assert code == 2

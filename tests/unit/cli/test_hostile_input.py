@@ -159,3 +159,20 @@ def test_a_deep_run_record_or_layout_is_exit_1_or_2_naming_the_file(workspace: P
     (links / "root.layout").write_bytes(b'{"payload": ' + b"[" * 100_000)
     code, _, err = _verify(workspace, run)
     assert code == 1 and "check:    layout signature" in err and "nests values" in err
+
+
+def test_verify_json_names_the_failed_check_with_the_exit_code_unchanged(
+    workspace: Path,
+) -> None:
+    run, links = _run(workspace, "json-deep")
+    link = _source_link(workspace, links)
+    link.write_bytes(b"[" * 100_000 + b"]" * 100_000)
+    owner = workspace / "attestations" / "keys" / "owner.pub"
+    code, out, err = invoke("verify", run, "--owner-key-file", owner, "--json")
+    assert code == 1 and "verification FAILED" in err
+    answer = json.loads(out)
+    assert answer["verified"] is False and answer["target"] == str(run)
+    assert answer["error"]["check"] == "link format" and answer["error"]["exit_code"] == 1
+    assert answer["error"]["artifact"] == str(link)
+    code, out, _ = invoke("verify", workspace / "nope", "--owner-key-file", owner, "--json")
+    assert code == 2 and json.loads(out)["error"]["exit_code"] == 2

@@ -8,14 +8,19 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from in_toto.models.layout import Layout, Step
+from in_toto.models.layout import Inspection, Layout, Step
 from securesystemslib.signer import CryptoSigner
 
 from pipeline.errors import VerificationError
 from pipeline.hashing import hash_tree
-from pipeline.provenance.chain import DiskArtifacts, verify_chain
+from pipeline.provenance.chain import DiskArtifacts, verify_chain, verify_inspections
 from pipeline.provenance.keys import KeyPair, PublicKey
-from pipeline.provenance.layout import LayoutPins, signed_layout_bytes
+from pipeline.provenance.layout import (
+    INSPECTION_COMMAND,
+    INSPECTION_NAME,
+    LayoutPins,
+    signed_layout_bytes,
+)
 from pipeline.provenance.links import write_link
 
 CMD = {"make": ["python", "-I", "-m", "stages.make"], "use": ["python", "-I", "-m", "stages.use"]}
@@ -35,7 +40,14 @@ def keypair(role: str) -> KeyPair:
 class Chain:
     """A run directory with two steps, `make` (writes make/data.bin) and `use` (reads it)."""
 
-    def __init__(self, root: Path, *, expires_days: int = 7, pins: LayoutPins = PINS) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        expires_days: int = 7,
+        pins: LayoutPins = PINS,
+        inspect: list[Inspection] | None = None,
+    ) -> None:
         self.root, self.links = root / "run", root / "links"
         self.links.mkdir(parents=True)
         (self.root / "make").mkdir(parents=True)
@@ -68,7 +80,7 @@ class Chain:
         expires = datetime.now(UTC) + timedelta(days=expires_days)
         layout = Layout(
             steps=steps,
-            inspect=[],
+            inspect=inspect or [],
             keys={kid: self.functionary.public.legacy_dict()},
             expires=expires.strftime("%Y-%m-%dT%H:%M:%SZ"),
             readme=pins.to_readme(),
@@ -105,12 +117,14 @@ class Chain:
         return self
 
     def verify(self, owner: PublicKey | None = None):
-        return verify_chain(
+        report = verify_chain(
             layout_path=self.layout,
             link_dir=self.links,
             owner=owner or self.owner.public,
             disk=DiskArtifacts(self.root),
         )
+        verify_inspections(report, self.root)  # as verify_run does for a run
+        return report
 
     def fails(self, owner: PublicKey | None = None) -> VerificationError:
         with pytest.raises(VerificationError) as info:
@@ -238,3 +252,78 @@ def test_a_recorded_name_that_leaves_the_tree_is_refused(tmp_path: Path) -> None
             disk=DiskArtifacts(chain.root),
         )
     assert "not a plain relative path" in info.value.message or info.value.check == "artifact rules"
+
+
+RUN_RULES = [
+    ["MATCH", "make/*", "WITH", "PRODUCTS", "FROM", "make"],
+    ["DISALLOW", "make/*"],
+    ["MATCH", "use/*", "WITH", "PRODUCTS", "FROM", "use"],
+    ["DISALLOW", "use/*"],
+    ["ALLOW", "run.json"],
+    ["DISALLOW", "*"],
+]
+
+
+def inspection(run: list[str] | None = None, name: str = INSPECTION_NAME) -> Inspection:
+    return Inspection(
+        name=name,
+        run=run or list(INSPECTION_COMMAND),
+        expected_materials=RUN_RULES,
+        expected_products=RUN_RULES,
+    )
+
+
+def test_the_inspection_passes_a_sound_run_and_ignores_in_toto_verify_s_own_link(tmp_path):
+    chain = Chain(tmp_path, inspect=[inspection()]).both()
+    (chain.root / "run.json").write_text("{}")
+    (chain.root / f"{INSPECTION_NAME}.link").write_text("{}")  # what in-toto-verify leaves
+    report = chain.verify()
+    assert [c for c, _ in report.checks][-2:] == ["artifacts on disk", "inspections"]
+
+
+def test_the_inspection_refuses_an_unattested_file_in_a_step_directory(tmp_path):
+    chain = Chain(tmp_path, inspect=[inspection()]).both()
+    (chain.root / "use" / "extra.pkl").write_bytes(b"not signed by any step")
+    err = chain.fails()
+    assert err.check == "inspections" and "use/extra.pkl" in err.message
+    assert "added or changed after its step signed" in (err.hint or "")
+
+
+def test_the_inspection_refuses_a_file_no_rule_allows(tmp_path):
+    chain = Chain(tmp_path, inspect=[inspection()]).both()
+    (chain.root / "stray.txt").write_text("?")
+    err = chain.fails()
+    assert err.check == "inspections" and "stray.txt" in err.message
+
+
+def test_a_layout_inspection_chainproof_did_not_write_is_refused_and_never_run(tmp_path):
+    marker = tmp_path / "ran"
+    chain = Chain(tmp_path, inspect=[inspection(run=["touch", str(marker)])]).both()
+    err = chain.fails()
+    assert err.check == "inspections" and "touch" in err.message
+    assert not marker.exists()
+    renamed = Chain(tmp_path / "b", inspect=[inspection(name="other")]).both()
+    assert renamed.fails().check == "inspections"
+
+
+def test_a_bundle_is_not_judged_by_the_run_inspection(tmp_path):
+    chain = Chain(tmp_path, inspect=[inspection()]).both()
+    (chain.root / "make" / "data.bin").unlink()  # a bundle carries only the released steps
+    report = verify_chain(
+        layout_path=chain.layout,
+        link_dir=chain.links,
+        owner=chain.owner.public,
+        disk=DiskArtifacts(chain.root, require_all=False, required_steps=("use",)),
+    )
+    assert "inspections" not in [c for c, _ in report.checks]
+
+
+def test_malformed_inspection_rules_are_a_verification_failure_not_a_crash(tmp_path):
+    bad = Inspection(
+        name=INSPECTION_NAME,
+        run=list(INSPECTION_COMMAND),
+        expected_materials=[["MATCH", "x/*", "WITH", "PRODUCTS", "FROM", "no-such-step"]],
+        expected_products=[["DISALLOW", "*"]],
+    )
+    chain = Chain(tmp_path, inspect=[bad]).both()
+    assert chain.fails().check == "inspections"

@@ -72,3 +72,16 @@ def test_every_rule_list_ends_in_disallow_and_materials_match_upstream(config) -
 
 def test_the_layout_carries_the_pins_the_owner_signed(config) -> None:
     assert pins_of(_layout(config)) == PINS
+
+
+def test_the_layout_inspects_the_run_directory_with_a_harmless_command(config) -> None:
+    (insp,) = _layout(config).inspect
+    assert insp.run == ["true"]
+    for rules in (insp.expected_materials, insp.expected_products):
+        assert rules[-1] == ["DISALLOW", "*"]
+        for stage in ("source", "train", "package", "deploy"):
+            match = ["MATCH", f"{stage}/*", "WITH", "PRODUCTS", "FROM", stage]
+            assert rules.index(match) + 1 == rules.index(["DISALLOW", f"{stage}/*"])
+        assert ["REQUIRE", "train/model.keras"] in rules
+        assert ["ALLOW", "logs/*"] in rules and ["ALLOW", "run.json"] in rules
+    assert insp.name not in {s.name for s in config.stages}

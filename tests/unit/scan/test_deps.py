@@ -314,5 +314,10 @@ def test_cli_graph_and_why(old_lock: Path) -> None:
     out = runner.invoke(deps_group, ["why", "URLLIB3", "--lock", str(old_lock)])
     assert out.exit_code == 0, out.output
     assert "urllib3 1.23 <- requests 2.19.0 <- old.in" in out.output
+    out = runner.invoke(deps_group, ["why", "URLLIB3", "--lock", str(old_lock), "--json"])
+    assert out.exit_code == 0, out.output
+    why = json.loads(out.output)
+    assert (why["package"], why["version"]) == ("urllib3", "1.23")
+    assert ["requests", "urllib3"] in [[n["name"] for n in p][-2:] for p in why["paths"]]
     out = runner.invoke(deps_group, ["graph", "--lock", str(old_lock), "--installed"])
     assert out.exit_code == 2 and "not both" in out.output

@@ -375,6 +375,17 @@ def test_threshold_and_unknown_severity(old_result: vulns.ScanResult) -> None:
     assert "PYSEC-2023-212" in {f.id for f in ev.violations}  # medium 4.2 fails at medium
 
 
+def test_scan_deps_and_the_run_gate_share_one_default_threshold(old_result) -> None:
+    from pipeline.config import DependencyPolicySpec
+
+    assert Policy().threshold == Policy.from_mapping({}).threshold == "high"
+    assert DependencyPolicySpec().severity == vulns.DEFAULT_THRESHOLD == "high"
+    ev = evaluate(old_result, Policy(), TODAY)
+    # a medium finding is reported below the threshold, as the gate would, not a violation
+    assert "PYSEC-2023-212" in {f.id for f in ev.below_threshold}
+    assert "PYSEC-2023-212" not in {f.id for f in ev.violations}
+
+
 def test_allowlist_by_id_or_alias_and_expiry(old_result: vulns.ScanResult) -> None:
     live = AllowEntry("CVE-2019-11236", "header injection needs attacker input", date(2025, 1, 1))
     dead = AllowEntry("PYSEC-2018-28", "was accepted last year", date(2024, 10, 31))
