@@ -178,6 +178,10 @@ def test_every_request_is_in_the_access_log_without_its_data(server):
     before = len(lines)
     post(port, b'{"instances": [[0.987654, 0, 0, 0]]}')
     get(port, "/health?token=abc")
+    # The access line is written after the response is sent: give the server thread a moment.
+    deadline = time.monotonic() + 10
+    while len(lines) < before + 2 and time.monotonic() < deadline:
+        time.sleep(0.02)
     new = lines[before:]
     assert any('"POST /predict" 200' in line for line in new)
     assert any('"GET /health" 200' in line for line in new)
