@@ -609,9 +609,10 @@ def example_rows(npz: Path, key: str, rows: int = EXAMPLE_ROWS) -> Any | None:
     return np.frombuffer(data, dtype=dtype).reshape((n, *shape[1:])).astype(np.float32)
 
 
-def model_signature(card: Any, classes: int) -> Any:
+def model_signature(card: Any, classes: int) -> Any | None:
     """The pyfunc's tensor signature from the model card (the shape and dtype the train stage
-    measured on the data) and the number of classes it was evaluated on."""
+    measured on the data) and the number of classes it was evaluated on; None when the card
+    records no usable input (never an error: lineage must not fail a finished run)."""
     import numpy as np
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
@@ -619,10 +620,10 @@ def model_signature(card: Any, classes: int) -> Any:
     spec = card.get("input", {}) if isinstance(card, dict) else {}
     shape = spec.get("shape") if isinstance(spec, dict) else None
     dtype = spec.get("dtype", "float32") if isinstance(spec, dict) else "float32"
-    if not (isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0 for d in shape)):
-        raise InputError("the release's model card records no input shape")
-    if dtype not in ("float32", "float64"):
-        raise InputError(f"the release's model card records input dtype {dtype!r}")
+    if not (
+        isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0 for d in shape)
+    ) or dtype not in ("float32", "float64"):
+        return None  # an older card: MLflow infers the signature from the input example
     inputs = Schema([TensorSpec(np.dtype(dtype), (-1, *shape))])
     outputs = Schema([TensorSpec(np.dtype("float32"), (-1, classes))]) if classes > 0 else None
     return ModelSignature(inputs=inputs, outputs=outputs)
