@@ -272,5 +272,5 @@ def test_the_same_weights_reuse_the_version_and_a_reproduce_run_is_verified(rele
         filter_string=f"tags.`chainproof.run_id` = '{reproduction.name}' "
         "and tags.`chainproof.level` = 'pipeline'",
     )
-    assert parent.data.tags["chainproof.model_version"] == mv.version
+    assert parent.data.tags["chainproof.model_version"] == str(mv.version)
     assert "verification: **passed**" in parent.data.tags["mlflow.note.content"]
