@@ -252,8 +252,9 @@ class MLflowLineage(LineageSink):
         return Path(release)
 
     def _verification(self, run_dir: Path, record: dict[str, Any], released: Path | None) -> str:
-        """ "passed" for a verified release; for a run without one (a reproduce run), whether
-        its own chain verifies under this workspace's owner key."""
+        """The version's verification tag: passed for a verified release; for a run without
+        a release (a reproduce run), passed when its own chain verifies under this workspace's
+        owner key."""
         if released is not None:
             return "passed"
         if record.get("release") or record.get("status") != "succeeded":
