@@ -3,7 +3,10 @@
 The run directory and its signed links are the source of truth; MLflow is a view of them.
 `MLflowLineage.sync(run_dir)` logs one parent run per pipeline run and one nested run per
 stage (params, per-epoch metrics, plots, link and logs as artifacts, digests as tags), the
-dataset as an input with its real sha256, and the model as a registered version. The
+dataset as an input with its real sha256, and the model as a registered version: for a
+published release, an MLflow Model (a pyfunc from code, release/pyfunc_model.py) whose artifact
+is the verified bundle, one version per distinct weights digest. Every run and version carries
+the lineage as markdown with full digests (data -> links -> weights -> release). The
 `production` alias moves only for a run whose chain verified and whose release was published.
 Any MLflow failure raises LineageError; the caller says so and the run stands.
 """
@@ -15,7 +18,7 @@ import os
 import subprocess
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +33,16 @@ from pipeline.workspace import read_run_record
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 ARTIFACT_DIR = "mlartifacts"
 TAG = "chainproof."
+# MLflow's UI decides between its GenAI (traces) and classic ML layout by this experiment tag.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+NOTE = "mlflow.note.content"  # what the UI renders as a run's markdown description
+MODEL_NAME = "model"  # the MLflow Model's name within its run
+RUNS_TAG_CHARS = 4000  # model version tag values are capped (5000); keep the newest runs
+EXAMPLE_ROWS = 5
+EXAMPLE_BYTES = 1 << 20  # an input example is a handful of rows, read without the whole array
+# MLflow executes this file to load a release's model (models-from-code); chainproof never
+# imports it
+PYFUNC_MODEL = Path(__file__).resolve().parent / "release" / "pyfunc_model.py"
 
 
 class LineageError(Error):
@@ -131,11 +144,15 @@ class MLflowLineage(LineageSink):
     def _experiment_id(self, client) -> str:
         exp = client.get_experiment_by_name(self.experiment)
         if exp is not None:
+            if EXPERIMENT_KIND[0] not in exp.tags:
+                client.set_experiment_tag(exp.experiment_id, *EXPERIMENT_KIND)
             return exp.experiment_id
         location = None
         if self.tracking_uri.startswith(("sqlite:", "file:")) or "://" not in self.tracking_uri:
             location = (self.workspace / ARTIFACT_DIR).resolve().as_uri()
-        return client.create_experiment(self.experiment, artifact_location=location)
+        return client.create_experiment(
+            self.experiment, artifact_location=location, tags=dict([EXPERIMENT_KIND])
+        )
 
     def _sync(self, run_dir: Path) -> LineageResult:
         record = read_run_record(run_dir)
@@ -164,6 +181,8 @@ class MLflowLineage(LineageSink):
             for s in config.get("stages") or []
             if isinstance(s, dict) and isinstance(s.get("name"), str)
         }
+        released = self._released(run_dir, record)
+        trail = Trail(run_id=rid, release=released)
         lock_sha = ""
         version = None
         with mlflow.start_run(experiment_id=exp_id, run_name=rid) as parent:
@@ -186,32 +205,31 @@ class MLflowLineage(LineageSink):
             mlflow.log_artifact(str(run_dir / "run.json"))
             for name in record["stages"]:
                 found = sorted(links_dir.glob(f"{name}.*.link"))
-                with mlflow.start_run(experiment_id=exp_id, run_name=name, nested=True):
-                    lock_sha = self._stage(mlflow, run_dir, record, name, found, stages) or lock_sha
+                with mlflow.start_run(experiment_id=exp_id, run_name=name, nested=True) as child:
+                    trail.stage_runs[name] = child.info.run_id
+                    lock_sha = (
+                        self._stage(mlflow, run_dir, record, name, found, stages, trail) or lock_sha
+                    )
                     packaged = run_dir / name / "model.keras"
                     if (
                         found
                         and stages.get(name, {}).get("kind") == "package"
                         and packaged.is_file()
                     ):
-                        version = self._register(mlflow, client, run_dir, name, record)
+                        version = self._register(mlflow, client, run_dir, name, trail)
             alias = False
+            verification = ""
             if version is not None:
-                verified = bool(
-                    record.get("status") == "succeeded"
-                    and record.get("release")
-                    and self.verified is not None
-                    and self.verified(run_dir)
-                )
-                client.set_model_version_tag(
-                    self.registered_model,
-                    version,
-                    f"{TAG}verification",
-                    "passed" if verified else "not verified",
-                )
-                if verified:
+                verification = self._verification(run_dir, record, released)
+                if verification == "passed" or not trail.reused:
+                    # a reused version is never downgraded by a later run that did not verify
+                    client.set_model_version_tag(
+                        self.registered_model, version, f"{TAG}verification", verification
+                    )
+                if released is not None:
                     client.set_registered_model_alias(self.registered_model, "production", version)
                     alias = True
+            self._parent_view(mlflow, client, parent.info.run_id, trail, version, alias)
             mlflow.set_tags(
                 {
                     f"{TAG}lock_sha256": lock_sha,
@@ -221,9 +239,35 @@ class MLflowLineage(LineageSink):
                 }
             )
             parent_id = parent.info.run_id
+        self._notes(client, parent_id, trail, version, alias, verification)
         return LineageResult(self.tracking_uri, exp_id, parent_id, version, alias)
 
-    def _stage(self, mlflow, run_dir, record, name, links, stages) -> str | None:
+    def _released(self, run_dir: Path, record: dict[str, Any]) -> Path | None:
+        """The run's release bundle, when the run succeeded and its chain and release verified."""
+        release = record.get("release")
+        if not (record.get("status") == "succeeded" and isinstance(release, str) and release):
+            return None
+        if self.verified is None or not self.verified(run_dir):
+            return None
+        return Path(release)
+
+    def _verification(self, run_dir: Path, record: dict[str, Any], released: Path | None) -> str:
+        """The version's verification tag: passed for a verified release; for a run without
+        a release (a reproduce run), passed when its own chain verifies under this workspace's
+        owner key."""
+        if released is not None:
+            return "passed"
+        if record.get("release") or record.get("status") != "succeeded":
+            return "not verified"
+        from pipeline.release.verify import verify_run
+
+        try:
+            verify_run(run_dir, workspace=self.workspace)
+        except Error:
+            return "not verified"
+        return "passed"
+
+    def _stage(self, mlflow, run_dir, record, name, links, stages, trail: Trail) -> str | None:
         from pipeline.provenance.links import read_link
 
         kind = stages.get(name, {}).get("kind", "")
@@ -240,6 +284,7 @@ class MLflowLineage(LineageSink):
             mlflow.log_params({k[:250]: v[:6000] for k, v in params.items()})
         for log in sorted((run_dir / "logs").glob(f"{name}.std*")):
             mlflow.log_artifact(str(log), "logs")
+            _log_copy(mlflow, log, f"{log.name}.txt", "logs")  # the UI previews .txt, not .stdout
         if not links:
             tags[f"{TAG}link"] = "missing: the stage did not complete"
             mlflow.set_tags(tags)
@@ -247,26 +292,38 @@ class MLflowLineage(LineageSink):
         link_file = links[0]
         link = read_link(link_file)
         lock_sha = link.environment.get("lock_sha256", "")
+        link_sha = sha256_file(link_file)
+        trail.links.append((name, link_file.name, link_sha))
         tags.update(
             {
-                f"{TAG}link_sha256": sha256_file(link_file),
+                f"{TAG}link_sha256": link_sha,
                 f"{TAG}lock_sha256": lock_sha,
                 f"{TAG}functionary_keyid": link_file.name.split(".")[-2],
+                "link.sha256": link_sha,
             }
         )
+        weights = run_dir / name / "model.keras"
+        if "model.keras" in {Path(p).name for p in link.products} and weights.is_file():
+            tags["weights.sha256"] = sha256_file(weights)
         mlflow.set_tags(tags)
         mlflow.log_artifact(str(link_file), "attestation")
+        # the signed link is a DSSE JSON envelope; the UI previews it under a .json name
+        _log_copy(mlflow, link_file, f"{link_file.name}.json", "attestation")
         stage_dir = run_dir / name
         for png in sorted(stage_dir.glob("*.png")):
             mlflow.log_artifact(str(png), "plots")
         metrics_file = stage_dir / "metrics.json"
         if kind == "train" and metrics_file.is_file():
-            self._train_metrics(mlflow, bounded.read_json(metrics_file, what="metrics"))
-            self._dataset_input(mlflow, run_dir, link)
+            metrics = bounded.read_json(metrics_file, what="metrics")
+            trail.metrics = self._train_metrics(mlflow, metrics)
+            trail.classes = len(metrics.get("test", {}).get("per_class", {}) or {})
+            trail.dataset = self._dataset_input(mlflow, run_dir, link)
+            if trail.dataset is not None:
+                mlflow.set_tag("data.sha256", trail.dataset.sha256)
         return lock_sha
 
     @staticmethod
-    def _train_metrics(mlflow, metrics: dict[str, Any]) -> None:
+    def _train_metrics(mlflow, metrics: dict[str, Any]) -> dict[str, float]:
         for key, values in metrics.get("history", {}).items():
             for step, value in enumerate(values):
                 mlflow.log_metric(key, value, step=step)
@@ -277,9 +334,10 @@ class MLflowLineage(LineageSink):
             flat[f"test_recall_class_{cls}"] = pc["recall"]
         mlflow.log_metrics(flat)
         mlflow.log_dict(metrics, "metrics.json")
+        return flat
 
     @staticmethod
-    def _dataset_input(mlflow, run_dir: Path, link) -> None:
+    def _dataset_input(mlflow, run_dir: Path, link) -> Dataset | None:
         from mlflow.data.meta_dataset import MetaDataset
 
         # mlflow.data.sources builds these names at import time, so mypy cannot see them
@@ -289,6 +347,7 @@ class MLflowLineage(LineageSink):
         )
 
         materials = {k: v["sha256"] for k, v in link.materials.items()}
+        found = None
         for name, digest in materials.items():
             if not name.endswith("dataset.npz"):
                 continue
@@ -308,41 +367,291 @@ class MLflowLineage(LineageSink):
             # MLflow's own digest is an 8-hex MD5 of a few rows; ours is the sha256 of the
             # exact file the signed link names. MLflow caps the digest field at 36 characters,
             # so it holds a self-describing prefix "sha256:<29 hex>"; the full digest is the
-            # input tag chainproof.sha256.
+            # input tag chainproof.sha256 (and the run tag data.sha256, which the UI shows).
             dataset = MetaDataset(  # type: ignore[abstract]  # MLflow's own concrete class
                 source=source, name=manifest.get("name", name), digest=f"sha256:{digest[:29]}"
             )
-            mlflow.log_input(
-                dataset,
-                context="training",
-                tags={
-                    f"{TAG}sha256": digest,
-                    f"{TAG}origin": location,
-                    f"{TAG}origin_sha256": str(origin.get("sha256", "")),
-                },
-            )
+            tags = {
+                f"{TAG}sha256": digest,
+                f"{TAG}origin": location,
+                f"{TAG}origin_sha256": str(origin.get("sha256", "")),
+            }
+            mlflow.log_input(dataset, context="training", tags=tags)
+            found = Dataset(name, digest, run_dir / name, dataset, tags)
+        return found
 
-    def _register(self, mlflow, client, run_dir: Path, stage: str, record) -> str:
+    def _parent_view(self, mlflow, client, parent_id: str, trail: Trail, version, alias) -> None:
+        """What a person opening the pipeline run wants first: held-out metrics, the dataset,
+        the model version (and its MLflow Model as the run's output)."""
+        if trail.metrics:
+            mlflow.log_metrics(trail.metrics)
+        tags: dict[str, str] = {}
+        if trail.dataset is not None:
+            mlflow.log_input(trail.dataset.mlflow, context="training", tags=trail.dataset.tags)
+            tags["data.sha256"] = trail.dataset.sha256
+        if trail.weights:
+            tags["weights.sha256"] = trail.weights
+        if version is not None:
+            tags["model.version"] = f"{self.registered_model} v{version}"
+            tags["model.uri"] = f"models:/{self.registered_model}/{version}"
+            if alias:
+                tags["model.alias"] = "production"
+        if trail.release is not None:
+            tags["release"] = f"{trail.release.parent.name}/{trail.release.name}"
+            for rel, dest in (
+                ("artifacts/package/model_card.md", "release"),
+                ("artifacts/package/model_card.json", "release"),
+                ("attestations/provenance.intoto.json", "release"),
+                ("attestations/release.intoto.json", "release"),
+            ):
+                if (trail.release / rel).is_file():
+                    mlflow.log_artifact(str(trail.release / rel), dest)
+        if trail.model_id:
+            from mlflow.entities import LoggedModelOutput
+
+            client.log_outputs(parent_id, [LoggedModelOutput(trail.model_id, 0)])
+        mlflow.set_tags(tags)
+
+    def _notes(self, client, parent_id: str, trail: Trail, version, alias, verification) -> None:
+        """The lineage as markdown with full digests on every run and on the model version."""
+        text = lineage_markdown(
+            trail,
+            model=self.registered_model,
+            version=version,
+            alias=alias,
+            verification=verification,
+        )
+        for run_id in (parent_id, *trail.stage_runs.values()):
+            client.set_tag(run_id, NOTE, text)
+        if version is not None and not trail.reused:
+            client.update_model_version(self.registered_model, version, description=text)
+
+    def _version_for(self, client, weights: str, *, need_model: bool):
+        """The version already registered for these weights (an MLflow Model when one is
+        needed), or None."""
+        found = client.search_model_versions(
+            f"name = '{self.registered_model}' and tags.`{TAG}weights_sha256` = '{weights}'",
+            order_by=["version_number ASC"],
+        )
+        for mv in found:
+            if not need_model or mv.tags.get(f"{TAG}mlflow_model") == "true":
+                return mv
+        return None
+
+    def _register(self, mlflow, client, run_dir: Path, stage: str, trail: Trail) -> str:
         model = run_dir / stage / "model.keras"
-        mlflow.log_artifact(str(model), "model")
+        weights = sha256_file(model)
+        trail.weights = weights
         from mlflow.exceptions import MlflowException
 
         try:
             client.get_registered_model(self.registered_model)
         except MlflowException:  # RESOURCE_DOES_NOT_EXIST: the first version of this model
-            client.create_registered_model(self.registered_model)
+            client.create_registered_model(
+                self.registered_model,
+                description=f"Released by chainproof pipeline `{self.registered_model}`: each "
+                "version is one distinct weights sha256; its description is the lineage.",
+            )
         run = mlflow.active_run()
+        existing = self._version_for(client, weights, need_model=trail.release is not None)
+        if existing is not None:  # same weights: the version stands, this run is added to it
+            trail.reused = True
+            runs = [r for r in existing.tags.get(f"{TAG}runs", "").split() if r != trail.run_id]
+            value = " ".join([*runs, trail.run_id])[-RUNS_TAG_CHARS:].lstrip()
+            client.set_model_version_tag(
+                self.registered_model, existing.version, f"{TAG}runs", value
+            )
+            mlflow.set_tag(f"{TAG}reused_model_version", str(existing.version))
+            return str(existing.version)
+        model_id = None
+        if trail.release is not None:
+            info = self._log_release_model(mlflow, run_dir, trail)
+            model_id = info.model_id
+            source = f"models:/{model_id}"
+        else:  # no verified release (a reproduce run): the weights file alone, not loadable
+            mlflow.log_artifact(str(model), "model")
+            source = f"{run.info.artifact_uri}/model"
+        tags = {
+            f"{TAG}weights_sha256": weights,
+            f"{TAG}run_id": trail.run_id,
+            f"{TAG}runs": trail.run_id,
+            f"{TAG}verification": "pending",
+            f"{TAG}mlflow_model": "true" if model_id else "false",
+            "weights.sha256": weights,
+        }
+        if trail.dataset is not None:
+            tags["data.sha256"] = trail.dataset.sha256
+        if trail.release is not None:
+            tags["release"] = f"{trail.release.parent.name}/{trail.release.name}"
         mv = client.create_model_version(
             self.registered_model,
-            source=f"{run.info.artifact_uri}/model",
+            source=source,
             run_id=run.info.run_id,
-            tags={
-                f"{TAG}weights_sha256": sha256_file(model),
-                f"{TAG}run_id": record["run_id"],
-                f"{TAG}verification": "pending",
-            },
+            tags=tags,
+            model_id=model_id,
         )
+        trail.model_id = model_id
         return str(mv.version)
+
+    def _log_release_model(self, mlflow, run_dir: Path, trail: Trail):
+        """The verified bundle as an MLflow Model: pyfunc from code, so nothing is pickled."""
+        assert trail.release is not None
+        from pipeline.provenance.keys import load_public_key
+
+        owner_file = self.workspace / "attestations" / "keys" / "owner.pub"
+        if not owner_file.is_file():  # the key the runner trusted (a pre-signed layout's owner)
+            owner_file = run_dir / "keys" / "owner.pub"
+        owner = load_public_key(owner_file).keyid
+        card = bounded.read_json(
+            trail.release / "artifacts" / "package" / "model_card.json", what="model card"
+        )
+        example = None
+        if trail.dataset is not None:
+            example = example_rows(trail.dataset.path, "x_test")
+        return mlflow.pyfunc.log_model(
+            name=MODEL_NAME,
+            python_model=str(PYFUNC_MODEL),
+            artifacts={"bundle": str(trail.release)},
+            model_config={"owner_key": owner},
+            signature=model_signature(card, trail.classes),
+            input_example=example,
+            pip_requirements=_requirements(),
+            metadata={"chainproof": {"run_id": trail.run_id, "weights_sha256": trail.weights}},
+        )
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """The dataset a train run read: its name in the run, full sha256, file, MLflow view."""
+
+    name: str
+    sha256: str
+    path: Path
+    mlflow: Any
+    tags: dict[str, str]
+
+
+@dataclass
+class Trail:
+    """What one sync learns on its way through the stages, for the views written at the end."""
+
+    run_id: str
+    release: Path | None
+    stage_runs: dict[str, str] = field(default_factory=dict)
+    links: list[tuple[str, str, str]] = field(default_factory=list)  # stage, file, sha256
+    dataset: Dataset | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    classes: int = 0
+    weights: str = ""
+    model_id: str | None = None
+    reused: bool = False
+
+
+def lineage_markdown(
+    trail: Trail, *, model: str, version: str | None, alias: bool, verification: str
+) -> str:
+    """data sha256 -> each signed link -> weights sha256 -> release, every digest in full."""
+    lines = [
+        "**Lineage** (full sha256 digests; each step is a signed in-toto link)",
+        "",
+    ]
+    if trail.dataset is not None:
+        lines.append(f"- data `{trail.dataset.name}`: `{trail.dataset.sha256}`")
+    for stage, name, sha in trail.links:
+        lines.append(f"- → {stage} link `{name}`: `{sha}`")
+    if trail.weights:
+        lines.append(f"- → weights `model.keras`: `{trail.weights}`")
+    if trail.release is not None:
+        lines.append(
+            f"- → release `{trail.release.parent.name}/{trail.release.name}` "
+            "(bundle: the MLflow Model's artifact `bundle/`; provenance and model card under "
+            "`release/` of the pipeline run)"
+        )
+    lines.append("")
+    if version is not None:
+        where = f"model **{model}** version **{version}**"
+        aliases = ", alias **production**" if alias else ""
+        lines.append(f"{where}{aliases}; verification: **{verification or 'not verified'}**")
+    lines.append(f"chainproof run `{trail.run_id}`")
+    return "\n".join(lines) + "\n"
+
+
+def example_rows(npz: Path, key: str, rows: int = EXAMPLE_ROWS) -> Any | None:
+    """The first rows of one array of an .npz, read from its header without loading it whole.
+
+    An input example is optional: a file that is not a plain numeric .npz gives None."""
+    import zipfile
+
+    import numpy as np
+
+    try:
+        with zipfile.ZipFile(npz) as zf, zf.open(f"{key}.npy") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            elif version == (2, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+            else:
+                return None
+            if fortran or dtype.hasobject or dtype.kind not in "fiub" or not shape:
+                return None
+            n = min(rows, shape[0])
+            row_items = 1
+            for d in shape[1:]:
+                row_items *= d
+            size = n * row_items * dtype.itemsize
+            if n == 0 or size > EXAMPLE_BYTES:
+                return None
+            data = f.read(size)
+            if len(data) != size:
+                return None
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+    return np.frombuffer(data, dtype=dtype).reshape((n, *shape[1:])).astype(np.float32)
+
+
+def model_signature(card: Any, classes: int) -> Any | None:
+    """The pyfunc's tensor signature from the model card (the shape and dtype the train stage
+    measured on the data) and the number of classes it was evaluated on; None when the card
+    records no usable input (never an error: lineage must not fail a finished run)."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    spec = card.get("input", {}) if isinstance(card, dict) else {}
+    shape = spec.get("shape") if isinstance(spec, dict) else None
+    dtype = spec.get("dtype", "float32") if isinstance(spec, dict) else "float32"
+    if not (
+        isinstance(shape, list) and shape and all(isinstance(d, int) and d > 0 for d in shape)
+    ) or dtype not in ("float32", "float64"):
+        return None  # an older card: MLflow infers the signature from the input example
+    inputs = Schema([TensorSpec(np.dtype(dtype), (-1, *shape))])
+    outputs = Schema([TensorSpec(np.dtype("float32"), (-1, classes))]) if classes > 0 else None
+    return ModelSignature(inputs=inputs, outputs=outputs)
+
+
+def _requirements() -> list[str]:
+    """What the pyfunc needs installed, pinned as installed here (serve with
+    --env-manager local inside the locked environment: chainproof is not on PyPI)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = []
+    for dist in ("chainproof", "mlflow", "tensorflow", "numpy"):
+        try:
+            out.append(f"{dist}=={version(dist)}")
+        except PackageNotFoundError:
+            continue
+    return out
+
+
+def _log_copy(mlflow, src: Path, name: str, artifact_path: str) -> None:
+    """Log `src` again under `name` (a suffix the MLflow UI previews)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="chainproof-lineage-") as tmp:
+        dest = Path(tmp) / name
+        dest.write_bytes(src.read_bytes())
+        mlflow.log_artifact(str(dest), artifact_path)
 
 
 def sink_for(

@@ -84,27 +84,45 @@ def install_project(py: str) -> None:
     run(py, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "-e", str(ROOT))
 
 
-def ensure_bubblewrap() -> None:
-    """Stages run under bubblewrap: install it from Debian's packages when it is missing and
-    we may (root, apt-get: CI on a fresh machine); otherwise say how, and carry on (a run then
-    refuses with the same advice, or runs with an explicit, recorded --no-sandbox)."""
-    if shutil.which("bwrap"):
-        return
+def apt_install(package: str, binary: str, why: str) -> bool:
+    """Install a Debian package when its binary is missing and we may (root, apt-get: CI on a
+    fresh machine). Never fails setup: returns whether the binary is there afterwards."""
+    if shutil.which(binary):
+        return True
     if os.geteuid() == 0 and shutil.which("apt-get"):
-        print("bubblewrap (bwrap) is missing; installing it for the stage sandbox", flush=True)
+        print(f"{package} ({binary}) is missing; installing it {why}", flush=True)
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         try:
-            for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", "bubblewrap"]):
+            for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", package]):
                 print("+", " ".join(cmd), flush=True)
                 subprocess.run(cmd, check=True, env=env)
         except (OSError, subprocess.CalledProcessError) as e:
-            print(f"warning: could not install bubblewrap ({e})", file=sys.stderr)
-        if shutil.which("bwrap"):
-            return
+            print(f"warning: could not install {package} ({e})", file=sys.stderr)
+    return shutil.which(binary) is not None
+
+
+def ensure_bubblewrap() -> None:
+    """Stages run under bubblewrap: install it from Debian's packages when it is missing and
+    we may; otherwise say how, and carry on (a run then refuses with the same advice, or runs
+    with an explicit, recorded --no-sandbox)."""
+    if apt_install("bubblewrap", "bwrap", "for the stage sandbox"):
+        return
     print(
         "warning: bubblewrap (bwrap) is not installed, and stages run inside it.\n"
         "  install it: sudo apt-get install -y bubblewrap   (or run `make setup` as root)\n"
         "  or run without isolation, recorded as such: chainproof run --no-sandbox CONFIG",
+        file=sys.stderr,
+    )
+
+
+def ensure_chromium() -> None:
+    """The MLflow UI test reads the lineage pages in a real (headless) browser: Debian's
+    chromium. Optional: without it only that test skips, naming this command."""
+    if apt_install("chromium", "chromium", "for the MLflow UI test (headless)"):
+        return
+    print(
+        "note: chromium is not installed; the MLflow UI test will skip.\n"
+        "  install it: sudo apt-get install -y chromium   (or run `make setup` as root)",
         file=sys.stderr,
     )
 
@@ -126,6 +144,7 @@ def main() -> int:
     args = ap.parse_args()
     if not args.no_project:
         ensure_bubblewrap()
+        ensure_chromium()
     venv, lock = ROOT / args.venv, ROOT / args.lock
     stamp = venv / ".chainproof-setup"
     want_lock, want_project = digest(lock), digest(ROOT / "pyproject.toml")
