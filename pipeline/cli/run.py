@@ -27,6 +27,12 @@ from pipeline.cli.options import echo_progress, trust_options, workspace_option
     help="Run stages without bubblewrap (where it cannot be installed); recorded in run.json "
     "and in every link as sandbox: none.",
 )
+@click.option(
+    "--wait-lineage",
+    is_flag=True,
+    help="Log the MLflow lineage before returning (default: a detached process logs it after "
+    "publish and records the outcome in run.json; its output is in logs/lineage.log).",
+)
 def run(
     config: Path,
     layout_file: Path | None,
@@ -34,8 +40,12 @@ def run(
     owner_key_file: Path | None,
     workspace: Path,
     no_sandbox: bool,
+    wait_lineage: bool,
 ) -> None:
-    """Run every stage of CONFIG, sign each link, verify the chain, publish the release."""
+    """Run every stage of CONFIG, sign each link, verify the chain, publish the release.
+
+    MLflow lineage is logged by a detached process once the run is done (`run` prints where
+    it will appear and returns); --wait-lineage logs it before returning instead."""
     from pipeline.config import load_config
     from pipeline.errors import InputError
     from pipeline.provenance.keys import resolve_trusted_owner
@@ -64,6 +74,7 @@ def run(
         layout=layout_file,
         owner=owner,
         sandbox=not no_sandbox,
+        detach_lineage=not wait_lineage,
     ).run()
     root = ws.root
     rel = lambda p: str(p.relative_to(root)) if p.is_relative_to(root) else str(p)  # noqa: E731
@@ -231,6 +242,20 @@ def lineage_sync(run_dir: Path) -> None:
     # the alias moves only for a run that verifies now, under this store's workspace owner
     ws = workspace_of_run(run_dir).root
     click.echo(sync_run_dir(run_dir, verified=lambda rd: verified_release(rd, ws)))
+
+
+@lineage.command("detached", hidden=True)
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@workspace_option
+@click.option("--published", is_flag=True)
+def lineage_detached(run_dir: Path, workspace: Path, published: bool) -> None:
+    """What `run` starts after publish: log RUN_DIR, record the outcome in its run.json.
+
+    --published carries the runner's own answer (it verified the chain and published the
+    release), exactly what an inline log would have been told; not for interactive use."""
+    from pipeline.runner.detached import log_detached
+
+    click.echo(log_detached(run_dir, workspace.resolve(), published=published))
 
 
 @click.command()
