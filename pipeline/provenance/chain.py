@@ -8,10 +8,12 @@ The first failing check raises VerificationError naming the step, the rule and t
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -27,7 +29,7 @@ from in_toto.models.metadata import Metadata
 from securesystemslib.exceptions import FormatError
 
 from pipeline.errors import InputError, VerificationError
-from pipeline.hashing import hash_files
+from pipeline.hashing import Walk, hash_stated, walk_tree
 from pipeline.provenance.keys import PublicKey
 from pipeline.provenance.layout import LayoutPins, pins_of
 from pipeline.provenance.links import link_filename, load_metadata
@@ -60,6 +62,13 @@ class DiskArtifacts:
     require_all: bool = True
     # in a bundle: these products must be present (the released files)
     required_steps: tuple[str, ...] = ()
+    # the tree already walked by the caller (a bundle's artifacts/, from its one walk)
+    walked: Walk | None = field(default=None, compare=False)
+
+    @cached_property
+    def tree(self) -> Walk:
+        """`root` walked once; the run-level checks after the chain reuse the same walk."""
+        return self.walked if self.walked is not None else walk_tree(self.root)
 
 
 def _fail(message: str, check: str, **kw: Any) -> VerificationError:
@@ -338,11 +347,15 @@ def _verify_disk(reduced: dict[str, Link], disk: DiskArtifacts, report: VerifyRe
             wanted.setdefault(name, (step, "materials", digest.get("sha256", "")))
         for name, digest in link.products.items():
             wanted[name] = (step, "products", digest.get("sha256", ""))
-    present = {}
+    tree = disk.tree
+    present: dict[str, tuple[Path, os.stat_result | None]] = {}
     for name, (step, fieldname, _) in wanted.items():
         path = safe_join(disk.root, name, check="artifacts on disk", step=step)
-        if path.is_file():
-            present[name] = path
+        st = tree.files.get(name)
+        if st is not None:  # a regular file the walk saw: its stat is the one hashed
+            present[name] = (path, st)
+        elif path.is_file():  # reached through a symlink: judged as before, by the later checks
+            present[name] = (path, None)
         elif disk.require_all or (fieldname == "products" and step in disk.required_steps):
             raise _fail(
                 f"{name}, recorded in the {fieldname} of step '{step}', is missing on disk",
@@ -353,21 +366,28 @@ def _verify_disk(reduced: dict[str, Link], disk: DiskArtifacts, report: VerifyRe
             )
     if not disk.require_all:
         attested = set(wanted)
-        for path in sorted(disk.root.rglob("*")):
-            name = path.relative_to(disk.root).as_posix()
-            if path.is_file() and name not in attested:
+        linked = [n for n in tree.symlinks if (disk.root / n).is_file()]
+        for name in sorted([*tree.files, *linked], key=lambda n: n.split("/")):
+            if name not in attested:
                 raise _fail(
                     f"{name} is in the bundle but no link attests it",
                     "artifacts on disk",
                     rule="every released file must be a recorded product",
-                    artifact=str(path),
+                    artifact=str(disk.root / name),
                 )
-    digests = hash_files(present.values())
-    for name, path in present.items():
+    names = list(present)
+    digests = dict(
+        zip(
+            names,
+            hash_stated([(str(p), p.stat() if st is None else st) for p, st in present.values()]),
+            strict=True,
+        )
+    )
+    for name, (path, _) in present.items():
         step, fieldname, expected = wanted[name]
-        if digests[path] != expected:
+        if digests[name] != expected:
             raise _fail(
-                f"{name} on disk has sha256 {digests[path][:16]}…, but step '{step}' signed "
+                f"{name} on disk has sha256 {digests[name][:16]}…, but step '{step}' signed "
                 f"{expected[:16]}… in its {fieldname}",
                 "artifacts on disk",
                 step=step,
