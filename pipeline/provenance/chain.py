@@ -383,14 +383,14 @@ def _verify_disk(reduced: dict[str, Link], disk: DiskArtifacts, report: VerifyRe
     if not disk.require_all:
         attested = set(wanted)
         linked = [n for n in tree.symlinks if (disk.root / n).is_file()]
-        for name in sorted([*tree.files, *linked], key=lambda n: n.split("/")):
-            if name not in attested:
-                raise _fail(
-                    f"{name} is in the bundle but no link attests it",
-                    "artifacts on disk",
-                    rule="every released file must be a recorded product",
-                    artifact=str(disk.root / name),
-                )
+        stray = [n for n in [*tree.files, *linked] if n not in attested]
+        for name in sorted(stray, key=lambda n: n.split("/")):  # the first in Path order
+            raise _fail(
+                f"{name} is in the bundle but no link attests it",
+                "artifacts on disk",
+                rule="every released file must be a recorded product",
+                artifact=str(disk.root / name),
+            )
     names = list(present)
     digests = dict(
         zip(

@@ -272,14 +272,14 @@ def refuse_unattested(run_dir: Path, report: VerifyReport, tree: Walk | None = N
     products = {n for link in report.links.values() for n in link.products}
     for step in report.links:
         inside = f"{step}/"
-        for name in sorted((n for n in tree.files if n.startswith(inside)), key=_parts):
-            if name not in products:
-                raise VerificationError(
-                    f"{name} is in step '{step}' but its link does not record it",
-                    check="artifacts on disk",
-                    step=step,
-                    artifact=tree.path(name),
-                )
+        stray = [n for n in tree.files if n.startswith(inside) and n not in products]
+        for name in sorted(stray, key=_parts):  # sorted only when there is one to name
+            raise VerificationError(
+                f"{name} is in step '{step}' but its link does not record it",
+                check="artifacts on disk",
+                step=step,
+                artifact=tree.path(name),
+            )
 
 
 def _parts(name: str) -> list[str]:
