@@ -27,7 +27,9 @@
    Breakdown, two sources, each labelled:
    - `cli_record`: the timed CLI runs themselves: the links' `duration_ms` (stage execution)
      and the mtimes of what the runner writes in order (signed layout, each link, the release
-     rename, run.json's last write after MLflow) cut the wall time into consecutive segments.
+     rename, then the exit) cut the wall time into consecutive segments. MLflow lineage is
+     logged by a detached process after `run` returns; the bench waits for it outside the
+     timed wall and reports how long after the release it landed in run.json.
    - `runner_inprocess`: one extra run through `pipeline.runner.run.Runner` in this process:
      `result.stage_seconds` splits each stage's runner time into its own phases (environment
      check, hashing, model scan, signing) and times the MLflow sync (`_lineage`).
@@ -328,15 +330,20 @@ def run_cli(workspace: Path) -> dict[str, Any]:
     segments["stages_runner"] = sum(runner.values())
     segments["stages_execute"] = sum(execute.values())
     segments["verify_publish"] = released - mark
-    segments["lineage_mlflow"] = _mtime(run_dir / "run.json") - released
-    segments["cli_exit"] = exited - _mtime(run_dir / "run.json")
+    segments["cli_exit"] = exited - released  # run.json's last status, the lineage spawn, exit
+    # Lineage is logged by a detached process after `run` returned: wait for it here (off the
+    # timed wall), so it neither goes unrecorded nor takes CPU from the next timed side.
+    from pipeline.runner.detached import wait_for_lineage
+
+    lineage = wait_for_lineage(run_dir)
     metrics = json.loads((run_dir / "train" / "metrics.json").read_text())
     return {
         "wall_s": wall,
         "segments": segments,
         "stage_execute": execute,
         "stage_runner": runner,
-        "lineage_logged": record.get("lineage", {}).get("logged", False),
+        "lineage_logged": lineage.get("logged", False),
+        "lineage_detached_s": _mtime(run_dir / "run.json") - released,
         "test_accuracy": metrics["test"]["accuracy"],
     }
 
@@ -392,6 +399,8 @@ def bench_pipeline(rows: list[dict[str, Any]], repeats: int, inprocess: bool) ->
         bare_wall_s=r3(b),
         overhead_s=r3(p - b),
         overhead_share=r3(share),
+        ratio_pipeline_over_bare=r3(p / b),
+        target_ratio=1.4,  # issue 13: `make train` cold <= 1.4x the bare script
         target_share=OVERHEAD_SHARE_TARGET,
         target_met=share < OVERHEAD_SHARE_TARGET,
         test_accuracy_pipeline=[r3(c["test_accuracy"]) for c in cli],
@@ -434,9 +443,11 @@ def bench_pipeline(rows: list[dict[str, Any]], repeats: int, inprocess: bool) ->
             "other_stages_execute": r3(sum(v for k, v in execute.items() if k != "train")),
             "train_stage_minus_bare_script": r3(execute["train"] - b),
             "verify_publish": segments["verify_publish"],
-            "lineage_mlflow": segments["lineage_mlflow"],
             "cli_exit": segments["cli_exit"],
         },
+        lineage_detached_off_critical_path_s=r3(
+            statistics.median(c["lineage_detached_s"] for c in cli)
+        ),
     )
     if fine is not None:
         stage_seconds = fine["stage_seconds"]

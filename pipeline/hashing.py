@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.errors import InputError
@@ -112,21 +114,99 @@ def hash_files(paths: Iterable[Path], *, max_workers: int | None = None) -> dict
     """Hash many files concurrently; identical paths, and files this process already hashed
     and that have not changed since, are read once."""
     unique = list(dict.fromkeys(Path(p) for p in paths))
-    out: dict[Path, str] = {}
-    todo: list[tuple[Path, tuple[int, int, int, int, int], int]] = []
-    for p in unique:
-        st = p.stat()
+    digests = hash_stated([(str(p), p.stat()) for p in unique], max_workers=max_workers)
+    return dict(zip(unique, digests, strict=True))
+
+
+def hash_stated(
+    files: Sequence[tuple[str, os.stat_result]], *, max_workers: int | None = None
+) -> list[str]:
+    """Digests of (path, its stat) pairs, same order, using the stat the caller already has
+    (a tree walk's): a file this process hashed and that is unchanged since is not read."""
+    out = [""] * len(files)
+    todo: list[tuple[int, tuple[int, int, int, int, int]]] = []
+    for i, (_, st) in enumerate(files):
         key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-        if key in _SEEN:
-            out[p] = _SEEN[key]
+        seen = _SEEN.get(key)
+        if seen is not None:
+            out[i] = seen
         else:
-            todo.append((p, key, st.st_size))
-    digests = hash_many([str(t[0]) for t in todo], [t[2] for t in todo], max_workers=max_workers)
+            todo.append((i, key))
+    digests = hash_many(
+        [files[i][0] for i, _ in todo], [k[2] for _, k in todo], max_workers=max_workers
+    )
     if len(_SEEN) > _SEEN_MAX:
         _SEEN.clear()
-    for (p, key, _), digest in zip(todo, digests, strict=True):
-        _SEEN[key] = out[p] = digest
-    return {p: out[p] for p in unique}
+    for (i, key), digest in zip(todo, digests, strict=True):
+        _SEEN[key] = out[i] = digest
+    return out
+
+
+@dataclass(frozen=True)
+class Walk:
+    """One pass over a tree: every entry by relative POSIX name, symlinks never followed.
+
+    `files` are regular files with the lstat the walk took (hash them with hash_stated);
+    `symlinks` and `others` (FIFOs, sockets, devices) are named so a verifier can refuse or
+    ignore them exactly as it decides. Directories that cannot be read are skipped, as
+    os.walk and Path.rglob skip them.
+    """
+
+    root: Path
+    files: dict[str, os.stat_result] = field(default_factory=dict)
+    symlinks: list[str] = field(default_factory=list)
+    others: list[str] = field(default_factory=list)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, name)
+
+    def stated(self, names: Iterable[str]) -> list[tuple[str, os.stat_result]]:
+        return [(self.path(n), self.files[n]) for n in names]
+
+    def under(self, prefix: str) -> Walk:
+        """The part below `prefix` ("artifacts/"), renamed relative to it: no second walk."""
+        cut = len(prefix)
+        return Walk(
+            self.root / prefix,
+            {n[cut:]: st for n, st in self.files.items() if n.startswith(prefix)},
+            [n[cut:] for n in self.symlinks if n.startswith(prefix)],
+            [n[cut:] for n in self.others if n.startswith(prefix)],
+        )
+
+
+def walk_tree(root: Path) -> Walk:
+    """os.scandir recursion over `root` (which must not itself be a symlink; callers check).
+
+    One lstat per regular file (the DirEntry's cached one), none per directory or link: the
+    type comes from the directory entry itself.
+    """
+    walk = Walk(root)
+    if root.is_dir() and not root.is_symlink():
+        _walk(str(root), "", walk)
+    return walk
+
+
+def _walk(directory: str, rel: str, walk: Walk) -> None:
+    try:
+        with os.scandir(directory) as it:
+            entries = list(it)
+    except OSError:  # unreadable (or gone): skipped, as os.walk and rglob do
+        return
+    for entry in entries:
+        name = rel + entry.name
+        if entry.is_symlink():
+            walk.symlinks.append(name)
+        elif entry.is_dir(follow_symlinks=False):
+            _walk(entry.path, name + "/", walk)
+        else:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:  # removed while walking: it is not there
+                continue
+            if stat.S_ISREG(st.st_mode):
+                walk.files[name] = st
+            else:
+                walk.others.append(name)
 
 
 def _scan(directory: str, rel: str, out: list[tuple[str, str, int]]) -> None:

@@ -118,7 +118,8 @@ def completed_workspace(tmp_path_factory) -> Path:
     """One real end-to-end run of a small four-stage pipeline; tests copy it, never edit it."""
     ws = tmp_path_factory.mktemp("ws-complete")
     cfg = write_config(ws / "configs", FAST_PIPELINE)
-    proc = chainproof("run", cfg, "--workspace", ws)
+    # waits for lineage: tests copy this workspace, and its MLflow store must be complete
+    proc = chainproof("run", cfg, "--workspace", ws, "--wait-lineage")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert "verified: ok" in proc.stdout
     # what the terminal showed, for the tests of the CLI's output (beside, not in, the runs)

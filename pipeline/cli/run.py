@@ -41,6 +41,12 @@ from pipeline.cli.options import (
     help="Run every stage, even one an earlier run of this workspace proves unchanged "
     "(by default such a stage is reused; see `chainproof status`).",
 )
+@click.option(
+    "--wait-lineage",
+    is_flag=True,
+    help="Log the MLflow lineage before returning (default: a detached process logs it after "
+    "publish and records the outcome in run.json; its output is in logs/lineage.log).",
+)
 def run(
     config: Path,
     layout_file: Path | None,
@@ -49,11 +55,14 @@ def run(
     workspace: Path,
     no_sandbox: bool,
     no_reuse: bool,
+    wait_lineage: bool,
 ) -> None:
     """Run every stage of CONFIG, sign each link, verify the chain, publish the release.
 
     A stage an earlier run of this workspace proves unchanged (its signed link, spec,
-    materials, lock and code; its products re-hashed) is reused, unless --no-reuse."""
+    materials, lock and code; its products re-hashed) is reused, unless --no-reuse. MLflow
+    lineage is logged by a detached process once the run is done (`run` prints where it will
+    appear and returns); --wait-lineage logs it before returning instead."""
     from pipeline.config import load_config
     from pipeline.errors import InputError
     from pipeline.provenance.keys import resolve_trusted_owner
@@ -87,6 +96,7 @@ def run(
         sandbox=not no_sandbox,
         reuse=not no_reuse,
         on_progress=terminal.epoch,
+        detach_lineage=not wait_lineage,
     ).run()
     root = ws.root
     rel = lambda p: str(p.relative_to(root)) if p.is_relative_to(root) else str(p)  # noqa: E731
@@ -329,6 +339,20 @@ def lineage_sync(run_dir: Path) -> None:
     ws = workspace_of_run(run_dir).root
     log_third_party(ws)
     click.echo(sync_run_dir(run_dir, verified=lambda rd: verified_release(rd, ws)))
+
+
+@lineage.command("detached", hidden=True)
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@workspace_option
+@click.option("--published", is_flag=True)
+def lineage_detached(run_dir: Path, workspace: Path, published: bool) -> None:
+    """What `run` starts after publish: log RUN_DIR, record the outcome in its run.json.
+
+    --published carries the runner's own answer (it verified the chain and published the
+    release), exactly what an inline log would have been told; not for interactive use."""
+    from pipeline.runner.detached import log_detached
+
+    click.echo(log_detached(run_dir, workspace.resolve(), published=published))
 
 
 @click.command()

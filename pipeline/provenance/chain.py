@@ -9,11 +9,13 @@ raises VerificationError naming the step, the rule and the artifact.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from fnmatch import fnmatch
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -30,10 +32,10 @@ from in_toto.models.metadata import Metadata
 from securesystemslib.exceptions import FormatError
 
 from pipeline.errors import InputError, VerificationError
-from pipeline.hashing import hash_artifacts, hash_files, list_tree
+from pipeline.hashing import Walk, hash_stated, walk_tree
 from pipeline.provenance.keys import PublicKey
 from pipeline.provenance.layout import INSPECTION_COMMAND, INSPECTION_NAME, LayoutPins, pins_of
-from pipeline.provenance.links import link_filename, load_metadata
+from pipeline.provenance.links import link_filename, load_metadata, load_metadata_payload
 from pipeline.provenance.workers import verify_workers
 
 
@@ -64,6 +66,13 @@ class DiskArtifacts:
     require_all: bool = True
     # in a bundle: these products must be present (the released files)
     required_steps: tuple[str, ...] = ()
+    # the tree already walked by the caller (a bundle's artifacts/, from its one walk)
+    walked: Walk | None = field(default=None, compare=False)
+
+    @cached_property
+    def tree(self) -> Walk:
+        """`root` walked once; the run-level checks after the chain reuse the same walk."""
+        return self.walked if self.walked is not None else walk_tree(self.root)
 
 
 def _fail(message: str, check: str, **kw: Any) -> VerificationError:
@@ -72,6 +81,20 @@ def _fail(message: str, check: str, **kw: Any) -> VerificationError:
 
 def safe_join(root: Path, name: str, *, check: str, step: str | None = None) -> Path:
     """`root / name` for a recorded artifact name, refusing names that leave `root`."""
+    return Path(safe_path(str(root), name, check=check, step=step))
+
+
+def safe_path(root: str, name: str, *, check: str, step: str | None = None) -> str:
+    """safe_join as a string: the verifier joins ~50k recorded names per run, and Path
+    objects cost more than the check. A plain name ("a/b.bin": no empty, "." or ".."
+    component) is joined directly; anything else takes the PurePosixPath route."""
+    if (
+        name
+        and "\\" not in name
+        and "\x00" not in name
+        and not any(part in ("", ".", "..") for part in name.split("/"))
+    ):
+        return f"{root}/{name}"
     pure = PurePosixPath(name)
     if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name or "\x00" in name:
         raise _fail(
@@ -81,7 +104,7 @@ def safe_join(root: Path, name: str, *, check: str, step: str | None = None) -> 
             artifact=name,
             hint="a link or statement names a path outside what it attests; do not trust it",
         )
-    return root / pure
+    return str(Path(root) / pure)
 
 
 RENEW_HINT = (
@@ -145,16 +168,17 @@ def load_layout(
     return layout
 
 
-def _load_links(layout: Layout, link_dir: Path) -> dict[str, dict[str, Metadata]]:
-    steps: dict[str, dict[str, Metadata]] = {}
+def _load_links(layout: Layout, link_dir: Path) -> dict[str, dict[str, tuple[Metadata, Any]]]:
+    """Per step and key: the link's metadata and its payload, parsed once (not yet trusted)."""
+    steps: dict[str, dict[str, tuple[Metadata, Any]]] = {}
     for step in layout.steps:
-        found: dict[str, Metadata] = {}
+        found: dict[str, tuple[Metadata, Any]] = {}
         for keyid in step.pubkeys:
             path = link_dir / link_filename(step.name, keyid)
             if not path.exists():
                 continue
             try:
-                found[keyid] = load_metadata(path, what="link")
+                found[keyid] = load_metadata_payload(path, what="link")
             except (InputError, OSError) as e:
                 raise _fail(
                     f"link {path.name} is not valid in-toto metadata ({e})",
@@ -182,12 +206,12 @@ def _load_links(layout: Layout, link_dir: Path) -> dict[str, dict[str, Metadata]
 
 
 def _verify_link_signatures(
-    layout: Layout, loaded: dict[str, dict[str, Metadata]], link_dir: Path
+    layout: Layout, loaded: dict[str, dict[str, tuple[Metadata, Any]]], link_dir: Path
 ) -> dict[str, dict[str, Link]]:
     chain: dict[str, dict[str, Link]] = {}
     for step in layout.steps:
         chain[step.name] = {}
-        for keyid, metadata in loaded[step.name].items():
+        for keyid, (metadata, payload) in loaded[step.name].items():
             key = layout.keys.get(keyid)
             try:
                 if key is None:
@@ -202,7 +226,7 @@ def _verify_link_signatures(
                     artifact=str(link_dir / link_filename(step.name, keyid)),
                     hint="the link was altered or signed by another key",
                 ) from e
-            payload = metadata.get_payload()
+            # the payload parsed from the very bytes whose signature was just verified
             if not isinstance(payload, Link) or payload.name != step.name:
                 raise _fail(
                     f"the signed metadata for step '{step.name}' is not a link for that step",
@@ -352,11 +376,16 @@ def _verify_disk(reduced: dict[str, Link], disk: DiskArtifacts, report: VerifyRe
             wanted.setdefault(name, (step, "materials", digest.get("sha256", "")))
         for name, digest in link.products.items():
             wanted[name] = (step, "products", digest.get("sha256", ""))
-    present = {}
+    tree = disk.tree
+    root = str(disk.root)
+    present: dict[str, tuple[str, os.stat_result | None]] = {}
     for name, (step, fieldname, _) in wanted.items():
-        path = safe_join(disk.root, name, check="artifacts on disk", step=step)
-        if path.is_file():
-            present[name] = path
+        path = safe_path(root, name, check="artifacts on disk", step=step)
+        st = tree.files.get(name)
+        if st is not None:  # a regular file the walk saw: its stat is the one hashed
+            present[name] = (path, st)
+        elif os.path.isfile(path):  # through a symlink: judged as before, by the later checks
+            present[name] = (path, None)
         elif disk.require_all or (fieldname == "products" and step in disk.required_steps):
             raise _fail(
                 f"{name}, recorded in the {fieldname} of step '{step}', is missing on disk",
@@ -367,26 +396,33 @@ def _verify_disk(reduced: dict[str, Link], disk: DiskArtifacts, report: VerifyRe
             )
     if not disk.require_all:
         attested = set(wanted)
-        for path in sorted(disk.root.rglob("*")):
-            name = path.relative_to(disk.root).as_posix()
-            if path.is_file() and name not in attested:
-                raise _fail(
-                    f"{name} is in the bundle but no link attests it",
-                    "artifacts on disk",
-                    rule="every released file must be a recorded product",
-                    artifact=str(path),
-                )
-    digests = hash_files(present.values())
-    for name, path in present.items():
-        step, fieldname, expected = wanted[name]
-        if digests[path] != expected:
+        linked = [n for n in tree.symlinks if (disk.root / n).is_file()]
+        stray = [n for n in [*tree.files, *linked] if n not in attested]
+        for name in sorted(stray, key=lambda n: n.split("/")):  # the first in Path order
             raise _fail(
-                f"{name} on disk has sha256 {digests[path][:16]}…, but step '{step}' signed "
+                f"{name} is in the bundle but no link attests it",
+                "artifacts on disk",
+                rule="every released file must be a recorded product",
+                artifact=str(disk.root / name),
+            )
+    names = list(present)
+    digests = dict(
+        zip(
+            names,
+            hash_stated([(p, os.stat(p) if st is None else st) for p, st in present.values()]),
+            strict=True,
+        )
+    )
+    for name, (path, _) in present.items():
+        step, fieldname, expected = wanted[name]
+        if digests[name] != expected:
+            raise _fail(
+                f"{name} on disk has sha256 {digests[name][:16]}…, but step '{step}' signed "
                 f"{expected[:16]}… in its {fieldname}",
                 "artifacts on disk",
                 step=step,
                 rule=f"{fieldname} recorded in the signed link",
-                artifact=str(path),
+                artifact=path,
                 hint="the file was changed after it was attested; do not use it",
             )
     report.passed("artifacts on disk", f"{len(present)} file(s) match their signed digests")
@@ -418,14 +454,23 @@ def _excluded(name: str) -> bool:
 
 
 def _verify_inspections(
-    inspections: list[Inspection], reduced: dict[str, Link], root: Path, report: VerifyReport
+    inspections: list[Inspection],
+    reduced: dict[str, Link],
+    root: Path,
+    report: VerifyReport,
+    walk: Walk | None = None,
 ) -> None:
     """What in-toto-verify run from `root` would conclude, without running the command: its
-    command does nothing, so the materials and products are the directory as it is."""
+    command does nothing, so the materials and products are the directory as it is.
+
+    `walk`: the run's one walk (the disk check's); its stats key the digest cache, so the
+    files the disk check hashed are not read again."""
     if not inspections:
         return
-    tree = {n: p for n, p in list_tree(root).items() if not _excluded(n)}
-    artifacts = hash_artifacts(tree)  # files _verify_disk hashed are not read again
+    walk = walk if walk is not None else walk_tree(root)
+    names = sorted(n for n in walk.files if not _excluded(n))
+    digests = hash_stated(walk.stated(names))
+    artifacts = {n: {"sha256": d} for n, d in zip(names, digests, strict=True)}
     links: dict[str, Link] = dict(reduced)
     for insp in inspections:
         links[insp.name] = Link(name=insp.name, materials=artifacts, products=artifacts)
@@ -443,7 +488,7 @@ def _verify_inspections(
         ) from e
     report.passed(
         "inspections",
-        f"{len(tree)} file(s) in the run directory: every file under a step's directory is "
+        f"{len(names)} file(s) in the run directory: every file under a step's directory is "
         "a product that step signed",
     )
 
@@ -496,14 +541,14 @@ def verify_chain(
     return report
 
 
-def verify_inspections(report: VerifyReport, run_dir: Path) -> None:
+def verify_inspections(report: VerifyReport, run_dir: Path, walk: Walk | None = None) -> None:
     """The layout's inspection over a whole run directory, after `verify_chain` passed.
 
     Only a run: a bundle carries only the released steps (its release manifest judges every
     file in it), and a prefix of the chain (the deploy gate) lacks the steps still to come.
     """
     if report.layout is not None:
-        _verify_inspections(_check_inspections(report.layout), report.links, run_dir, report)
+        _verify_inspections(_check_inspections(report.layout), report.links, run_dir, report, walk)
 
 
 def released_steps(

@@ -69,12 +69,20 @@ def write_link(
 
 
 def load_metadata(path: Path, *, what: str = "in-toto metadata") -> Metadata:
-    """`Metadata.load` for a hostile file: size and nesting capped (pipeline.bounded), and
-    any shape in-toto rejects an InputError naming the file. Signatures are NOT checked.
+    """`Metadata.load` for a hostile file (see load_metadata_payload)."""
+    return load_metadata_payload(path, what=what)[0]
+
+
+def load_metadata_payload(path: Path, *, what: str = "in-toto metadata") -> tuple[Metadata, Any]:
+    """(metadata, its parsed payload): `Metadata.load` for a hostile file: size and nesting
+    capped (pipeline.bounded), and any shape in-toto rejects an InputError naming the file.
+    Signatures are NOT checked.
 
     A DSSE payload is JSON inside base64 inside JSON: its nesting is checked too, since
     `get_payload` parses it with the same recursive decoder, and then it is parsed, so that
-    `get_payload` cannot fail later. FileNotFoundError propagates.
+    `get_payload` cannot fail later. FileNotFoundError propagates. The payload is returned
+    so a verifier uses this parse after checking the signature over the same bytes: for a
+    link of 50k artifacts each parse costs seconds (in-toto validates and canonicalises it).
     """
     data = bounded.read_json(path, what=what)
     if not isinstance(data, dict):
@@ -90,13 +98,13 @@ def load_metadata(path: Path, *, what: str = "in-toto metadata") -> Metadata:
     try:
         # Parsed here, before any signature check, so that a payload of the wrong shape is
         # refused as bad input instead of surprising the verifier later (validly signed or not).
-        metadata.get_payload()
+        payload = metadata.get_payload()
     except _SHAPE_ERRORS as e:
         raise InputError(
             f"the payload of {what} {path} is not an in-toto link or layout "
             f"({e or type(e).__name__})"
         ) from e
-    return metadata
+    return metadata, payload
 
 
 def read_link(path: Path) -> Link:
@@ -105,7 +113,7 @@ def read_link(path: Path) -> Link:
     The file may be hostile (a bundle's): any shape in-toto rejects, JSON nested past the
     cap, or a layout under a `.link` name is an InputError, never a crash."""
     try:
-        payload = load_metadata(path, what="link").get_payload()
+        _, payload = load_metadata_payload(path, what="link")
     except FileNotFoundError as e:
         raise InputError(f"link {path} does not exist") from e
     except _SHAPE_ERRORS as e:

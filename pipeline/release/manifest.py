@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import VerificationError
-from pipeline.hashing import hash_files, list_tree, sha256_file
+from pipeline.hashing import Walk, hash_stated, list_tree, sha256_file
 from pipeline.provenance.chain import VerifyReport, safe_join
 from pipeline.provenance.keys import PublicKey, public_key_from_dict
 from pipeline.provenance.statements import (
@@ -52,10 +52,17 @@ def read_renewal(bundle: Path, owner: PublicKey) -> datetime | None:
 
 
 def check_release_manifest(
-    bundle: Path, report: VerifyReport, *, expected_version: str | None, given: Path
+    bundle: Path,
+    report: VerifyReport,
+    *,
+    expected_version: str | None,
+    given: Path,
+    tree: Walk | None = None,
 ) -> dict[str, Any]:
     """Every file of the bundle is listed, with its digest, in the signed release manifest;
-    its signed name and version are where it sits and what was asked for (no rollback)."""
+    its signed name and version are where it sits and what was asked for (no rollback).
+
+    `tree`: the bundle's walk, its symlinks already refused (verify_bundle's one pass)."""
     path = bundle / "attestations" / RELEASE_MANIFEST
     if not path.is_file():
         raise VerificationError(
@@ -83,7 +90,12 @@ def check_release_manifest(
         safe_join(bundle, name, check="release manifest")
         listed[name] = str((subject.get("digest") or {}).get("sha256", ""))
     skip = {f"attestations/{RELEASE_MANIFEST}", f"attestations/{RENEWAL}"}
-    present = {n: p for n, p in list_tree(bundle).items() if n not in skip}
+    if tree is None:
+        present = {n: p for n, p in list_tree(bundle).items() if n not in skip}
+        stats = {n: p.stat() for n, p in present.items()}
+    else:
+        stats = {n: st for n, st in tree.files.items() if n not in skip}
+        present = {n: bundle / n for n in stats}
     for name in sorted(set(present) - set(listed)):
         raise VerificationError(
             f"{name} is in the bundle but not in its signed release manifest",
@@ -97,11 +109,13 @@ def check_release_manifest(
             check="release manifest",
             artifact=str(bundle / name),
         )
-    digests = hash_files(present.values())
+    digests = dict(
+        zip(present, hash_stated([(str(present[n]), stats[n]) for n in present]), strict=True)
+    )
     for name, file in present.items():
-        if digests[file] != listed[name]:
+        if digests[name] != listed[name]:
             raise VerificationError(
-                f"{name} has sha256 {digests[file][:16]}…, but the release manifest signed "
+                f"{name} has sha256 {digests[name][:16]}…, but the release manifest signed "
                 f"{listed[name][:16]}…",
                 check="release manifest",
                 artifact=str(file),

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputError, VerificationError
-from pipeline.hashing import sha256_file
+from pipeline.hashing import Walk, sha256_file, walk_tree
 from pipeline.provenance.chain import (
     DiskArtifacts,
     VerifyReport,
@@ -234,19 +233,21 @@ def check_locks(directory: Path, report: VerifyReport) -> None:
         )
 
 
-def refuse_symlinks(root: Path) -> None:
-    """A verified tree must be what it says: no link may point anywhere else."""
+def refuse_symlinks(root: Path, tree: Walk | None = None) -> Walk:
+    """A verified tree must be what it says: no link may point anywhere else.
+
+    Returns the walk (one os.scandir pass) for the checks that follow; `tree` is a walk of
+    `root` the caller already has."""
     if root.is_symlink():
         raise VerificationError(f"{root} is a symlink", check="layout of files", artifact=str(root))
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            if path.is_symlink():
-                raise VerificationError(
-                    f"{path.relative_to(root)} is a symlink; a verified tree holds only real files",
-                    check="layout of files",
-                    artifact=str(path),
-                )
+    tree = tree if tree is not None else walk_tree(root)
+    for name in tree.symlinks:
+        raise VerificationError(
+            f"{name} is a symlink; a verified tree holds only real files",
+            check="layout of files",
+            artifact=tree.path(name),
+        )
+    return tree
 
 
 def refuse_stray_links(link_dir: Path, report: VerifyReport) -> None:
@@ -264,20 +265,26 @@ def refuse_stray_links(link_dir: Path, report: VerifyReport) -> None:
             )
 
 
-def refuse_unattested(run_dir: Path, report: VerifyReport) -> None:
-    """In a run, every file in a step's directory must be one of its recorded products."""
+def refuse_unattested(run_dir: Path, report: VerifyReport, tree: Walk | None = None) -> None:
+    """In a run, every file in a step's directory must be one of its recorded products.
+
+    `tree`: the run directory's walk, symlinks already refused (refuse_symlinks)."""
+    tree = tree if tree is not None else refuse_symlinks(run_dir)
     products = {n for link in report.links.values() for n in link.products}
     for step in report.links:
-        directory = run_dir / step
-        for path in sorted(directory.rglob("*")) if directory.is_dir() else []:
-            name = path.relative_to(run_dir).as_posix()
-            if path.is_file() and name not in products:
-                raise VerificationError(
-                    f"{name} is in step '{step}' but its link does not record it",
-                    check="artifacts on disk",
-                    step=step,
-                    artifact=str(path),
-                )
+        inside = f"{step}/"
+        stray = [n for n in tree.files if n.startswith(inside) and n not in products]
+        for name in sorted(stray, key=_parts):  # sorted only when there is one to name
+            raise VerificationError(
+                f"{name} is in step '{step}' but its link does not record it",
+                check="artifacts on disk",
+                step=step,
+                artifact=tree.path(name),
+            )
+
+
+def _parts(name: str) -> list[str]:
+    return name.split("/")  # the order Path sorting gave: by component
 
 
 def check_run_files(run_dir: Path, report: VerifyReport) -> None:
@@ -338,18 +345,18 @@ def verify_run(
         workspace_key=(workspace / "attestations" / "keys" / "owner.pub") if workspace else None,
     )
     links = (run_dir / str(record["links"])).resolve()
+    disk = DiskArtifacts(run_dir)  # walked once; the checks below reuse the walk
     report = verify_chain(
         layout_path=(run_dir / str(record["layout"])).resolve(),
         link_dir=links,
         owner=trusted.key,
-        disk=DiskArtifacts(run_dir),
+        disk=disk,
         target=str(run_dir),
     )
     report.trust = trusted.source
-    refuse_symlinks(run_dir)
-    refuse_unattested(run_dir, report)
+    refuse_unattested(run_dir, report, refuse_symlinks(run_dir, disk.tree))
     refuse_stray_links(links, report)
-    verify_inspections(report, run_dir)  # what in-toto-verify run from run_dir checks
+    verify_inspections(report, run_dir, disk.tree)  # what in-toto-verify from run_dir checks
     check_run_files(run_dir, report)
     check_statements(
         [(run_dir / CHECKS_DIR, f"{CHECKS_DIR}/"), (links, "")], report, run_id=report.run_id
@@ -377,7 +384,7 @@ def verify_bundle(
     """
     given = Path(bundle)
     bundle = given.resolve()  # the path you chose (e.g. releases/<name>/latest); inside, no links
-    refuse_symlinks(bundle)
+    tree = refuse_symlinks(bundle)  # the bundle's one walk: chain and manifest reuse it
     trusted = resolve_trusted_owner(
         owner_key,
         key_file=owner_key_file,
@@ -397,6 +404,7 @@ def verify_bundle(
             bundle / "artifacts",
             require_all=False,
             required_steps=tuple(released),
+            walked=tree.under("artifacts/"),
         ),
         target=str(bundle),
         renewed_until=renewed,
@@ -419,7 +427,7 @@ def verify_bundle(
     # last, so a specific check (provenance, model signature, locks) names a missing piece
     # first; then every other byte of the bundle must be the one the manifest signed
     report.release = check_release_manifest(
-        bundle, report, expected_version=expected_version, given=given
+        bundle, report, expected_version=expected_version, given=given, tree=tree
     )
     return report
 

@@ -32,14 +32,14 @@ from pipeline.envcheck import (
 from pipeline.errors import StageFailed
 from pipeline.fsutil import atomic_symlink, atomic_write_text
 from pipeline.hashing import hash_artifacts, list_tree
-from pipeline.lineage import LineageError, git_commit, sink_for
+from pipeline.lineage import git_commit
 from pipeline.provenance.chain import DiskArtifacts, VerifyReport, verify_chain
 from pipeline.provenance.keys import PublicKey, TrustedOwner
 from pipeline.provenance.layout import stage_command
 from pipeline.provenance.links import Link, link_filename, read_link, write_link
 from pipeline.provenance.statements import write_signed_statement
 from pipeline.release.publish import ReleaseInputs, publish
-from pipeline.runner import basemodel, distributed, sandbox
+from pipeline.runner import basemodel, detached, distributed, sandbox
 from pipeline.runner.gates import check_dependencies, model_scan_statement, scan_models
 from pipeline.runner.progress import ProgressEvent, StdoutTail
 from pipeline.runner.record import (
@@ -100,12 +100,16 @@ class Runner:
         sandbox: bool = True,
         reuse: bool = False,
         on_progress: Callable[[ProgressEvent], None] | None = None,
+        detach_lineage: bool = False,
     ) -> None:
         """`layout` (with the `owner` key that signed it): run under a layout the owner signed
         beforehand, with only the functionary key here. Without it, the one-machine
         convenience path: dev keys, and the layout signed on the fly for this run. `reuse`: a
         stage whose earlier link of this workspace proves the same inputs and intact products
-        is not run again (runner/reuse.py)."""
+        is not run again (runner/reuse.py).
+
+        `detach_lineage`: MLflow logging leaves the critical path (`chainproof run`'s default);
+        otherwise the session waits for it (what the candidate gate and reproduce need)."""
         if (layout is None) != (owner is None):
             raise ValueError("a pre-signed layout needs the owner key that signed it")
         self.given_layout = layout
@@ -134,6 +138,8 @@ class Runner:
         self.done: list[str] = []
         self.model_scans: list[dict[str, Any]] = []
         self.lineage = ""
+        self.detach_lineage = detach_lineage
+        self.lineage_pending: detached.Pending | None = None
         self.published: Path | None = None  # set only once this process verified and published
 
     # ------------------------------------------------------------------ run lifecycle
@@ -275,35 +281,27 @@ class Runner:
             self.record.update(**fields)
 
     def log_lineage(self) -> str:
-        """Log the run to MLflow; a failure is reported, recorded, and never fails the run."""
-        sink = sink_for(
-            self.config.lineage,
-            self.ws.root,
-            self.config.name,
-            verified=lambda _run_dir: self.published is not None,
+        """Log the run to MLflow; a failure is reported, recorded, and never fails the run.
+
+        With `detach_lineage` a detached process logs it (runner/detached.py) and this returns
+        at once, saying where it will appear; `self.lineage_pending` is that process.
+        """
+        published = self.published is not None
+        spec = self.config.lineage
+        if self.detach_lineage and spec.enabled:
+            self.lineage_pending = detached.spawn(
+                self.run_dir, self.ws.root, spec, self.config.name, published=published
+            )
+            root = self.ws.root
+            return self.lineage_pending.describe(
+                lambda p: str(p.relative_to(root)) if p.is_relative_to(root) else str(p)
+            )
+        logged = detached.record_lineage(
+            self.run_dir, spec, self.ws.root, self.config.name, published=published, say=self.say
         )
-        t0 = time.perf_counter()
-        try:
-            result = sink.sync(self.run_dir)
-        except LineageError as e:
-            self._update(lineage={"logged": False, "error": e.message})
-            self.say(f"WARNING: {e.message}\n  {e.hint}")
-            return f"NOT logged ({e.hint})"
-        self.stage_seconds.setdefault("_lineage", {})["sync"] = time.perf_counter() - t0
-        if result is None:
-            return "disabled in the config"
-        self._update(
-            lineage={
-                "logged": True,
-                "tracking_uri": result.tracking_uri,
-                "parent_run_id": result.parent_run_id,
-                "model_version": result.model_version,
-                "production_alias": result.alias_set,
-            }
-        )
-        alias = ", alias production" if result.alias_set else ""
-        version = f", model version {result.model_version}{alias}" if result.model_version else ""
-        return f"{result.tracking_uri} (MLflow run {result.parent_run_id}{version})"
+        if logged.seconds is not None:
+            self.stage_seconds.setdefault("_lineage", {})["sync"] = logged.seconds
+        return logged.summary
 
     # ------------------------------------------------------------------ environments
 

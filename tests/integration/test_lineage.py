@@ -109,7 +109,7 @@ def test_pipeline_lineage_in_a_real_tracking_server(tmp_path):
     try:
         body = AUGMENTED + f"lineage:\n  tracking_uri: {server.url}\n"
         ws = tmp_path / "ws"
-        proc = chainproof("run", write_config(tmp_path, body), "--workspace", ws)
+        proc = chainproof("run", write_config(tmp_path, body), "--workspace", ws, "--wait-lineage")
         assert proc.returncode == 0, proc.stderr
         assert f"lineage:   {server.url}" in proc.stdout and "alias production" in proc.stdout
         run_dir = (ws / "runs" / "latest").resolve()
@@ -158,7 +158,7 @@ def test_tracking_server_down_does_not_fail_the_run_and_sync_logs_it_later(tmp_p
     port = free_port()
     body = FAST_PIPELINE + f"lineage:\n  tracking_uri: http://127.0.0.1:{port}\n"
     ws = tmp_path / "ws"
-    proc = chainproof("run", write_config(tmp_path, body), "--workspace", ws)
+    proc = chainproof("run", write_config(tmp_path, body), "--workspace", ws, "--wait-lineage")
     assert proc.returncode == 0, proc.stderr
     assert "lineage was NOT logged" in proc.stderr and "chainproof lineage sync" in proc.stderr
     run_dir = (ws / "runs" / "latest").resolve()
@@ -175,3 +175,22 @@ def test_tracking_server_down_does_not_fail_the_run_and_sync_logs_it_later(tmp_p
         assert "already logged" in again.stdout and len(server.runs_of(run_dir.name)) == 5
     finally:
         server.stop()
+
+
+def test_run_returns_before_lineage_and_a_detached_process_logs_it(tmp_path):
+    ws = tmp_path / "ws"
+    proc = chainproof("run", write_config(tmp_path, FAST_PIPELINE), "--workspace", ws)
+    assert proc.returncode == 0, proc.stderr
+    run_dir = (ws / "runs" / "latest").resolve()
+    store = f"sqlite:///{(ws / 'mlruns.db').resolve()}"
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("lineage:"))
+    assert f"logging in the background to {store}, experiment 'digits-fast'" in line
+    assert f"runs/{run_dir.name}/logs/lineage.log" in line
+    from pipeline.runner.detached import wait_for_lineage
+
+    lineage = wait_for_lineage(run_dir, timeout=300)
+    assert lineage["logged"] is True and lineage["production_alias"] is True, lineage
+    assert lineage["tracking_uri"] == store and lineage["model_version"] == "1"
+    assert lineage["parent_run_id"] in (run_dir / "logs" / "lineage.log").read_text()
+    sync = chainproof("lineage", "sync", run_dir)
+    assert "already logged" in sync.stdout and lineage["parent_run_id"] in sync.stdout

@@ -140,6 +140,13 @@ def test_nesting_counts_brackets_outside_strings_only(big: bool) -> None:
         bounded.loads_json(b"[[[1]]]", source="x", max_depth=2)
 
 
+def test_a_big_text_with_many_brackets_is_scanned_as_strictly(tmp_path: Path) -> None:
+    flat = b"[" + b"[]," * 1_500_000 + b"[]]"  # 3M brackets: past the plain loop's share
+    assert len(bounded.loads_json(flat, source="x")) == 1_500_001
+    with pytest.raises(bounded.LimitExceeded):
+        bounded.loads_json(b"[" * 65 + b"[]," * 1_500_000 + b"]" * 65, source="x")
+
+
 def test_the_depth_scan_is_linear_on_a_16_mib_worst_case() -> None:
     half = 8 * MIB
     for data in (b"[" * half + b"]" * half, b"[]" * half, b'\\"' * half, b"\\" * 2 * half):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -327,3 +328,79 @@ def test_malformed_inspection_rules_are_a_verification_failure_not_a_crash(tmp_p
     )
     chain = Chain(tmp_path, inspect=[bad]).both()
     assert chain.fails().check == "inspections"
+
+
+def test_a_file_changed_after_a_verify_in_the_same_process_is_caught(tmp_path: Path) -> None:
+    # digests are cached by (device, inode, size, mtime_ns, ctime_ns): a rewrite that keeps
+    # the size and restores the mtime still changes ctime, so the second verify re-reads it
+    chain = Chain(tmp_path).both()
+    chain.verify()
+    model = chain.root / "use" / "model.bin"
+    before = model.stat()
+    model.write_bytes(b"WEIGHTS")  # same size
+    os.utime(model, ns=(before.st_atime_ns, before.st_mtime_ns))
+    err = chain.fails()
+    assert err.check == "artifacts on disk" and err.artifact.endswith("use/model.bin")
+
+
+def test_a_recorded_file_replaced_by_a_symlink_is_refused_as_before(tmp_path: Path) -> None:
+    from pipeline.release.verify import refuse_symlinks
+
+    chain = Chain(tmp_path).both()
+    model = chain.root / "use" / "model.bin"
+    (tmp_path / "elsewhere.bin").write_bytes(model.read_bytes())
+    model.unlink()
+    model.symlink_to(tmp_path / "elsewhere.bin")
+    disk = DiskArtifacts(chain.root)
+    verify_chain(
+        layout_path=chain.layout, link_dir=chain.links, owner=chain.owner.public, disk=disk
+    )  # the chain check follows it and its bytes match, as in-toto's would
+    with pytest.raises(VerificationError) as info:
+        refuse_symlinks(chain.root, disk.tree)  # the walk the chain check took
+    assert info.value.check == "layout of files"
+    assert info.value.message == "use/model.bin is a symlink; a verified tree holds only real files"
+
+
+def test_a_bundle_tree_is_walked_once_for_every_check(tmp_path: Path, monkeypatch) -> None:
+    from pipeline import hashing
+    from pipeline.release import verify
+
+    chain = Chain(tmp_path).both()
+    walks: list[Path] = []
+    real = hashing.walk_tree
+
+    def counting(root: Path) -> hashing.Walk:
+        walks.append(root)
+        return real(root)
+
+    monkeypatch.setattr(verify, "walk_tree", counting)
+    monkeypatch.setattr("pipeline.provenance.chain.walk_tree", counting)
+    tree = verify.refuse_symlinks(chain.root)
+    disk = DiskArtifacts(chain.root, walked=tree)
+    report = verify_chain(
+        layout_path=chain.layout, link_dir=chain.links, owner=chain.owner.public, disk=disk
+    )
+    verify.refuse_unattested(chain.root, report, tree)
+    assert walks == [chain.root]
+    (chain.root / "use" / "stray.bin").write_bytes(b"not recorded")
+    with pytest.raises(VerificationError) as info:
+        verify.refuse_unattested(chain.root, report)
+    assert "use/stray.bin is in step 'use' but its link does not record it" in info.value.message
+
+
+def test_special_files_are_not_artifacts(tmp_path: Path) -> None:
+    chain = Chain(tmp_path).both()
+    os.mkfifo(chain.root / "use" / "pipe")  # an unrecorded FIFO is not read (it would block)
+    walk = hashing_walk(chain.root)
+    assert "use/pipe" in walk.others and "use/pipe" not in walk.files
+    chain.verify()
+    os.unlink(chain.root / "use" / "model.bin")
+    os.mkfifo(chain.root / "use" / "model.bin")  # a recorded file that is now a FIFO
+    err = chain.fails()
+    assert err.check == "artifacts on disk" and "is missing on disk" in err.message
+
+
+def hashing_walk(root: Path):
+    from pipeline.hashing import walk_tree
+
+    return walk_tree(root)
