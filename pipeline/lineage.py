@@ -508,12 +508,7 @@ class MLflowLineage(LineageSink):
         example = None
         if trail.dataset is not None:
             example = example_rows(trail.dataset.path, "x_test")
-        # Model.log, not pyfunc.log_model: only it takes validate_serving_input, and MLflow's
-        # validation loads the model here (TensorFlow into this process: seconds of import and
-        # its noise) just to predict the example the card already describes.
-        return mlflow.models.Model.log(
-            flavor=mlflow.pyfunc,
-            validate_serving_input=False,
+        return mlflow.pyfunc.log_model(
             name=MODEL_NAME,
             python_model=str(PYFUNC_MODEL),
             artifacts={"bundle": str(trail.release)},
