@@ -31,7 +31,9 @@ NAME = "digits-fast"
 def released(tmp_path_factory) -> Path:
     """A workspace of its own with one released run, logged to its SQLite store."""
     ws = tmp_path_factory.mktemp("ws-mlmodel")
-    proc = chainproof("run", write_config(ws / "configs", FAST_PIPELINE), "--workspace", ws)
+    proc = chainproof(
+        "run", write_config(ws / "configs", FAST_PIPELINE), "--workspace", ws, "--wait-lineage"
+    )
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert "alias production" in proc.stdout
     return ws
