@@ -40,7 +40,12 @@ from pipeline.provenance.links import Link, link_filename, read_link, write_link
 from pipeline.provenance.statements import write_signed_statement
 from pipeline.release.publish import ReleaseInputs, publish
 from pipeline.runner import basemodel, sandbox
-from pipeline.runner.gates import check_dependencies, model_scan_statement, scan_models
+from pipeline.runner.gates import (
+    check_dependencies,
+    data_screen_statement,
+    model_scan_statement,
+    scan_models,
+)
 from pipeline.runner.record import (
     RunRecord,
     RunResult,
@@ -64,6 +69,7 @@ from pipeline.workspace import (
     BASE_MODEL,
     CANDIDATE,
     CHECKS_DIR,
+    DATA,
     DEPENDENCIES,
     LAYOUT_NAME,
     MODELS,
@@ -363,6 +369,7 @@ class Runner:
                 "dependencies": f"../{DEPENDENCIES}",
                 "models": f"../{MODELS}",
                 **({"candidate": f"../{CANDIDATE}"} if self.candidate else {}),
+                **({"data": f"../{DATA}"} if self.screened else {}),
                 "dependencies_required": self.config.security.dependencies.required,
                 "functionary_key": str(self.run_dir / "keys/functionary.pub"),
             }
@@ -384,6 +391,11 @@ class Runner:
             "outputs": list(stage.outputs),
             "extra": extra,
         }
+
+    @property
+    def screened(self) -> bool:
+        """The config has a data screen: its signed verdict is a gate check."""
+        return any(s.impl.screens for s in self.config.stages)
 
     @property
     def release_version(self) -> str:
@@ -547,6 +559,12 @@ class Runner:
             environment=environment,
             signer=self.functionary.signer,
         )
+        if stage.impl.screens:  # its verdict, signed and bound to this run, for the gates
+            write_signed_statement(
+                self.run_dir / DATA,
+                data_screen_statement(self.run_id, stage.name, self.run_dir),
+                self.functionary.signer,
+            )
         timings["sign"] = time.perf_counter() - t0
         self.stage_seconds[stage.name] = timings
         self.done.append(stage.name)
