@@ -14,7 +14,7 @@ import pytest
 
 from pipeline.cli import run_cli
 from pipeline.errors import InputError
-from pipeline.scan.data import DataScreenError, ScreenPolicy, load, screen
+from pipeline.scan.data import ScreenPolicy, load, screen
 from pipeline.scan.data.interface import Dataset
 
 ROOT = Path(__file__).resolve().parents[4]
