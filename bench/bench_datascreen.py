@@ -136,6 +136,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--no-art", action="store_true")
+    ap.add_argument("--out", default="datascreen.json", help="file name under bench/out/")
     ap.add_argument(
         "--cases",
         default="clean,badnets-5,badnets-10,badnets-33,blended-10,flips-random,flips-targeted",
@@ -211,7 +212,7 @@ def main() -> int:
         "rows": rows,
         "summary": summary,
     }
-    (OUT / "datascreen.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (OUT / args.out).write_text(json.dumps(doc, indent=2) + "\n")
     print_table(summary, full_s, art_skip)
     return 0
 

@@ -73,9 +73,16 @@ def test_clean_digits_pass_and_verify_rechecks_the_verdict(tmp_path):
     run = (ws / "runs" / "latest").resolve()
     card = json.loads((run / "package" / "model_card.json").read_text())
     assert card["data_screen"]["verdict"] == "pass"
-    proc = chainproof("verify", run)
-    assert proc.returncode == 0 and "data screened (screen): pass" in proc.stdout, proc.stdout
+    owner = json.loads((ws / "attestations/keys/owner.pub").read_text())["keyid"]
+    proc = chainproof("verify", run, "--owner-key", owner)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "data screened (screen): pass" in proc.stdout, proc.stdout
+    (bundle,) = [
+        p for p in (ws / "releases" / "digits-screened-test").iterdir() if not p.is_symlink()
+    ]
+    proc = chainproof("verify", bundle, "--owner-key", owner)
+    assert proc.returncode == 0 and "data screened (screen): pass" in proc.stdout, proc.stderr
     # the screened data swapped after the fact: the signed verdict no longer covers it
     (run / "source" / "dataset.npz").write_bytes(b"tampered")
-    proc = chainproof("verify", run)
+    proc = chainproof("verify", run, "--owner-key", owner)
     assert proc.returncode == 1, proc.stdout
