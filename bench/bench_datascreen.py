@@ -114,6 +114,28 @@ def attack_success(x, y, trigger, x_test, y_test, keep, seed) -> dict[str, float
     return out
 
 
+def cleanlab_alone(x: np.ndarray, y: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The issue's anchor as it states it: cleanlab on 5-fold logistic-regression
+    probabilities (our `labels` detector adds an SVM and a confident-mismatch rule)."""
+    from cleanlab.filter import find_label_issues
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        probs = cross_val_predict(
+            make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, C=0.1)),
+            x,
+            y,
+            cv=StratifiedKFold(5, shuffle=True, random_state=seed),
+            method="predict_proba",
+        )
+    flags = find_label_issues(y, probs, filter_by="prune_by_noise_rate", n_jobs=1)
+    return np.asarray(flags, bool), 1.0 - probs[np.arange(len(y)), y]
+
+
 def art_flags(x, y, seed, python: str) -> dict[str, np.ndarray]:
     with tempfile.TemporaryDirectory() as tmp:
         src, dst = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
@@ -186,6 +208,8 @@ def main() -> int:
                 for f in report.findings:
                     if f.detector == det:
                         flags[det][f.index] = True
+            with threadpool_limits(limits=1):
+                flags["cleanlab"], scores["cleanlab"] = cleanlab_alone(x, y, seed)
             if art_skip is None:
                 try:
                     flags.update(art_flags(x, y, seed, art_python))

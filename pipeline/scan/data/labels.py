@@ -1,7 +1,11 @@
 """Label issues by confident learning: cleanlab on out-of-sample class probabilities.
 
-The probabilities come from a 5-fold cross-validated logistic regression, so no row is
-judged by a model that saw its own label (cleanlab's requirement).
+The probabilities are the mean of a 5-fold cross-validated logistic regression and an RBF
+support-vector machine, so no row is judged by a model that saw its own label (cleanlab's
+requirement). A row is a label issue when cleanlab's `prune_by_noise_rate` says so, or when
+the models confidently disagree with its label (given label below `MISMATCH`, another class
+predicted): measured on the digits, the pair finds more flips than either alone at no more
+false alarms (README, "Data screening").
 """
 
 from __future__ import annotations
@@ -20,32 +24,45 @@ from pipeline.scan.data.interface import (
 )
 
 FOLDS = 5
+MISMATCH = 0.1  # out-of-sample probability of the given label below which a mismatch counts
 
 
 def out_of_sample_probabilities(x: np.ndarray, y: np.ndarray, seed: int) -> np.ndarray | None:
-    """Cross-validated predict_proba of a logistic regression; None when a class is too small
-    to be split into folds (every class needs two rows at least)."""
+    """Cross-validated predict_proba, the mean of a logistic regression and an RBF SVM; None
+    when a class is too small to be split into folds (every class needs two rows at least)."""
+    from sklearn.calibration import CalibratedClassifierCV
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import StratifiedKFold, cross_val_predict
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
+    from sklearn.svm import SVC
 
     counts = np.bincount(y)
     present = counts[counts > 0]
     folds = int(min(FOLDS, present.min()))
     if folds < 2 or len(present) < 2:
         return None
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, C=0.1))
+    models = (
+        make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, C=0.1)),
+        # Platt-scaled on inner folds (what SVC(probability=True) did, deprecated in 1.9)
+        CalibratedClassifierCV(SVC(C=10, gamma="scale"), ensemble=False),
+    )
     with warnings.catch_warnings():
         # a few more iterations change no decision here; the warning would only be noise
         warnings.simplefilter("ignore", ConvergenceWarning)
-        probs = cross_val_predict(
-            model,
-            x,
-            y,
-            cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
-            method="predict_proba",
+        probs = np.mean(
+            [
+                cross_val_predict(
+                    model,
+                    x,
+                    y,
+                    cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
+                    method="predict_proba",
+                )
+                for model in models
+            ],
+            axis=0,
         )
     if probs.shape[1] != len(counts):  # a label with no rows: give it a zero column
         full = np.zeros((len(y), len(counts)))
@@ -76,8 +93,10 @@ class LabelIssueDetector(Detector):
             labels=data.y, pred_probs=probs, filter_by="prune_by_noise_rate", n_jobs=1
         )
         # self-confidence: the out-of-sample probability of the given label; 1 - it ranks rows
-        scores = 1.0 - probs[np.arange(len(data.y)), data.y]
+        given = probs[np.arange(len(data.y)), data.y]
+        scores = 1.0 - given
         predicted = probs.argmax(axis=1)
+        issues = issues | ((predicted != data.y) & (given < MISMATCH))
         findings = tuple(
             Finding(
                 int(i),
@@ -92,6 +111,10 @@ class LabelIssueDetector(Detector):
             self.name,
             findings,
             scores,
-            {"method": "cleanlab prune_by_noise_rate on 5-fold logistic regression"},
+            {
+                "method": "cleanlab prune_by_noise_rate, or a confident mismatch, on 5-fold "
+                "logistic regression + RBF SVM probabilities",
+                "mismatch_below": MISMATCH,
+            },
             time.perf_counter() - t0,
         )
