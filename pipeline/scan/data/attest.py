@@ -83,16 +83,8 @@ def recheck_data_screen(stmt: dict[str, Any], run_id: str | None, run_dir: Path 
             hint="it was copied from another run; re-run the pipeline",
         )
     subjects = stmt.get("subject", [])
-    for subject in subjects if run_dir is not None and isinstance(subjects, list) else []:
-        name = str(subject.get("name", "")) if isinstance(subject, dict) else ""
-        path = safe_join(run_dir, name, check="data screen")  # type: ignore[arg-type]
-        if not path.is_file() or sha256_file(path) != subject.get("digest", {}).get("sha256"):
-            raise DataScreenRefused(
-                f"{name} is not the file the data screen signed",
-                check="data screen",
-                artifact=name,
-                hint="the data changed after it was screened; re-run",
-            )
+    if run_dir is not None and isinstance(subjects, list):
+        _check_subjects(subjects, run_dir)
     if pred.get("verdict") not in ("pass", "warn"):
         raise DataScreenRefused(
             f"the data screen's verdict is {pred.get('verdict')!r}: {pred.get('failed')}",
@@ -101,3 +93,20 @@ def recheck_data_screen(stmt: dict[str, Any], run_id: str | None, run_dir: Path 
         )
     kinds = ", ".join(f"{k} {v}" for k, v in sorted(dict(pred.get("by_kind", {})).items()))
     return f"data screened ({pred.get('stage')}): {pred['verdict']}, " + (kinds or "no findings")
+
+
+def _check_subjects(subjects: list[Any], run_dir: Path) -> None:
+    """Each file the screen signed is still on disk with the digest it signed."""
+    for subject in subjects:
+        subject = subject if isinstance(subject, dict) else {}
+        digest = subject.get("digest")
+        name = str(subject.get("name", ""))
+        path = safe_join(run_dir, name, check="data screen")
+        want = digest.get("sha256") if isinstance(digest, dict) else None
+        if not path.is_file() or sha256_file(path) != want:
+            raise DataScreenRefused(
+                f"{name} is not the file the data screen signed",
+                check="data screen",
+                artifact=name,
+                hint="the data changed after it was screened; re-run",
+            )
