@@ -320,7 +320,29 @@ class MLflowLineage(LineageSink):
             trail.dataset = self._dataset_input(mlflow, run_dir, link)
             if trail.dataset is not None:
                 mlflow.set_tag("data.sha256", trail.dataset.sha256)
+        screen_file = stage_dir / "data_screen.json"  # stages/screen.py's report
+        if kind == "screen" and screen_file.is_file():
+            self._screen_findings(mlflow, bounded.read_json(screen_file, what="data screen"))
+            mlflow.log_artifact(str(screen_file), "data_screen")
         return lock_sha
+
+    @staticmethod
+    def _screen_findings(mlflow, report: Any) -> None:
+        """The data screen's counts as metrics and its verdict as a tag (rows: the artifact)."""
+        summary = report.get("summary") if isinstance(report, dict) else None
+        if not isinstance(summary, dict):
+            return
+        counts = summary.get("by_kind")
+        counts = counts if isinstance(counts, dict) else {}
+        metrics = {
+            f"screen_{str(k).replace('-', '_')}": float(v)
+            for k, v in counts.items()
+            if isinstance(v, int | float)
+        }
+        if isinstance(summary.get("flagged_rows"), int | float):
+            metrics["screen_flagged_rows"] = float(summary["flagged_rows"])
+        mlflow.log_metrics(metrics)
+        mlflow.set_tag(f"{TAG}data_screen", str(summary.get("verdict", "unknown"))[:100])
 
     @staticmethod
     def _train_metrics(mlflow, metrics: dict[str, Any]) -> dict[str, float]:

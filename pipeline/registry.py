@@ -37,6 +37,9 @@ class StageKind:
     # and which files outside the run does it read (param name -> path as configured)
     needs_network: Callable[[Mapping[str, Any]], bool]
     external_inputs: Callable[[Mapping[str, Any]], dict[str, str]]
+    # a data screen: the runner signs its report's verdict (checks/data.intoto.json), which
+    # every gate step then REQUIREs
+    screens: bool = False
 
 
 @cache
@@ -67,6 +70,7 @@ def stage_kind(name: str) -> StageKind | None:
         determinism=MappingProxyType(dict(cls.determinism)),
         needs_network=lambda p: bool(cls.needs_network(cls.Params.model_validate(dict(p)))),
         external_inputs=lambda p: dict(cls.external_inputs(cls.Params.model_validate(dict(p)))),
+        screens=bool(getattr(cls, "screens", False)),
     )
 
 

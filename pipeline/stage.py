@@ -97,6 +97,8 @@ class Stage(ABC):
     publishes: ClassVar[bool] = False
     # The model file this stage writes (what a comparison or a candidate gate reads).
     model_output: ClassVar[str | None] = None
+    # A data screen: the runner signs the verdict of its report as a gate Statement.
+    screens: ClassVar[bool] = False
 
     @classmethod
     def needs_network(cls, params: Any) -> bool:

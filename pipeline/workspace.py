@@ -43,6 +43,7 @@ CHECKS_DIR = "checks"  # the runner's signed gate Statements, materials of gate 
 DEPENDENCIES = f"{CHECKS_DIR}/dependencies.intoto.json"
 MODELS = f"{CHECKS_DIR}/models.intoto.json"
 CANDIDATE = f"{CHECKS_DIR}/candidate.intoto.json"  # the candidate gate's comparison
+DATA = f"{CHECKS_DIR}/data.intoto.json"  # the data screen's verdict (a config with a screen)
 GATE_CHECKS = (DEPENDENCIES, MODELS)  # what every gate step REQUIREs
 INPUTS = "inputs"  # inputs/<stage>/...: what the runner placed for a stage (a base model)
 BASE_MODEL = "base_model.keras"

@@ -14,7 +14,7 @@ from pipeline.hashing import hash_tree
 from pipeline.provenance.chain import DiskArtifacts, verify_chain
 from pipeline.provenance.keys import load_public_key
 from pipeline.provenance.statements import read_verified_statement
-from pipeline.runner.gates import model_candidates, recheck
+from pipeline.runner.gates import model_candidates, recheck, recheck_data_screen
 from pipeline.scan.vulns import VulnerabilitiesFound
 from pipeline.stage import Params, Stage, StageContext, StageError, main
 from stages._io import write_json
@@ -57,6 +57,9 @@ class DeployStage(Stage):
         print(f"gate: {dependency_verdict}")
         model_verdict = self._recheck_models(ctx)
         print(f"gate: {model_verdict}")
+        data_verdict = self._recheck_data(ctx)
+        if data_verdict:
+            print(f"gate: {data_verdict}")
         candidate_verdict = self._recheck_candidate(ctx)
         if candidate_verdict:
             print(f"gate: {candidate_verdict}")
@@ -113,6 +116,19 @@ class DeployStage(Stage):
         if pred.get("verdict") != "pass":
             raise StageError(f"refusing to deploy: model scan verdict {pred.get('verdict')}")
         return f"models scanned and clean at fail_on={pred['policy']['fail_on']}: {len(scanned)}"
+
+    @staticmethod
+    def _recheck_data(ctx: StageContext) -> str | None:
+        """With a data screen in the pipeline: its signed verdict, for this run, still holds."""
+        checks = ctx.extra.get("checks") or {}
+        if "data" not in checks:
+            return None
+        functionary = load_public_key(Path(checks["functionary_key"]))
+        try:
+            stmt = read_verified_statement(ctx.workdir / checks["data"], [functionary])
+            return recheck_data_screen(stmt, ctx.run_id, ctx.workdir.parent)
+        except VerificationError as e:
+            raise StageError("refusing to deploy: " + e.diagnostics()) from e
 
     @staticmethod
     def _recheck_candidate(ctx: StageContext) -> str | None:

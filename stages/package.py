@@ -180,6 +180,37 @@ def model_card(
     }
 
 
+SCREEN_REPORT = "data_screen.json"  # stages/screen.py's report, when a screen stage is upstream
+
+
+def data_screen_summary(ctx: StageContext) -> dict[str, Any] | None:
+    """What the upstream data screen found (verdict, counts by kind), for the model card."""
+    hits = [d / SCREEN_REPORT for d in ctx.inputs.values() if (d / SCREEN_REPORT).is_file()]
+    if not hits:
+        return None
+    from pipeline.bounded import read_json
+
+    summary = read_json(hits[0], what="data screen report").get("summary", {})
+    return {
+        "verdict": str(summary.get("verdict", "unknown")),
+        "flagged_rows": summary.get("flagged_rows"),
+        "by_kind": summary.get("by_kind", {}),
+        "detectors": sorted(summary.get("detectors", {})),
+        "note": "heuristic screen: it does not prove the data clean (adaptive attacks evade it)",
+    }
+
+
+def _screen_markdown(card: dict) -> str:
+    screened = card.get("data_screen")
+    if not screened:
+        return "Not screened (no screen stage in the pipeline)."
+    kinds = ", ".join(f"{k}: {v}" for k, v in sorted(screened["by_kind"].items())) or "none"
+    return (
+        f"Verdict **{screened['verdict']}**; {screened['flagged_rows']} row(s) flagged "
+        f"({kinds}) by {', '.join(screened['detectors'])}. {screened['note']}."
+    )
+
+
 def card_markdown(card: dict) -> str:
     m, data, metrics = card["model"], card["training_data"], card["metrics"]
     rows = "\n".join(
@@ -225,6 +256,10 @@ Load only with `keras.saving.load_model(path, safe_mode=True)` after verifying t
 ## Environment
 - lock sha256: `{env.get("lock_sha256")}`
 - TensorFlow {env.get("tensorflow")}, Keras {env.get("keras")}
+
+## Data screen
+
+{_screen_markdown(card)}
 
 ## Limitations
 {card["limitations"]}
@@ -534,6 +569,9 @@ class PackageStage(Stage):
         }
         metrics: dict[str, Any] = json.loads(ctx.output(METRICS).read_text())
         card = model_card(p, metrics, ctx, files, version=p.version or f"sha256-{weights[:12]}")
+        screened = data_screen_summary(ctx)
+        if screened is not None:
+            card["data_screen"] = screened
         write_json(ctx.output(CARD), card)
         ctx.output(CARD_MD).write_text(card_markdown(card))
         locks = [ctx.workdir / rel for rel in ctx.extra.get("locks", [])]

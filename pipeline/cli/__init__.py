@@ -28,7 +28,7 @@ def cli() -> None:
 
 @click.group("scan")
 def scan_group() -> None:
-    """Security scans: dependencies against an offline OSV database, model files."""
+    """Security scans: dependencies against an offline OSV database, model files, data."""
 
 
 def _register() -> None:
@@ -56,6 +56,7 @@ def _register() -> None:
         cli.add_command(command)
     scan_group.add_command(scans.scan_deps, name="deps")
     scan_group.add_command(scans.scan_model, name="model")
+    scan_group.add_command(scans.scan_data, name="data")
 
 
 _register()

@@ -525,3 +525,43 @@ def scan_model(path: Path, fmt: str, fail_on: str, profiles: tuple[str, ...]) ->
     click.echo(report.to_json() if fmt == "json" else render_table(report))
     if not report.ok(fail_on):
         raise UnsafeModelError(report, fail_on)
+
+
+@click.command("data")
+@click.argument("dataset", type=click.Path(exists=True, path_type=Path))
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="table for people, json for CI and provenance.",
+)
+@click.option(
+    "--policy",
+    "policy_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="A screen policy (YAML: detectors, fail_at, action, thresholds); default: built in.",
+)
+def scan_data(dataset: Path, fmt: str, policy_file: Path | None) -> None:
+    """Screen DATASET (an .npz with x and y, or a run directory's canonical dataset) for
+    label issues, backdoor triggers, duplicates and train/test leaks, class imbalance and
+    outliers. Heuristic: exit 1 when findings reach the policy's threshold, 0 otherwise."""
+    from pipeline.scan.data import DataFindings, load, load_policy, render_table, screen
+    from pipeline.scan.data.policy import ScreenPolicy
+
+    policy = load_policy(policy_file) if policy_file else ScreenPolicy()
+    report = screen(load(dataset), policy)
+    if fmt == "json":
+        import json
+
+        click.echo(json.dumps(report.to_dict(), indent=2, sort_keys=True))
+    else:
+        click.echo(render_table(report))
+    if report.verdict == "fail":
+        failed = ", ".join(f"{k}: {n} >= {t}" for k, (n, t) in report.failed_kinds.items())
+        raise DataFindings(
+            f"data screen failed: {failed} row(s)",
+            hint="inspect the rows named (index counts rows of the input as given), fix or "
+            "remove them, or set the policy's fail_at",
+        )

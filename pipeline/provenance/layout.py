@@ -21,6 +21,7 @@ from pipeline.provenance.keys import PublicKey
 from pipeline.provenance.links import envelope_bytes
 from pipeline.workspace import (
     CHECKS_DIR,
+    DATA,
     GATE_CHECKS,
     RUN_DIRS,
     RUN_RECORD,
@@ -165,14 +166,16 @@ def compile_layout(
     now: datetime | None = None,
 ) -> Layout:
     """`modules` maps each stage kind to the module run for it (from the registry);
-    `gates` names the kinds that consume the runner's gate Statements (deploy)."""
+    `gates` names the kinds that consume the runner's gate Statements (deploy). A config
+    with a data screen makes every gate REQUIRE the screen's signed verdict too."""
+    checks = GATE_CHECKS + extra_checks
+    if any(s.impl.screens for s in config.stages):
+        checks += (DATA,)
     steps = [
         Step(
             name=s.name,
             expected_command=stage_command(modules[s.kind], s.name),
-            expected_materials=_material_rules(
-                s, config, GATE_CHECKS + extra_checks if s.kind in gates else ()
-            ),
+            expected_materials=_material_rules(s, config, checks if s.kind in gates else ()),
             expected_products=_product_rules(s),
             pubkeys=[functionary.keyid],
             threshold=1,

@@ -21,6 +21,7 @@ from pipeline.provenance.statements import payload_of, read_verified_statement
 from pipeline.release.manifest import check_release_manifest, read_renewal
 from pipeline.workspace import (
     CHECKS_DIR,
+    DATA,
     LAYOUT_NAME,
     PROVENANCE,
     RELEASE_MANIFEST,
@@ -74,7 +75,11 @@ def _bound(name: str, stmt: dict[str, Any], recorded: dict[str, str], run_id: st
 
 
 def check_statements(
-    directories: list[tuple[Path, str]], report: VerifyReport, *, run_id: str | None = None
+    directories: list[tuple[Path, str]],
+    report: VerifyReport,
+    *,
+    run_id: str | None = None,
+    run_dir: Path | None = None,
 ) -> None:
     """Verify every signed Statement in `directories` with the layout's functionary keys.
 
@@ -115,6 +120,10 @@ def check_statements(
                     hint="remove it; only statements the chain records or names are trusted",
                 )
             report.passed("attestation", f"{name}: {_summary(stmt)} (signed)")
+            if name == DATA:  # the screen's verdict, re-applied (its files, in a run)
+                from pipeline.scan.data.attest import recheck_data_screen
+
+                report.passed("data screen", recheck_data_screen(stmt, run_id, run_dir))
     for name in sorted(set(recorded) - seen):
         raise VerificationError(
             f"{name}, which the deploy step consumed, is missing",
@@ -359,7 +368,10 @@ def verify_run(
     verify_inspections(report, run_dir, disk.tree)  # what in-toto-verify from run_dir checks
     check_run_files(run_dir, report)
     check_statements(
-        [(run_dir / CHECKS_DIR, f"{CHECKS_DIR}/"), (links, "")], report, run_id=report.run_id
+        [(run_dir / CHECKS_DIR, f"{CHECKS_DIR}/"), (links, "")],
+        report,
+        run_id=report.run_id,
+        run_dir=run_dir,
     )
     published = bool(record.get("release"))
     check_provenance(links / PROVENANCE, report, run_dir, links, required=published)

@@ -21,6 +21,7 @@ from pipeline.hashing import sha256_file
 from pipeline.provenance.keys import PublicKey
 from pipeline.provenance.statements import statement
 from pipeline.scan import deps
+from pipeline.scan.data.attest import data_screen_statement, recheck_data_screen
 from pipeline.scan.vex import VexRejected, VexStatement
 from pipeline.scan.vex import load_all as load_vex_all
 from pipeline.scan.vulndb import ScanUnavailable
@@ -36,10 +37,17 @@ from pipeline.scan.vulns import (
     evaluate,
     scan,
 )
-from pipeline.workspace import CANDIDATE, CHECKS_DIR, DEPENDENCIES, MODELS
+from pipeline.workspace import CANDIDATE, CHECKS_DIR, DATA, DEPENDENCIES, MODELS
 
-__all__ = ["CANDIDATE", "CHECKS_DIR", "DEPENDENCIES", "MODELS"]  # re-exported for stages
-
+__all__ = [  # re-exported for stages
+    "CANDIDATE",
+    "CHECKS_DIR",
+    "DATA",
+    "DEPENDENCIES",
+    "MODELS",
+    "data_screen_statement",
+    "recheck_data_screen",
+]
 VULNS_PREDICATE = "https://in-toto.io/attestation/vulns/v0.2"
 SCANNER_URI = "https://github.com/chainproof/chainproof#scan-deps"
 

@@ -40,7 +40,12 @@ from pipeline.provenance.links import Link, link_filename, read_link, write_link
 from pipeline.provenance.statements import write_signed_statement
 from pipeline.release.publish import ReleaseInputs, publish
 from pipeline.runner import basemodel, detached, distributed, sandbox
-from pipeline.runner.gates import check_dependencies, model_scan_statement, scan_models
+from pipeline.runner.gates import (
+    check_dependencies,
+    data_screen_statement,
+    model_scan_statement,
+    scan_models,
+)
 from pipeline.runner.progress import ProgressEvent, StdoutTail
 from pipeline.runner.record import (
     RunRecord,
@@ -66,6 +71,7 @@ from pipeline.workspace import (
     BASE_MODEL,
     CANDIDATE,
     CHECKS_DIR,
+    DATA,
     DEPENDENCIES,
     LAYOUT_NAME,
     MODELS,
@@ -376,6 +382,7 @@ class Runner:
                 "dependencies": f"../{DEPENDENCIES}",
                 "models": f"../{MODELS}",
                 **({"candidate": f"../{CANDIDATE}"} if self.candidate else {}),
+                **({"data": f"../{DATA}"} if self.screened else {}),
                 "dependencies_required": self.config.security.dependencies.required,
                 "functionary_key": str(self.run_dir / "keys/functionary.pub"),
             }
@@ -397,6 +404,11 @@ class Runner:
             "outputs": list(stage.outputs),
             "extra": extra,
         }
+
+    @property
+    def screened(self) -> bool:
+        """The config has a data screen: its signed verdict is a gate check."""
+        return any(s.impl.screens for s in self.config.stages)
 
     @property
     def release_version(self) -> str:
@@ -579,6 +591,7 @@ class Runner:
             environment=environment,
             signer=self.functionary.signer,
         )
+        self._sign_screen(stage)
         timings["sign"] = time.perf_counter() - t0
         self.stage_seconds[stage.name] = timings
         self.done.append(stage.name)
@@ -670,6 +683,16 @@ class Runner:
 
     # ------------------------------------------------------------------ reuse
 
+    def _sign_screen(self, stage: StageConfig) -> None:
+        """A screen stage's verdict, signed and bound to this run, for the gates (also when
+        the stage was reused: the Statement names this run, never an earlier one)."""
+        if stage.impl.screens:
+            write_signed_statement(
+                self.run_dir / DATA,
+                data_screen_statement(self.run_id, stage.name, self.run_dir),
+                self.functionary.signer,
+            )
+
     def _reuse_stage(
         self,
         stage: StageConfig,
@@ -681,6 +704,9 @@ class Runner:
         """Sign a link for `stage` over an earlier run's re-verified products, when one proves
         the same inputs (runner/reuse.py); None when the stage must run."""
         assert self.reuse is not None
+        if distributed.plan_for(stage) is not None:
+            # its workers' logs are in the chain too; a distributed stage always runs
+            return None
         t0 = time.perf_counter()
         workdir = self.run_dir / stage.name
         self._check_code(stage, "before it was reused")
@@ -723,6 +749,7 @@ class Runner:
             environment=environment,
             signer=self.functionary.signer,
         )
+        self._sign_screen(stage)
         timings["reuse"] = time.perf_counter() - t0
         self.stage_seconds[stage.name] = timings
         self.done.append(stage.name)

@@ -38,7 +38,7 @@ def test_every_command_is_registered_once_and_has_help() -> None:
         "vulndb",
     }
     scan = cli.commands["scan"]
-    assert set(scan.commands) == {"deps", "model"}  # type: ignore[attr-defined]
+    assert set(scan.commands) == {"deps", "model", "data"}  # type: ignore[attr-defined]
     for name in names:
         code, out, _ = invoke(name, "--help")
         assert code == 0 and "Usage:" in out, name
