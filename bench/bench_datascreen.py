@@ -167,8 +167,9 @@ def main() -> int:
     from sklearn.datasets import load_digits
     from threadpoolctl import threadpool_limits
 
-    from pipeline.scan.data import ScreenPolicy, screen
     from pipeline.scan.data.interface import Dataset
+    from pipeline.scan.data.policy import ScreenPolicy
+    from pipeline.scan.data.screen import screen
 
     art_python = os.environ.get("ART_PYTHON", "/tmp/art-venv/bin/python")
     art_skip = None

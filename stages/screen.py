@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import json
 
-from pipeline.scan.data import DataScreenError, ScreenPolicy, load, render_table, screen
+from pipeline.scan.data.dataset import load
+from pipeline.scan.data.interface import DataScreenError
+from pipeline.scan.data.policy import ScreenPolicy
+from pipeline.scan.data.screen import render_table, screen
 from pipeline.stage import Params, Stage, StageContext, StageError, main
 from stages._io import write_json
 

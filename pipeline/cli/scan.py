@@ -547,8 +547,10 @@ def scan_data(dataset: Path, fmt: str, policy_file: Path | None) -> None:
     """Screen DATASET (an .npz with x and y, or a run directory's canonical dataset) for
     label issues, backdoor triggers, duplicates and train/test leaks, class imbalance and
     outliers. Heuristic: exit 1 when findings reach the policy's threshold, 0 otherwise."""
-    from pipeline.scan.data import DataFindings, load, load_policy, render_table, screen
-    from pipeline.scan.data.policy import ScreenPolicy
+    from pipeline.scan.data.dataset import load
+    from pipeline.scan.data.interface import DataFindings
+    from pipeline.scan.data.policy import ScreenPolicy, load_policy
+    from pipeline.scan.data.screen import render_table, screen
 
     policy = load_policy(policy_file) if policy_file else ScreenPolicy()
     report = screen(load(dataset), policy)

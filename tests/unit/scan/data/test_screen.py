@@ -14,8 +14,10 @@ import pytest
 
 from pipeline.cli import run_cli
 from pipeline.errors import InputError
-from pipeline.scan.data import ScreenPolicy, load, screen
+from pipeline.scan.data.dataset import load
 from pipeline.scan.data.interface import Dataset
+from pipeline.scan.data.policy import ScreenPolicy
+from pipeline.scan.data.screen import screen
 
 ROOT = Path(__file__).resolve().parents[4]
 
