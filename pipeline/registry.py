@@ -37,6 +37,8 @@ class StageKind:
     # and which files outside the run does it read (param name -> path as configured)
     needs_network: Callable[[Mapping[str, Any]], bool]
     external_inputs: Callable[[Mapping[str, Any]], dict[str, str]]
+    # the outputs it writes with these params (by default `outputs`)
+    outputs_for: Callable[[Mapping[str, Any]], tuple[str, ...]] | None = None
 
 
 @cache
@@ -67,6 +69,7 @@ def stage_kind(name: str) -> StageKind | None:
         determinism=MappingProxyType(dict(cls.determinism)),
         needs_network=lambda p: bool(cls.needs_network(cls.Params.model_validate(dict(p)))),
         external_inputs=lambda p: dict(cls.external_inputs(cls.Params.model_validate(dict(p)))),
+        outputs_for=lambda p: tuple(cls.outputs_for(cls.Params.model_validate(dict(p)))),
     )
 
 
