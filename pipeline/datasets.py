@@ -65,12 +65,11 @@ class DatasetMismatch(DatasetError):
         removed: tuple[str, ...] = (),
         changed: tuple[str, ...] = (),
         compared: bool = False,
+        pinned_by: str = "the config pins",
     ) -> None:
         self.expected, self.actual = expected, actual
         self.added, self.removed, self.changed = added, removed, changed
-        lines = [
-            f"{where} has manifest digest sha256:{actual}, but the config pins sha256:{expected}"
-        ]
+        lines = [f"{where} has manifest digest sha256:{actual}, but {pinned_by} sha256:{expected}"]
         for label, names in (("added", added), ("removed", removed), ("changed", changed)):
             shown = names[:20]
             lines += [f"  {label}: {n}" for n in shown]
@@ -132,14 +131,21 @@ def diff(old: Manifest, new: Manifest) -> tuple[tuple[str, ...], tuple[str, ...]
     return added, removed, changed
 
 
-def check_pin(where: str, got: Manifest, pin: str, pinned: Manifest | None) -> None:
+def check_pin(
+    where: str,
+    got: Manifest,
+    pin: str,
+    pinned: Manifest | None,
+    *,
+    pinned_by: str = "the config pins",
+) -> None:
     """Refuse `got` unless its digest is `pin`; name the differing files when `pinned` (the
     manifest whose digest is the pin) is given."""
     actual = got.digest
     if actual == pin:
         return
     if pinned is None:
-        raise DatasetMismatch(where, expected=pin, actual=actual)
+        raise DatasetMismatch(where, expected=pin, actual=actual, pinned_by=pinned_by)
     added, removed, changed = diff(pinned, got)
     raise DatasetMismatch(
         where,
@@ -149,6 +155,7 @@ def check_pin(where: str, got: Manifest, pin: str, pinned: Manifest | None) -> N
         removed=removed,
         changed=changed,
         compared=True,
+        pinned_by=pinned_by,
     )
 
 
