@@ -20,7 +20,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from pipeline import bounded
 from pipeline.errors import InputError
@@ -354,7 +354,7 @@ class DatasetSource:
             raw.seek(0)
             stream: IO[bytes] = raw
             if head == b"\x1f\x8b":
-                stream = gzip.GzipFile(fileobj=raw, mode="rb")
+                stream = cast(IO[bytes], gzip.GzipFile(fileobj=raw, mode="rb"))
             capped = _Capped(
                 stream,
                 compressed=os.fstat(raw.fileno()).st_size,
@@ -362,7 +362,7 @@ class DatasetSource:
                 max_read=bounded.DATASET_FILE_BYTES.value() + (1 << 16),
                 where=str(self.path),
             )
-            return tarfile.open(fileobj=capped, mode="r:"), raw  # type: ignore[arg-type]
+            return tarfile.open(fileobj=cast(IO[bytes], capped), mode="r:"), raw
         except BaseException:
             raw.close()
             raise
@@ -434,33 +434,35 @@ class DatasetSource:
     def read_all(self) -> Iterator[tuple[str, bytes]]:
         """(name, bytes) of every file, in the order the container reads fastest; each read
         is bounded by the size the listing promised."""
-        by_handle = {str(h) if self.container == "tar" else id(h): n for n, _, h in self._entries}
         sizes = {n: s for n, s, _ in self._entries}
         try:
             if self.container == "folder":
                 for name, size, path in self._entries:
-                    with open(path, "rb") as fh:
-                        data = _read_exact(fh, size, f"{self.path}/{name}")
+                    with open(path, "rb") as plain:
+                        data = _read_exact(plain, size, f"{self.path}/{name}")
                     yield name, data
             elif self.container == "zip":
                 with zipfile.ZipFile(self.path) as zf:
                     for name, size, info in self._entries:
-                        with zf.open(info) as fh:
-                            data = _read_exact(fh, size, f"{self.path}!{name}")
+                        with zf.open(info) as member_fh:
+                            data = _read_exact(member_fh, size, f"{self.path}!{name}")
                         yield name, data
             else:
+                # the listing's names, by the member names as stored (before the top
+                # directory was stripped)
+                stored = {str(h): n for n, _, h in self._entries}
                 tf, raw = self._open_tar()
                 with raw, tf:
                     for member in tf:
-                        name = by_handle.get(member.name)
-                        if name is None or not member.isreg():
+                        known = stored.get(member.name)
+                        if known is None or not member.isreg():
                             continue
-                        fh = tf.extractfile(member)
-                        if fh is None:
+                        extracted = tf.extractfile(member)
+                        if extracted is None:
                             continue
-                        with fh:
-                            data = _read_exact(fh, sizes[name], f"{self.path}!{name}")
-                        yield name, data
+                        with extracted:
+                            data = _read_exact(extracted, sizes[known], f"{self.path}!{known}")
+                        yield known, data
         except DatasetError:
             raise
         except _BROKEN as e:
