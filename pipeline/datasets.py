@@ -327,8 +327,9 @@ class DatasetSource:
             if info.file_size > _CHUNK and info.file_size > ratio * max(info.compress_size, 1):
                 raise DatasetError(
                     f"{self.path}: member {name} expands {info.file_size:,} bytes from "
-                    f"{info.compress_size:,}, more than {bounded.ARCHIVE_RATIO.describe(ratio)}",
-                    hint="a zip bomb; do not use this archive",
+                    f"{info.compress_size:,}, more than {bounded.ARCHIVE_RATIO.describe(ratio)}"
+                    " (a zip bomb)",
+                    hint="do not use this archive",
                 )
             raw.append((name, info.file_size, info))
         return self._named(raw)
@@ -503,6 +504,8 @@ class _Capped(io.RawIOBase):
         return self.inner.tell()
 
     def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == io.SEEK_SET:  # a header's size, checked before gzip inflates up to it
+            self._check(offset)
         target = self.inner.seek(offset, whence)
         self._check(target)
         return target
@@ -528,8 +531,8 @@ class _Capped(io.RawIOBase):
             ratio = bounded.ARCHIVE_RATIO
             raise DatasetError(
                 f"{self.where} expands to more than {self.limit:,} bytes, "
-                f"{ratio.describe(ratio.value())} of its compressed size",
-                hint="a decompression bomb; do not use this archive",
+                f"{ratio.describe(ratio.value())} of its compressed size (a decompression bomb)",
+                hint="do not use this archive",
             )
 
 
