@@ -14,6 +14,7 @@ import io
 import os
 import struct
 import tempfile
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -78,6 +79,8 @@ class Decoder:
         # Pillow's own guard warns at its limit and raises at twice it; ours refuses at the
         # cap, from the header, before a pixel is decoded.
         Image.MAX_IMAGE_PIXELS = self.cap
+        # that warning is for the images refused below; the refusal says it, once per file
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
         self.errors = _decode_errors()
 
     @property
@@ -86,7 +89,7 @@ class Decoder:
 
     def decode(self, data: bytes) -> np.ndarray:
         """uint8 (H, W, C), or Unreadable saying why."""
-        from PIL import Image
+        from PIL import Image, UnidentifiedImageError
 
         try:
             with Image.open(io.BytesIO(data), formats=FORMATS) as im:
@@ -104,6 +107,8 @@ class Decoder:
                 arr = np.asarray(out, dtype=np.uint8)
         except Unreadable:
             raise
+        except UnidentifiedImageError:
+            raise Unreadable(f"not an image in a known format ({', '.join(FORMATS)})") from None
         except self.errors as e:
             text = str(e) or type(e).__name__
             raise Unreadable(text[:200]) from e
