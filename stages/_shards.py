@@ -153,7 +153,7 @@ class Shards:
         ds = tf.data.Dataset.from_tensor_slices((names, rows))
         if part == "fit":
             ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-        ds = ds.interleave(one, cycle_length=2, block_length=1, deterministic=True)
+        ds = ds.interleave(one, cycle_length=2, block_length=1)
         ds = ds.unbatch()
         if part == "fit" and shuffle_buffer:
             ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
