@@ -255,3 +255,32 @@ def test_the_source_process_imports_neither_tensorflow_nor_sklearn(folder, tmp_p
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert out.stdout.strip().endswith("[]")
+
+
+@pytest.mark.parametrize(
+    "member, message",
+    [("../../evil.png", "escapes the dataset"), ("digits/3/link.png", "is a symlink")],
+)
+def test_a_hostile_archive_is_refused_by_the_stage(folder, tmp_path, member, message) -> None:
+    import stat
+    import zipfile
+
+    archive = Path(shutil.make_archive(str(tmp_path / "digits"), "zip", folder.parent, "digits"))
+    with zipfile.ZipFile(archive, "a") as zf:
+        info = zipfile.ZipInfo(member)
+        if "link" in member:
+            info.external_attr = (stat.S_IFLNK | 0o777) << 16
+        zf.writestr(info, "/etc/passwd")
+    with pytest.raises(StageError, match=message):
+        run_source(tmp_path / "w", path=str(archive), sha256="0" * 64)
+    assert not (tmp_path / "w" / "shards").exists()
+
+
+def test_a_bomb_archive_is_refused_by_the_stage(tmp_path) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "bomb.zip", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a/zeros.png", b"\0" * (16 << 20))
+        zf.writestr("b/zeros.png", b"\0" * 10)
+    with pytest.raises(StageError, match="zip bomb"):
+        run_source(tmp_path / "w", path=str(tmp_path / "bomb.zip"), sha256="0" * 64)
