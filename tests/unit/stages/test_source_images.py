@@ -284,3 +284,51 @@ def test_a_bomb_archive_is_refused_by_the_stage(tmp_path) -> None:
         zf.writestr("b/zeros.png", b"\0" * 10)
     with pytest.raises(StageError, match="zip bomb"):
         run_source(tmp_path / "w", path=str(tmp_path / "bomb.zip"), sha256="0" * 64)
+
+
+def test_an_archive_url_is_downloaded_then_pinned_like_a_folder(folder, tmp_path) -> None:
+    import functools
+    import http.server
+    import threading
+
+    archive = Path(
+        shutil.make_archive(str(tmp_path / "srv" / "digits"), "gztar", folder.parent, "digits")
+    )
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(archive.parent))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/{archive.name}"
+        params = SourceParams(url=url, sha256=pin(folder))
+        assert params.images and SourceStage.needs_network(params)
+        m = run_source(tmp_path / "w", url=url, sha256=pin(folder))
+    finally:
+        server.shutdown()
+    assert m["source"]["kind"] == "url" and m["source"]["location"] == url
+    assert m["source"]["sha256"] == pin(folder) and m["source"]["container"] == "tar"
+
+
+def test_the_images_cnn_config_pins_what_the_tool_makes_with_the_seed_s_model(tmp_path) -> None:
+    from pipeline.config import load_config
+    from stages.train import TrainParams
+
+    config = load_config(ROOT / "configs" / "images-cnn.yaml")
+    source, train = config.stage("source"), config.stage("train")
+    assert source.outputs == IMAGE_OUTPUTS
+    made = make_image_folder(tmp_path / "digits-images", 1797)
+    assert pin(made) == source.params["sha256"]
+    t = TrainParams.model_validate(dict(train.params))
+    assert [(s.type, s.filters, s.kernel_size, s.activation, s.pool_size) for s in t.layers] == [
+        ("conv2d", 32, 3, "relu", None),
+        ("maxpool2d", None, None, None, 2),
+        ("flatten", None, None, None, None),
+    ]
+    a = t.augmentation
+    assert (a.rotation_range, a.width_shift_range, a.height_shift_range) == (20, 0.2, 0.2)
+    assert (a.shear_range, a.zoom_range, a.horizontal_flip, a.fill_mode) == (
+        0.2,
+        0.2,
+        True,
+        "nearest",
+    )
+    assert source.params["image_size"] == [64, 64] and source.params["channels"] == 3
