@@ -32,6 +32,7 @@ from stages._io import write_json, write_npz
 DATASET = "dataset.npz"
 MANIFEST = "manifest.json"
 IMAGE_OUTPUTS = (MANIFEST, DATA_MANIFEST, SHARDS_DIR)
+SHARD_MAX_BYTES = 256 << 20
 _IMAGE_KEYS = (
     "image_size",
     "channels",
@@ -87,6 +88,14 @@ class SourceParams(Params):
                 raise ValueError("image_shape is for .npz/.csv arrays; images use image_size")
             if min(self.image_size) < 1 or max(self.image_size) > 4096:
                 raise ValueError(f"image_size {self.image_size} must be 1..4096 on each side")
+            # one shard is what the source and train stages hold in memory at a time
+            shard_bytes = self.shard_size * self.image_size[0] * self.image_size[1] * self.channels
+            if shard_bytes > SHARD_MAX_BYTES:
+                raise ValueError(
+                    f"shard_size {self.shard_size} of {self.image_size[0]}x{self.image_size[1]}"
+                    f"x{self.channels} images is {shard_bytes >> 20} MiB a shard; keep it under "
+                    f"{SHARD_MAX_BYTES >> 20} MiB (fewer images a shard)"
+                )
         else:
             # by value, not model_fields_set: a validated config is dumped with every default
             # and validated again in the stage

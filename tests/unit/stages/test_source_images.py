@@ -235,6 +235,8 @@ def test_image_params_are_checked_when_the_config_is() -> None:
     assert SourceStage.outputs_for(SourceParams()) == ("dataset.npz", "manifest.json")
     with pytest.raises(ValidationError, match="apply to image folders and archives only"):
         SourceParams(path="d.npz", sha256="0" * 64, labels="x.csv")
+    with pytest.raises(ValidationError, match="MiB a shard"):
+        SourceParams(path="d", sha256="0" * 64, image_size=(1024, 1024), shard_size=1024)
     with pytest.raises(ValidationError, match="images use image_size"):
         SourceParams(path="d", sha256="0" * 64, image_shape=(8, 8, 1))
     # a validated config is dumped with its defaults and validated again in the stage
