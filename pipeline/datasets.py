@@ -13,12 +13,14 @@ import hashlib
 import io
 import json
 import os
+import re
 import stat
 import tarfile
 import zipfile
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path, PurePosixPath
 from typing import IO, Any, cast
 
@@ -27,6 +29,7 @@ from pipeline.errors import InputError
 from pipeline.hashing import hash_many, sha256_bytes
 
 FORMAT = "chainproof.dataset-manifest/v1"
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 _CHUNK = 1 << 20
 # What zipfile, tarfile and gzip raise for a container that is not what it claims to be:
@@ -100,17 +103,26 @@ class Manifest:
     files: tuple[FileEntry, ...]
 
     def canonical_bytes(self) -> bytes:
-        """The pinned bytes: compact JSON, keys sorted, ASCII only, files sorted by path."""
-        doc = {
-            "files": [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in self.files],
-            "format": FORMAT,
-        }
-        text = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-        return text.encode("ascii") + b"\n"
+        """The pinned bytes: compact JSON, keys sorted, ASCII only, files sorted by path.
 
-    @property
+        Exactly `json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)`
+        of {"files": [{"path", "sha256", "size"}...], "format"} plus a newline, written one
+        entry at a time (100k files as dicts would be the largest thing the stage holds).
+        """
+        return self._canonical
+
+    @cached_property
+    def _canonical(self) -> bytes:
+        entries = ",".join(
+            f'{{"path":{json.dumps(f.path, ensure_ascii=True)},"sha256":"{f.sha256}",'
+            f'"size":{int(f.size)}}}'
+            for f in self.files
+        )
+        return f'{{"files":[{entries}],"format":"{FORMAT}"}}\n'.encode("ascii")
+
+    @cached_property
     def digest(self) -> str:
-        return sha256_bytes(self.canonical_bytes())
+        return sha256_bytes(self._canonical)
 
     @property
     def total_bytes(self) -> int:
@@ -563,7 +575,8 @@ def read_manifest(path: Path) -> Manifest:
             or not isinstance(f.get("size"), int)
             or isinstance(f.get("size"), bool)
             or not isinstance(f.get("sha256"), str)
-            or len(f["sha256"]) != 64
+            or not _HEX64.fullmatch(f["sha256"])
+            or f["size"] < 0
         ):
             raise DatasetError(f"{path}: files[{i}] is not {{path: text, size: int, sha256: hex}}")
         out.append(FileEntry(check_name(f["path"], str(path)), f["size"], f["sha256"]))

@@ -163,3 +163,56 @@ def test_an_image_folder_runs_end_to_end_pinned_by_its_manifest_digest(folder, t
     assert proc.returncode == 4, proc.stdout + proc.stderr
     assert "changed: 4/000004.png" in proc.stderr
     assert manifest.digest in proc.stderr and digest_path(data)[1].digest in proc.stderr
+
+
+@pytest.mark.slow
+def test_streamed_training_gives_byte_identical_weights(folder, tmp_path) -> None:
+    """What `chainproof reproduce` needs: the same shards, seed and lock -> the same bytes."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    from stages.train import TrainParams, TrainStage
+
+    root = Path(__file__).resolve().parents[2]
+    p = SourceParams(path=str(folder), sha256=digest_path(folder)[1].digest, shard_size=64)
+    (tmp_path / "source").mkdir()
+    SourceStage().run(
+        StageContext(
+            run_id="r",
+            stage="source",
+            params=p,
+            workdir=tmp_path / "source",
+            inputs={},
+            outputs=SourceStage.outputs_for(p),
+        )
+    )
+    params = TrainParams(
+        epochs=1, augmentation={"rotation_range": 20, "horizontal_flip": True}, shuffle_buffer=100
+    )
+    env = {**os.environ, "PYTHONHASHSEED": "0", "CUDA_VISIBLE_DEVICES": ""}
+    env["PYTHONPATH"] = str(root)
+    digests = []
+    for i in range(2):
+        work = tmp_path / f"train{i}"
+        work.mkdir()
+        spec = {
+            "run_id": "r",
+            "stage": "train",
+            "params": params.model_dump(mode="json"),
+            "inputs": {"source": "../source"},
+            "outputs": list(TrainStage.outputs),
+            "extra": {},
+        }
+        (tmp_path / f"t{i}.json").write_text(json.dumps(spec))
+        subprocess.run(
+            [sys.executable, "-m", "stages.train", f"../t{i}.json"],
+            cwd=work,
+            env=env,
+            check=True,
+            capture_output=True,
+            timeout=900,
+        )
+        digests.append(hashlib.sha256((work / "model.keras").read_bytes()).hexdigest())
+    assert digests[0] == digests[1]

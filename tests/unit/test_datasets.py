@@ -60,6 +60,16 @@ def test_the_manifest_is_canonical_json_of_every_file_sorted(tmp_path: Path) -> 
     )
 
 
+def test_the_canonical_bytes_escape_names_as_json_dumps_does(tmp_path: Path) -> None:
+    _, m = digest_path(make_tree(tmp_path / "d", {'cl"ass/é ü.png': b"1", "b/\u2603.png": b"2"}))
+    doc = {
+        "files": [{"path": f.path, "sha256": f.sha256, "size": f.size} for f in m.files],
+        "format": datasets.FORMAT,
+    }
+    expected = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    assert m.canonical_bytes() == expected.encode() + b"\n"
+
+
 def test_a_folder_and_its_zip_and_tar_gz_have_one_digest(tmp_path: Path) -> None:
     _, folder = digest_path(make_tree(tmp_path / "d", FILES))
     _, z = digest_path(zip_of(tmp_path / "d.zip", FILES, top="d/"))
@@ -109,6 +119,8 @@ def test_a_written_manifest_reads_back_to_the_same_digest(tmp_path: Path) -> Non
         {"format": datasets.FORMAT, "files": {}},
         {"format": datasets.FORMAT, "files": [{"path": "a", "size": "1", "sha256": "0" * 64}]},
         {"format": datasets.FORMAT, "files": [{"path": "../a", "size": 1, "sha256": "0" * 64}]},
+        {"format": datasets.FORMAT, "files": [{"path": "a", "size": 1, "sha256": '"' * 64}]},
+        {"format": datasets.FORMAT, "files": [{"path": "a", "size": -1, "sha256": "0" * 64}]},
     ],
 )
 def test_a_malformed_manifest_file_is_bad_input(tmp_path: Path, doc) -> None:
