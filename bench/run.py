@@ -7,7 +7,8 @@
    signing + link, against the stage's own execution time.
 
 Results: printed as a table and written to bench/out/results.json. Other benchmarks in this
-folder (bench_*.py) run after these when present.
+folder (bench_*.py: datasets, deptrust, envcheck, modelscan, sandbox, training, vulndb) run
+after these when present.
 """
 
 from __future__ import annotations

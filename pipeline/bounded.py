@@ -79,6 +79,16 @@ DEPTH = Cap("CHAINPROOF_MAX_DEPTH", 64, "levels")
 # Nodes a YAML document expands to once its aliases are followed (a billion-laughs bomb is
 # small on disk and exponential in memory). Configs have a few hundred.
 YAML_NODES = Cap("CHAINPROOF_MAX_YAML_NODES", 100_000, "nodes")
+# Datasets of files (pipeline/datasets.py): a folder or an archive of images. An image file
+# is kilobytes to megabytes; the caps bound the time and memory of listing, hashing and
+# decoding a hostile one, and an archive's expansion over its size (a bomb).
+DATASET_FILES = Cap("CHAINPROOF_MAX_DATASET_FILES", 5_000_000, "files")
+DATASET_FILE_BYTES = Cap("CHAINPROOF_MAX_DATASET_FILE_BYTES", 64 * MIB, "bytes")
+DATASET_BYTES = Cap("CHAINPROOF_MAX_DATASET_BYTES", 256 * 1024 * MIB, "bytes")
+DATASET_MANIFEST_BYTES = Cap("CHAINPROOF_MAX_DATASET_MANIFEST_BYTES", 1024 * MIB, "bytes")
+ARCHIVE_RATIO = Cap("CHAINPROOF_MAX_ARCHIVE_RATIO", 100, "fold")
+# Pixels of one decoded image before it is resized (a 64x64 dataset has no 40-megapixel file).
+IMAGE_PIXELS = Cap("CHAINPROOF_MAX_IMAGE_PIXELS", 40_000_000, "pixels")
 
 
 class LimitExceeded(InputError):

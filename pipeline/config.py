@@ -372,7 +372,8 @@ def load_config(path: str | Path, *, base_dir: Path | None = None) -> PipelineCo
                     "stages run without one; add `network: true` to the stage",
                 )
             )
-        outputs = st.outputs if st.outputs is not None else tuple(cls.outputs)
+        always = cls.outputs_for(params) if cls.outputs_for else tuple(cls.outputs)
+        outputs = st.outputs if st.outputs is not None else always
         for j, out in enumerate(outputs):
             if _escapes(out):
                 problems.append(
@@ -383,7 +384,7 @@ def load_config(path: str | Path, *, base_dir: Path | None = None) -> PipelineCo
                         "relative path without '..'",
                     )
                 )
-        missing = [o for o in cls.outputs if o not in outputs]
+        missing = [o for o in always if o not in outputs]
         if missing:
             problems.append(
                 ConfigProblem(

@@ -28,7 +28,7 @@ from pipeline import bounded
 from pipeline.config import LineageSpec
 from pipeline.errors import Error, InputError
 from pipeline.hashing import sha256_file
-from pipeline.workspace import read_run_record
+from pipeline.workspace import DATA_MANIFEST, read_run_record
 
 DEFAULT_TRACKING_URI = "sqlite:///mlruns.db"
 ARTIFACT_DIR = "mlartifacts"
@@ -371,7 +371,8 @@ class MLflowLineage(LineageSink):
         materials = {k: v["sha256"] for k, v in link.materials.items()}
         found = None
         for name, digest in materials.items():
-            if not name.endswith("dataset.npz"):
+            # the split file, or an image source's canonical manifest (its digest is the pin)
+            if not name.endswith(("dataset.npz", DATA_MANIFEST)):
                 continue
             manifest_path = run_dir / name.rsplit("/", 1)[0] / "manifest.json"
             manifest = (
@@ -397,6 +398,7 @@ class MLflowLineage(LineageSink):
                 f"{TAG}sha256": digest,
                 f"{TAG}origin": location,
                 f"{TAG}origin_sha256": str(origin.get("sha256", "")),
+                **({f"{TAG}files": str(origin["files"])} if "files" in origin else {}),
             }
             mlflow.log_input(dataset, context="training", tags=tags)
             found = Dataset(name, digest, run_dir / name, dataset, tags)

@@ -40,6 +40,8 @@ class StageKind:
     # a data screen: the runner signs its report's verdict (checks/data.intoto.json), which
     # every gate step then REQUIREs
     screens: bool = False
+    # the outputs it writes with these params (by default `outputs`)
+    outputs_for: Callable[[Mapping[str, Any]], tuple[str, ...]] | None = None
 
 
 @cache
@@ -71,6 +73,7 @@ def stage_kind(name: str) -> StageKind | None:
         needs_network=lambda p: bool(cls.needs_network(cls.Params.model_validate(dict(p)))),
         external_inputs=lambda p: dict(cls.external_inputs(cls.Params.model_validate(dict(p)))),
         screens=bool(getattr(cls, "screens", False)),
+        outputs_for=lambda p: tuple(cls.outputs_for(cls.Params.model_validate(dict(p)))),
     )
 
 

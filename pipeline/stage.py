@@ -109,6 +109,12 @@ class Stage(ABC):
         return False
 
     @classmethod
+    def outputs_for(cls, params: Any) -> tuple[str, ...]:
+        """What the stage writes with these params (a source of images writes shards, not
+        one array file); by default the kind's fixed `outputs`."""
+        return tuple(cls.outputs)
+
+    @classmethod
     def external_inputs(cls, params: Any) -> dict[str, str]:
         """Files outside the run the stage reads, by parameter name, as the config gives them.
 

@@ -55,6 +55,10 @@ RUN_DIRS = (SPEC_DIR, CHECKS_DIR, "locks", "keys", "logs", "tmp", INPUTS, UPSTRE
 DEFAULT_MODEL = "package/model.keras"  # the model a bundle's consumer loads by default
 RELEASE_MANIFEST = "release.intoto.json"  # in a bundle's attestations/: every file, signed
 RENEWAL = "renewal.intoto.json"  # in a bundle's attestations/: the owner's later extension
+# A source stage's products for a dataset of image files: its canonical manifest (the bytes
+# whose sha256 the config pins) and the decoded images in .npz shards.
+DATA_MANIFEST = "data-manifest.json"
+SHARDS_DIR = "shards/"
 
 
 def spec_name(stage: str) -> str:

@@ -24,6 +24,7 @@ from urllib.parse import quote
 
 from pipeline.hashing import list_tree, sha256_file
 from pipeline.stage import Params, Stage, StageContext, StageError, main
+from pipeline.workspace import DATA_MANIFEST
 from stages._io import write_json
 
 MODEL, SAVED_MODEL, METRICS = "model.keras", "saved_model/", "metrics.json"
@@ -211,6 +212,13 @@ def _screen_markdown(card: dict) -> str:
     )
 
 
+def _files_line(data: dict[str, Any]) -> str:
+    files = data.get("source", {}).get("files")
+    if files is None:
+        return ""
+    return f" (the manifest of {files} image files, `{data.get('file')}`)"
+
+
 def card_markdown(card: dict) -> str:
     m, data, metrics = card["model"], card["training_data"], card["metrics"]
     rows = "\n".join(
@@ -236,7 +244,7 @@ Load only with `keras.saving.load_model(path, safe_mode=True)` after verifying t
 ## Training data
 - name: {data["name"]}
 - source: {data["source"].get("location", data["source"])}
-- sha256: `{data["sha256"]}`
+- sha256: `{data["sha256"]}`{_files_line(data)}
 - split: {data["split"]["train"]} train / {data["split"]["test"]} held out
   (seed {data["split"]["seed"]}, test fraction {data["split"]["test_fraction"]})
 
@@ -272,6 +280,18 @@ def _sha(digest: str) -> dict[str, str]:
 
 def _pypi_purl(name: str, version: str) -> str:
     return f"pkg:pypi/{quote(name, safe='')}@{quote(version, safe='')}"
+
+
+def _data_file(data: dict[str, Any]) -> str:
+    if data.get("file") == DATA_MANIFEST:
+        return f"{DATA_MANIFEST} (the canonical manifest of the image files; shards/ from it)"
+    return "dataset.npz (the split the model was trained on)"
+
+
+def _local_origin(source: dict[str, Any]) -> str:
+    if "files" in source:
+        return f"an image {source.get('container', 'dataset')} of {source['files']} files"
+    return "a local file"
 
 
 def dataset_uri(source: dict[str, Any]) -> str | None:
@@ -385,12 +405,15 @@ def ml_bom(
     split = data.get("split", {})
     contents: dict[str, Any] = {
         "properties": [
-            {
-                "name": "chainproof:file",
-                "value": "dataset.npz (the split the model was trained on)",
-            },
+            {"name": "chainproof:file", "value": _data_file(data)},
             {"name": "chainproof:origin-sha256", "value": str(source.get("sha256"))},
             {"name": "chainproof:origin-kind", "value": str(source.get("kind"))},
+            # an image source: its manifest's digest is origin-sha256; how many files it pins
+            *(
+                [{"name": "chainproof:files", "value": str(source["files"])}]
+                if "files" in source
+                else []
+            ),
             *({"name": f"chainproof:split:{k}", "value": str(v)} for k, v in sorted(split.items())),
         ]
     }
@@ -401,7 +424,7 @@ def ml_bom(
         "bom-ref": "dataset",
         "name": str(data["name"]),
         "hashes": [_sha(data["sha256"])],
-        "description": f"training data, from {uri or 'a local file'}",
+        "description": f"training data, from {uri or _local_origin(source)}",
         "data": [
             {
                 "type": "dataset",

@@ -1,7 +1,11 @@
 """Data sourcing: one dataset, pinned by sha256, split reproducibly, written canonically.
 
-Sources: scikit-learn's bundled digits (offline, the default), a local .npz/.csv file, or an
-http(s) URL. A file or URL must carry a sha256 pin; a mismatch refuses and names both digests.
+Sources: scikit-learn's bundled digits (offline, the default), a local .npz/.csv file, an
+image folder (one sub-folder per class, or a labels file) or a .zip/.tar.gz of one, or an
+http(s) URL of a file or an archive. Every path or URL carries a sha256 pin: of the file's
+bytes, or for images of the dataset's canonical manifest (pipeline/datasets.py); a mismatch
+refuses and names both digests (and, given the pinned manifest, the files that differ).
+Images are decoded with Pillow into .npz shards the train stage streams.
 """
 
 from __future__ import annotations
@@ -18,25 +22,59 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
+from pipeline import datasets
 from pipeline.hashing import sha256_file
 from pipeline.stage import Params, Stage, StageContext, StageError, main
+from pipeline.workspace import DATA_MANIFEST, SHARDS_DIR
+from stages import _images
 from stages._io import write_json, write_npz
 
 DATASET = "dataset.npz"
 MANIFEST = "manifest.json"
+IMAGE_OUTPUTS = (MANIFEST, DATA_MANIFEST, SHARDS_DIR)
+SHARD_MAX_BYTES = 256 << 20
+_IMAGE_KEYS = (
+    "image_size",
+    "channels",
+    "labels",
+    "manifest",
+    "on_unreadable",
+    "interpolation",
+    "shard_size",
+)
 
 
 class SourceParams(Params):
     dataset: Literal["sklearn-digits"] | None = None
-    path: str | None = Field(None, description="local .npz (arrays x, y) or .csv (label last)")
+    path: str | None = Field(
+        None,
+        description="local .npz (arrays x, y) or .csv (label last), or an image folder, "
+        ".zip, .tar or .tar.gz",
+    )
     url: str | None = Field(None, pattern=r"^https?://")
-    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    sha256: str | None = Field(
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="of the file's bytes; for images, of the manifest (`chainproof data digest`)",
+    )
     name: str | None = None
     image_shape: tuple[int, ...] | None = None
     scale: float | None = Field(None, gt=0)
     test_fraction: float = Field(0.2, gt=0, lt=1)
     seed: int = 42
     download_timeout: int = Field(60, gt=0)
+    # Image datasets only.
+    image_size: tuple[int, int] = Field((64, 64), description="(height, width) after decoding")
+    channels: Literal[1, 3, 4] = 3
+    interpolation: _images.Interpolation = "bilinear"
+    labels: str | None = Field(
+        None, description="CSV (path,label) or JSON {path: label} inside the dataset"
+    )
+    manifest: str | None = Field(
+        None, description="the pinned manifest file: a mismatch then names the files"
+    )
+    on_unreadable: Literal["refuse", "skip"] = "refuse"
+    shard_size: int = Field(1024, gt=0, le=65536, description="images per .npz shard")
 
     @model_validator(mode="after")
     def _one_source(self) -> SourceParams:
@@ -45,7 +83,37 @@ class SourceParams(Params):
             raise ValueError(f"give exactly one of dataset, path, url (got {given})")
         if (self.path or self.url) and not self.sha256:
             raise ValueError("a path or url source needs a sha256 pin of its bytes")
+        if self.images:
+            if self.image_shape is not None:
+                raise ValueError("image_shape is for .npz/.csv arrays; images use image_size")
+            if min(self.image_size) < 1 or max(self.image_size) > 4096:
+                raise ValueError(f"image_size {self.image_size} must be 1..4096 on each side")
+            # one shard is what the source and train stages hold in memory at a time
+            shard_bytes = self.shard_size * self.image_size[0] * self.image_size[1] * self.channels
+            if shard_bytes > SHARD_MAX_BYTES:
+                raise ValueError(
+                    f"shard_size {self.shard_size} of {self.image_size[0]}x{self.image_size[1]}"
+                    f"x{self.channels} images is {shard_bytes >> 20} MiB a shard; keep it under "
+                    f"{SHARD_MAX_BYTES >> 20} MiB (fewer images a shard)"
+                )
+        else:
+            # by value, not model_fields_set: a validated config is dumped with every default
+            # and validated again in the stage
+            fields = type(self).model_fields
+            set_keys = sorted(k for k in _IMAGE_KEYS if getattr(self, k) != fields[k].default)
+            if set_keys:
+                raise ValueError(f"{', '.join(set_keys)} apply to image folders and archives only")
         return self
+
+    @property
+    def images(self) -> bool:
+        """A folder or an archive of image files (by the name: a config is checked first)."""
+        where = self.path or self.url
+        if where is None:
+            return False
+        if Path(where.split("?", 1)[0]).suffix.lower() in (".npz", ".csv"):
+            return False
+        return self.url is None or datasets.container_of(where) != "folder"
 
 
 def _fetch(url: str, dest: Path, timeout: int) -> None:
@@ -115,11 +183,21 @@ class SourceStage(Stage):
         return params.url is not None
 
     @classmethod
+    def outputs_for(cls, params: SourceParams) -> tuple[str, ...]:
+        return IMAGE_OUTPUTS if params.images else tuple(cls.outputs)
+
+    @classmethod
     def external_inputs(cls, params: SourceParams) -> dict[str, str]:
-        return {"path": params.path} if params.path else {}
+        out = {"path": params.path} if params.path else {}
+        if params.manifest:
+            out["manifest"] = params.manifest
+        return out
 
     def run(self, ctx: StageContext) -> None:
         p: SourceParams = ctx.params
+        if p.images:
+            self._images(ctx, p)
+            return
         if p.path or p.url:
             x, y, origin = self._pinned(ctx, p)
         else:
@@ -162,6 +240,96 @@ class SourceStage(Stage):
             },
         )
         print(f"dataset: {len(train)} train / {len(test)} test, shape {x.shape[1:]}")
+
+    def _images(self, ctx: StageContext, p: SourceParams) -> None:
+        """An image folder or archive: pin-check its manifest, decode, split, shard."""
+        local, where = self._local(ctx, p, "path")
+        pinned = None
+        if p.manifest:
+            pinned_path, _ = self._local(ctx, p, "manifest")
+            pinned = datasets.read_manifest(pinned_path)
+            if pinned.digest != p.sha256:
+                raise StageError(
+                    f"manifest {p.manifest} has digest sha256:{pinned.digest}, but the config "
+                    f"pins sha256:{p.sha256}; it is not the pinned manifest",
+                    hint="give `manifest:` the file `chainproof data digest --write-manifest` "
+                    "wrote for the pinned data",
+                )
+        if not local.exists():
+            raise StageError(f"image dataset {local} does not exist")
+        try:
+            source = datasets.DatasetSource(local)
+            manifest = source.manifest()
+            datasets.check_pin(where, manifest, p.sha256 or "", pinned)
+            canonical = manifest.canonical_bytes()
+            result = _images.ingest(
+                source,
+                manifest,
+                ctx.output(SHARDS_DIR.rstrip("/")),
+                decoder=_images.Decoder(p.image_size, p.channels, p.interpolation),
+                labels=p.labels,
+                on_unreadable=p.on_unreadable,
+                seed=p.seed,
+                test_fraction=p.test_fraction,
+                shard_size=p.shard_size,
+            )
+        except datasets.DatasetError as e:
+            raise StageError(e.message, hint=e.hint) from e
+        from pipeline.fsutil import atomic_write_bytes
+
+        atomic_write_bytes(ctx.output(DATA_MANIFEST), canonical)
+        scale = p.scale or 255.0
+        write_json(
+            ctx.output(MANIFEST),
+            {
+                "name": p.name or (local.name if p.path else Path(where).stem),
+                "source": {
+                    "kind": "url" if p.url else "images",
+                    "container": source.container,
+                    "location": where,
+                    "sha256": manifest.digest,
+                    "digest_of": f"{DATA_MANIFEST} (the canonical manifest of every file)",
+                    "files": len(manifest.files),
+                    "bytes": manifest.total_bytes,
+                },
+                "manifest_file": DATA_MANIFEST,
+                "classes": len(result.class_names),
+                "class_names": result.class_names,
+                "labels": p.labels or "class folders",
+                "input_shape": [*p.image_size, p.channels],
+                "dtype": "uint8",
+                "scale": scale,
+                "input_range": [v / scale for v in result.input_range],
+                "decode": result.extra,
+                "examples": result.examples,
+                "skipped": result.skipped,
+                "split": result.split,
+                "shards_dir": SHARDS_DIR,
+                "shards": result.shards,
+            },
+        )
+        split = result.split
+        print(
+            f"dataset: {len(manifest.files)} files (sha256:{manifest.digest}), "
+            f"{split['train']} train / {split['test']} test, {len(result.shards)} shards, "
+            f"{len(result.skipped)} skipped"
+        )
+
+    def _local(self, ctx: StageContext, p: SourceParams, param: str) -> tuple[Path, str]:
+        """The file or folder a param names (downloaded first for a URL), and how to name it."""
+        if param == "path" and p.url:
+            suffix = "".join(Path(p.url.split("?", 1)[0]).suffixes[-2:])
+            local = Path(tempfile.mkdtemp()) / f"download{suffix}"
+            _fetch(p.url, local, p.download_timeout)
+            return local, p.url
+        resolved = (ctx.extra.get("external") or {}).get(param)
+        value = getattr(p, param)
+        local = (
+            Path(resolved)
+            if resolved
+            else Path(ctx.extra.get("config_dir", ".")) / Path(value).expanduser()
+        )
+        return local, str(local)
 
     def _digits(self) -> tuple[np.ndarray, np.ndarray, dict]:
         # Read scikit-learn's bundled file directly: importing sklearn.datasets for it costs

@@ -21,8 +21,10 @@ from pydantic import Field, model_validator
 from pipeline.bounded import read_json
 from pipeline.hashing import sha256_file
 from pipeline.stage import Params, Stage, StageContext, StageError, main
+from pipeline.workspace import DATA_MANIFEST
 from stages._io import read_npz, write_json
 from stages._keras import canonicalize_keras_file
+from stages._shards import Shards
 
 MODEL = "model.keras"
 SAVED_MODEL = "saved_model/"
@@ -197,6 +199,9 @@ class TrainParams(Params):
     early_stopping: EarlyStopping | None = None
     # keras.utils.set_random_seed seeds numpy too, which takes only 0 <= seed < 2**32.
     seed: int = Field(42, ge=0, lt=2**32)
+    # Images streamed from shards (an image source): how many are shuffled at a time. Memory
+    # is this many images, not the dataset; shards are also shuffled each epoch.
+    shuffle_buffer: int = Field(4096, gt=0, le=1_000_000)
 
     @model_validator(mode="after")
     def _distributable(self) -> TrainParams:
@@ -371,6 +376,44 @@ def make_datasets(tf, x, y, p: TrainParams):
     if n_val:
         val = tf.data.Dataset.from_tensor_slices((x[-n_val:], y[-n_val:])).batch(p.batch_size)
     return train, val
+
+
+def stream_datasets(tf: Any, shards: Shards, p: TrainParams) -> tuple[Any, Any]:
+    """make_datasets for an image dataset: the same batches, augmentation and validation
+    role, streamed from the shards (the validation images are each shard's tail)."""
+    train = shards.dataset(
+        tf,
+        "fit",
+        batch_size=p.batch_size,
+        validation_split=p.validation_split,
+        shuffle_buffer=p.shuffle_buffer,
+        seed=p.seed,
+    )
+    if p.augmentation.active:
+        train = augment(tf, train, p.augmentation, p.seed)
+    train = train.prefetch(tf.data.AUTOTUNE)
+    val = None
+    if shards.validation_rows(p.validation_split):
+        val = shards.dataset(
+            tf, "val", batch_size=p.batch_size, validation_split=p.validation_split
+        )
+    return train, val
+
+
+def evaluate_streamed(tf: Any, model: Any, shards: Shards, batch_size: int) -> dict[str, Any]:
+    """evaluate() on the held-out shards, streamed; only the labels are held whole."""
+    import numpy as np
+
+    test = shards.dataset(tf, "test", batch_size=batch_size)
+    loss, accuracy = model.evaluate(test, verbose=0)
+    pred = np.argmax(model.predict(test, verbose=0), axis=1)
+    y_test = shards.labels("test")
+    return {
+        "accuracy": float(accuracy),
+        "loss": float(loss),
+        "samples": int(len(y_test)),
+        **classification_report(y_test, pred, shards.classes),
+    }
 
 
 def classification_report(y_true: Any, y_pred: Any, classes: int) -> dict[str, Any]:
@@ -716,23 +759,37 @@ class TrainStage(Stage):
 
     def run(self, ctx: StageContext) -> None:
         p: TrainParams = ctx.params
-        dataset = ctx.find_input("dataset.npz")
         # the source stage's product: read bounded, a bad one is an error naming the file
-        manifest = read_json(ctx.find_input("manifest.json"), what="dataset manifest")
+        manifest_path = ctx.find_input("manifest.json")
+        manifest = read_json(manifest_path, what="dataset manifest")
         if not isinstance(manifest, dict):
             raise StageError("the source stage's manifest.json is not a JSON object")
-        data = read_npz(dataset)
-        x_train, y_train = data["x_train"], data["y_train"]
-        x_test, y_test = data["x_test"], data["y_test"]
+        shards: Shards | None = None
+        if "shards" in manifest:  # an image dataset: streamed from its shards, never whole
+            shards = Shards.from_manifest(manifest, manifest_path.parent)
+            dataset = ctx.find_input(DATA_MANIFEST)
+            input_shape: tuple[int, ...] = shards.shape
+        else:
+            dataset = ctx.find_input("dataset.npz")
+            data = read_npz(dataset)
+            x_train, y_train = data["x_train"], data["y_train"]
+            x_test, y_test = data["x_test"], data["y_test"]
+            input_shape = tuple(int(d) for d in x_train.shape[1:])
         convolutional = any(s.type.endswith("2d") for s in p.layers)
-        if (convolutional or p.augmentation.active) and x_train.ndim != 4:
+        if (convolutional or p.augmentation.active) and len(input_shape) != 3:
             raise StageError(
                 f"convolutions and image augmentation need images (N, H, W, C); the dataset "
-                f"has shape {x_train.shape}",
+                f"has examples of shape {input_shape}",
                 hint="set image_shape in the source stage's params",
             )
 
         d = p.distribution
+        if d is not None and shards is not None:
+            raise StageError(
+                "distribution trains from the in-memory dataset.npz; an image source's shards "
+                "are streamed by single-process training only",
+                hint="remove `distribution` from the train params for an image dataset",
+            )
         chief = True
         if d is not None and d.strategy == "multi_worker_mirrored":
             index, _ = worker_task(d)  # checked before TF loads
@@ -751,7 +808,7 @@ class TrainStage(Stage):
         def make_model() -> Any:
             if p.base_model is not None:
                 return self._load_base(ctx, keras, classes)
-            return build_model(keras, x_train.shape[1:], classes, p)
+            return build_model(keras, input_shape, classes, p)
 
         def make_optimizer() -> Any:
             return {
@@ -769,12 +826,21 @@ class TrainStage(Stage):
                 print("worker done; the chief writes the outputs")
                 return
             test = evaluate_local(model, x_test, y_test, classes, p.batch_size)
+            input_range = [float(x_train.min()), float(x_train.max())]
         else:
-            model, hist = self._fit(
-                tf, keras, make_model(), make_optimizer(), x_train, y_train, p, ctx.progress
-            )
+            model, optimizer = make_model(), make_optimizer()  # before the datasets' seeded ops
+            if shards is not None:
+                train_ds, val_ds = stream_datasets(tf, shards, p)
+            else:
+                train_ds, val_ds = make_datasets(tf, x_train, y_train, p)
+            model, hist = self._fit(keras, model, optimizer, train_ds, val_ds, p, ctx.progress)
             ran = {"path": "keras_fit", "strategy": "default", "workers": 1}
-            test = evaluate(model, x_test, y_test, classes)
+            if shards is not None:
+                test = evaluate_streamed(tf, model, shards, p.batch_size)
+                input_range = [float(v) for v in shards.input_range]
+            else:
+                test = evaluate(model, x_test, y_test, classes)
+                input_range = [float(x_train.min()), float(x_train.max())]
 
         model.save(ctx.output(MODEL))
         canonicalize_keras_file(ctx.output(MODEL))
@@ -795,12 +861,14 @@ class TrainStage(Stage):
                 },
                 "dataset": {
                     "name": manifest["name"],
+                    # the split file, or for images the canonical manifest (= the pin)
+                    "file": dataset.name,
                     "sha256": sha256_file(dataset),
                     "source": manifest["source"],
                     "split": manifest["split"],
                     # What the model was trained on: serve refuses inputs outside this range.
-                    "input_shape": [int(d) for d in x_train.shape[1:]],
-                    "input_range": [float(x_train.min()), float(x_train.max())],
+                    "input_shape": list(input_shape),
+                    "input_range": input_range,
                 },
                 "framework": {"tensorflow": tf.__version__, "keras": keras.__version__},
                 "training": ran,  # which path ran: keras_fit, or the custom loop and strategy
@@ -810,12 +878,11 @@ class TrainStage(Stage):
 
     @staticmethod
     def _fit(
-        tf: Any,
         keras: Any,
         model: Any,
         optimizer: Any,
-        x: Any,
-        y: Any,
+        train_ds: Any,
+        val_ds: Any,
         p: TrainParams,
         progress: Callable[[int, int, dict[str, float]], None],
     ) -> tuple[Any, dict[str, list[float]]]:
@@ -823,7 +890,6 @@ class TrainStage(Stage):
         model.compile(
             optimizer=optimizer, loss="sparse_categorical_crossentropy", metrics=["accuracy"]
         )
-        train_ds, val_ds = make_datasets(tf, x, y, p)
         callbacks = []
         if p.early_stopping:
             es = p.early_stopping

@@ -32,7 +32,7 @@ def scan_group() -> None:
 
 
 def _register() -> None:
-    from pipeline.cli import compare, release, run
+    from pipeline.cli import compare, data, release, run
     from pipeline.cli import scan as scans
 
     for command in (
@@ -52,6 +52,7 @@ def _register() -> None:
         scans.deps,
         compare.diff,
         scans.vulndb,
+        data.data_group,
     ):
         cli.add_command(command)
     scan_group.add_command(scans.scan_deps, name="deps")

@@ -31,12 +31,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline import bounded
 from pipeline.config import PipelineConfig, load_config
 from pipeline.errors import InputError, VerificationError
 from pipeline.provenance.statements import TEST_RESULT, statement
 from pipeline.runner.progress import ProgressEvent
 from pipeline.runner.run import Runner
-from pipeline.workspace import CANDIDATE, CHECKS_DIR, Workspace
+from pipeline.workspace import CANDIDATE, CHECKS_DIR, DATA_MANIFEST, SHARDS_DIR, Workspace
 
 SEVERITY_ORDER = ("low", "medium", "high", "critical")
 
@@ -113,7 +114,25 @@ def _with_lock(config: PipelineConfig, lock: Path) -> PipelineConfig:
 def _held_out(run_dir: Path):
     import numpy as np
 
-    with np.load(run_dir / "source" / "dataset.npz", allow_pickle=False) as d:
+    source = run_dir / "source"
+    if not (source / "dataset.npz").is_file() and (source / DATA_MANIFEST).is_file():
+        # an image source: the held-out split is its test shards (uint8; the model sees /scale)
+        manifest = bounded.read_json(source / "manifest.json", what="dataset manifest")
+        shards = manifest.get("shards") if isinstance(manifest, dict) else None
+        if not isinstance(shards, list):
+            raise InputError(f"{source / 'manifest.json'} lists no shards")
+        xs, ys = [], []
+        for s in shards:
+            name = str(s.get("file", "")) if isinstance(s, dict) else ""
+            if not name.startswith("test-") or "/" in name or not name.endswith(".npz"):
+                continue
+            with np.load(source / SHARDS_DIR / name, allow_pickle=False) as d:
+                xs.append(d["x"].astype(np.float32) / np.float32(manifest["scale"]))
+                ys.append(d["y"])
+        if not xs:
+            raise InputError(f"{source / 'manifest.json'} lists no held-out shard")
+        return np.concatenate(xs), np.concatenate(ys)
+    with np.load(source / "dataset.npz", allow_pickle=False) as d:
         return d["x_test"], d["y_test"]
 
 

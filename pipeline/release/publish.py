@@ -33,7 +33,14 @@ from pipeline.provenance.statements import (
     write_signed_statement,
 )
 from pipeline.release.verify import verify_bundle
-from pipeline.workspace import CHECKS_DIR, LAYOUT_NAME, PROVENANCE, RELEASE_MANIFEST, UPSTREAM
+from pipeline.workspace import (
+    CHECKS_DIR,
+    DATA_MANIFEST,
+    LAYOUT_NAME,
+    PROVENANCE,
+    RELEASE_MANIFEST,
+    UPSTREAM,
+)
 
 
 @dataclass(frozen=True)
@@ -173,7 +180,8 @@ def _dataset_dependencies(inp: ReleaseInputs, repo: Repository | None) -> list[d
     deps: list[dict[str, Any]] = []
     for step, link in inp.links.items():
         for name, d in link.products.items():
-            if name.endswith("/dataset.npz"):
+            # the split file, or an image source's canonical manifest (its digest is the pin)
+            if name.endswith(("/dataset.npz", f"/{DATA_MANIFEST}")):
                 path = inp.run_dir / step / "manifest.json"  # a stage's product: hostile
                 manifest = read_json(path, what="dataset manifest")
                 if not isinstance(manifest, dict):
@@ -185,7 +193,7 @@ def _dataset_dependencies(inp: ReleaseInputs, repo: Repository | None) -> list[d
                 # canonical split file the chain starts from is named in the annotations.
                 dep: dict[str, Any] = {"name": f"dataset:{manifest.get('name')}"}
                 uri = dataset_uri(origin)
-                if origin.get("kind") == "file" and repo is not None:
+                if origin.get("kind") in ("file", "images") and repo is not None:
                     uri = repo.uri_of(Path(location))
                 if uri:
                     dep["uri"] = uri
@@ -200,7 +208,9 @@ def _dataset_dependencies(inp: ReleaseInputs, repo: Repository | None) -> list[d
                     "dataset_sha256": d["sha256"],
                     "split": manifest.get("split"),
                 }
-                if origin.get("kind") == "file":
+                if isinstance(origin.get("files"), int):
+                    dep["annotations"]["files"] = origin["files"]
+                if origin.get("kind") in ("file", "images"):
                     rel = repo.name_of(Path(location)) if repo else None
                     dep["annotations"]["path"] = rel or Path(location).name
                 deps.append(dep)
