@@ -16,8 +16,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -489,7 +491,10 @@ class MLflowLineage(LineageSink):
             return str(existing.version)
         model_id = None
         if trail.release is not None:
-            info = self._log_release_model(mlflow, run_dir, trail)
+            # MLflow checks the input example by loading the model: TensorFlow's C++ start-up
+            # (cuInit, absl) writes to fd 2 directly, past Python's logging
+            with native_stderr_to(self.workspace / ".chainproof" / "logs" / "third-party.log"):
+                info = self._log_release_model(mlflow, run_dir, trail)
             model_id = info.model_id
             source = f"models:/{model_id}"
         else:  # no verified release (a reproduce run): the weights file alone, not loadable
@@ -542,6 +547,24 @@ class MLflowLineage(LineageSink):
             pip_requirements=_requirements(),
             metadata={"chainproof": {"run_id": trail.run_id, "weights_sha256": trail.weights}},
         )
+
+
+@contextmanager
+def native_stderr_to(log: Path) -> Iterator[None]:
+    """File descriptor 2 appended to `log` for the block, then restored."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(log, "ab") as f:
+            os.dup2(f.fileno(), 2)
+            try:
+                yield
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+    finally:
+        os.close(saved)
 
 
 @dataclass(frozen=True)
