@@ -168,6 +168,13 @@ def log_detached(run_dir: Path, workspace: Path, *, published: bool) -> str:
     say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731 (into the log file)
     try:
         spec, pipeline = _recorded_spec(run_dir)
+        if published:
+            # The flag is only the runner's word, and anyone can start this command: the
+            # alias moves only for a run whose chain and release verify now, as `lineage
+            # sync` asks (off the critical path, so the second verify costs nobody a wait).
+            from pipeline.release.verify import verified_release
+
+            published = verified_release(run_dir, workspace)
         logged = record_lineage(run_dir, spec, workspace, pipeline, published=published, say=say)
     except Error as e:
         _record(run_dir, {"logged": False, "error": e.message})

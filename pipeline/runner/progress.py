@@ -61,10 +61,18 @@ def parse(stage: str, line: str) -> ProgressEvent | None:
             and len(key) <= 40
             and isinstance(value, int | float)
             and not isinstance(value, bool)
-            and math.isfinite(value)
+            and _finite(value)
         ):
             clean[key] = float(value)
     return ProgressEvent(stage, epoch, epochs, clean)
+
+
+def _finite(value: int | float) -> bool:
+    """A finite number a float can hold (a 400-digit integer overflows float())."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 class StdoutTail:

@@ -4,7 +4,7 @@ Proof is an earlier link of this workspace that verifies with the functionary ke
 names, for this step and its expected command, recording the same spec (run ids and paths
 aside), the same material digests, lock and code digests and the same sandbox, whose products
 and logs still hash to what it signed. Nothing else is trusted: not run.json, not timestamps,
-not a cache. The products are then hard-linked (or copied) into the new run, re-hashed there,
+not a cache. The products are then copied into the new run, re-hashed there,
 and the runner signs a fresh link for the new run recording where they came from.
 """
 
@@ -233,16 +233,18 @@ def _hash(paths: list[Path]) -> list[str]:
 
 
 def _place(src: Path, dest: Path) -> None:
-    """Hard-link `src` at `dest` (or copy it across file systems), never through a symlink."""
+    """Copy `src` to a new file `dest` that this process owns, never through a symlink.
+
+    A copy, not a hard link: a hard link would share the inode with whoever can write the
+    earlier file (its owner, any other link to it), who could then change this run's attested
+    product in place while a later stage reads it. The copy is what gets re-hashed."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(src, dest, follow_symlinks=False)
-    except OSError:
-        fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as fin, open(dest, "xb") as fout:
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with os.fdopen(fd, "rb") as fin:
+        if not stat.S_ISREG(os.fstat(fin.fileno()).st_mode):
+            raise _Refused(PRODUCT, f"{src} is not a regular file")
+        with open(dest, "xb") as fout:
             shutil.copyfileobj(fin, fout, 1 << 20)
-    if not stat.S_ISREG(os.lstat(dest).st_mode):
-        raise _Refused(PRODUCT, f"{src} is not a regular file")
 
 
 class StageReuse:
@@ -265,8 +267,17 @@ class StageReuse:
         self._runs = earlier_runs(workspace, exclude=run_id)
 
     def _candidates(self, stage: str) -> Iterator[tuple[str, Path]]:
-        for run_id in self._runs[:MAX_CANDIDATES]:
-            yield run_id, self.ws.links(run_id) / link_filename(stage, self.key.keyid)
+        """The newest MAX_CANDIDATES earlier links of `stage`: only runs that have one count,
+        so empty or failed run directories cannot crowd the real ones out of the window."""
+        found = 0
+        for run_id in self._runs:
+            path = self.ws.links(run_id) / link_filename(stage, self.key.keyid)
+            if not path.is_file():
+                continue
+            yield run_id, path
+            found += 1
+            if found >= MAX_CANDIDATES:
+                return
 
     def find(self, want: Expected, *, adopt_into: Path | None = None) -> Verdict:
         """The newest earlier link that proves `want`, or why none does.
@@ -347,7 +358,11 @@ class StageReuse:
             )
         for param, external in want.external.items():
             pins = {v for v in want.spec.get("params", {}).values() if isinstance(v, str)}
-            if not external.is_file() or sha256_file(external) not in pins:
+            try:
+                pinned = external.is_file() and sha256_file(external) in pins
+            except OSError:  # unreadable now: not proven, so not reused
+                pinned = False
+            if not pinned:
                 raise _Refused(
                     EXTERNAL,
                     f"its input {param!r} ({external}) is not pinned by its sha256 in the spec",
@@ -416,7 +431,11 @@ class StageReuse:
                     _place(run_dir / name, dest)
                 except OSError as e:
                     raise _Refused(PRODUCT, f"{run_dir / name} cannot be placed here: {e}") from e
-        for name, digest in zip(everything, _hash(targets), strict=True):
+        try:
+            digests = _hash(targets)
+        except OSError as e:  # unreadable or vanished: this candidate fails, the next is tried
+            raise _Refused(PRODUCT, f"its products cannot be read: {e}") from e
+        for name, digest in zip(everything, digests, strict=True):
             if digest != expected[name]:
                 raise _Refused(
                     LOG if name in logs else PRODUCT,

@@ -117,6 +117,8 @@ def _not_knowable(stage: StageConfig, verdicts: dict[str, Verdict]) -> Reason | 
     for dep in stage.needs:
         if not verdicts[dep].reusable:
             return Reason(UPSTREAM, f"'{dep}' runs, so its products are not known before it does")
+    if stage.params.get("distribution"):
+        return Reason(UNKNOWN, "distributed training always runs (its workers' logs are signed)")
     if stage.params.get("base_model"):
         return Reason(
             UNKNOWN, "its base model is fetched and verified when the run starts; run to know"

@@ -62,7 +62,7 @@ def test_a_second_unchanged_run_reuses_every_stage_but_the_publishing_one(two_ru
     payload = json.loads(base64.b64decode(json.loads(train_link.read_text())["payload"]))
     assert payload["environment"]["run_id"] == second.name
     assert payload["environment"]["reused"]["run_id"] == first.name
-    # the products are in the new run, as files (hard links), not symlinks
+    # the products are in the new run, as files (copies), not symlinks
     model = second / "train" / "model.keras"
     assert model.is_file() and not model.is_symlink()
     assert model.read_bytes() == (first / "train" / "model.keras").read_bytes()
@@ -136,10 +136,10 @@ def test_a_product_tampered_after_signing_is_never_reused_and_status_names_it(tw
     ws, config, _, _, _ = two_runs
     runs = [p for p in (ws / "runs").iterdir() if not p.is_symlink()]
     models = [r / "train" / "model.keras" for r in runs if (r / "train" / "model.keras").is_file()]
-    # reuse hard-links: the first and second runs' model.keras are one inode (the epochs: 1
-    # run has its own); flip one byte of each inode once, keeping its size and mtime
+    # reuse copies: every run's model.keras is its own file; flip one byte of each, keeping
+    # its size and mtime
     inodes = {os.stat(m).st_ino: m for m in models}
-    assert len(inodes) == 2 and len(models) == 3
+    assert len(inodes) == 3 and len(models) == 3
     for target in inodes.values():
         st = target.stat()
         data = bytearray(target.read_bytes())

@@ -48,6 +48,8 @@ def test_anything_else_a_stage_prints_is_not_an_event() -> None:
         line(epoch=1, epochs=2, metrics={"\x1b[2Jx": 1.0, "ok": "1", "nan": float("nan")}),
     )
     assert hostile is not None and hostile.metrics == {}  # no escape, string or NaN shown
+    huge = PROGRESS_PREFIX + '{"epoch": 1, "epochs": 2, "metrics": {"loss": 1' + "0" * 400 + "}}"
+    assert parse("train", huge) == ProgressEvent("train", 1, 2, {})  # dropped, no OverflowError
 
 
 def test_the_stage_side_writes_what_the_runner_reads(capsys) -> None:

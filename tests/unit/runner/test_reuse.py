@@ -143,8 +143,9 @@ def test_an_unchanged_stage_is_reused_and_its_products_placed_in_the_new_run(ws,
     for file, data in PRODUCTS.items():
         assert (target / file).read_bytes() == data
         assert not (target / file).is_symlink()
-        # hard-linked where it can be: no second copy of a big dataset
-        assert os.stat(target / file).st_ino == os.stat(ws.runs / OLD / "source" / file).st_ino
+        # a copy this process owns, never a hard link another writer of the old file shares
+        assert os.stat(target / file).st_ino != os.stat(ws.runs / OLD / "source" / file).st_ino
+        assert os.stat(target / file).st_nlink == 1
     # and the logs its link names, so the new run's chain holds on its own
     assert (ws.runs / NEW / "logs" / "source.stdout").read_text() == f"stdout of {OLD}\n"
 
@@ -338,3 +339,22 @@ def test_the_new_link_binds_to_the_new_run_and_says_where_it_came_from(ws, keys,
     assert env["reused"]["run_id"] == OLD
     assert env["reused"]["link_sha256"] == _sha(found.link_path.read_bytes())
     assert byproducts["return-value"] == 0 and byproducts["stdout"]["path"] == "logs/source.stdout"
+
+
+def test_empty_or_failed_run_directories_cannot_crowd_out_a_reusable_run(ws, keys, config):
+    earlier(ws, keys[0], OLD, source(config))
+    for i in range(reuse.MAX_CANDIDATES + 5):  # newer than OLD, none with a link
+        (ws.runs / f"20261201T11{i:04d}Z-dddddd").mkdir()
+    verdict = finder(ws, keys).find(expected(ws, source(config)))
+    assert verdict.reusable and verdict.earlier is not None and verdict.earlier.run_id == OLD
+
+
+def test_an_unreadable_earlier_product_refuses_that_run_and_falls_back(ws, keys, config):
+    earlier(ws, keys[0], OLDER, source(config))
+    earlier(ws, keys[0], OLD, source(config))
+    product = ws.runs / OLD / "source" / "manifest.json"
+    product.unlink()
+    os.mkfifo(product)  # not a regular file: never read (it would block), never placed
+    verdict = finder(ws, keys).find(expected(ws, source(config)), adopt_into=ws.runs / NEW)
+    assert verdict.earlier is not None and verdict.earlier.run_id == OLDER
+    assert [r.kind for r in verdict.reasons] == [reuse.PRODUCT]
