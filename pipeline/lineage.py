@@ -459,10 +459,37 @@ class MLflowLineage(LineageSink):
             f"name = '{self.registered_model}' and tags.`{TAG}weights_sha256` = '{weights}'",
             order_by=["version_number ASC"],
         )
+        own = self._own_versions()
         for mv in found:
+            # Tags are whatever the store says: only a version this workspace's own runs
+            # recorded registering stands for these weights (a pre-registered look-alike with
+            # the predictable digest would otherwise be blessed and given the alias).
+            if str(mv.version) not in own:
+                continue
             if not need_model or mv.tags.get(f"{TAG}mlflow_model") == "true":
                 return mv
         return None
+
+    def _own_versions(self) -> set[str]:
+        """Model versions this workspace's runs recorded in their run.json after logging."""
+        own: set[str] = set()
+        runs = self.workspace / "runs"
+        try:
+            entries = sorted(os.scandir(runs), key=lambda e: e.name, reverse=True)[:1000]
+        except OSError:
+            return own
+        for entry in entries:
+            if entry.is_symlink() or not entry.is_dir():
+                continue
+            try:
+                lineage = read_run_record(Path(entry.path)).get("lineage")
+            except Error:
+                continue
+            if isinstance(lineage, dict) and lineage.get("logged") is True:
+                version = lineage.get("model_version")
+                if isinstance(version, str | int) and not isinstance(version, bool):
+                    own.add(str(version))
+        return own
 
     def _register(self, mlflow, client, run_dir: Path, stage: str, trail: Trail) -> str:
         model = run_dir / stage / "model.keras"
