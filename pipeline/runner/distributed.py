@@ -224,12 +224,23 @@ class Workers:
                 self.network = NETWORK
                 # --share-net inside the holder's namespace shares only its loopback
                 mounts = replace(mounts, network=True)
-            elif sandbox.enabled:  # the stage declared `network: true`: the host's network
-                prefix, ports = [], free_ports(n)
-                self.network = "host (declared network: true)"
+            elif sandbox.enabled:  # the stage declared `network: true`
+                # TensorFlow's worker servers listen on every interface and authenticate no
+                # one: on the host's network any local user or LAN host could run graph ops
+                # (WriteFile into the chief's outputs) before the products are hashed.
+                raise InputError(
+                    f"stage '{name}' declares network: true, and its {n} TensorFlow workers "
+                    "would then listen unauthenticated on the host's network",
+                    hint="drop `network: true` from a distributed train stage: its workers "
+                    "share a private loopback-only network (fetch data in the source stage)",
+                )
             else:
                 prefix, ports = [], free_ports(n)
                 self.network = "host (unsandboxed: the workers listen on the host)"
+                self.say(
+                    f"WARNING: [{name}] --no-sandbox: the {n} TensorFlow workers listen "
+                    "unauthenticated on the host's interfaces while they train (recorded)"
+                )
             addresses = [f"127.0.0.1:{p}" for p in ports]
             for i in range(n):
                 wlogs = logs if i == 0 else _worker_logs(logs, i)

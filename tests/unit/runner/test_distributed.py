@@ -191,3 +191,23 @@ def test_a_cluster_config_is_refused_before_the_run() -> None:
     with pytest.raises(InputError) as info:
         distributed.worker_counts([stage])
     assert info.value.exit_code == 2
+
+
+def test_workers_on_the_host_network_are_refused_before_any_starts(tmp_path, bwrap) -> None:
+    # TensorFlow's worker servers authenticate no one: never on the host's interfaces
+    work = tmp_path / "run" / "train"
+    work.mkdir(parents=True)
+    (tmp_path / "run" / "logs").mkdir()
+    logs = sandbox.StageLogs(tmp_path / "run/logs/train.stdout", tmp_path / "run/logs/train.stderr")
+    with pytest.raises(InputError) as info:
+        workers(2).execute(
+            [sys.executable, "-I", "-c", SCRIPT, "ok", str(tmp_path)],
+            workdir=work,
+            scratch=tmp_path / "run" / "tmp" / "train",
+            logs=logs,
+            timeout=30,
+            sandbox=bwrap,
+            mounts=sandbox.Mounts(network=True),
+        )
+    assert "network: true" in info.value.message
+    assert started(tmp_path) == 0 and not survivors(tmp_path)
