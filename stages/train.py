@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -24,7 +24,9 @@ from pipeline.stage import Params, Stage, StageContext, StageError, main
 from pipeline.workspace import DATA_MANIFEST
 from stages._io import read_npz, write_json
 from stages._keras import canonicalize_keras_file
-from stages._shards import Shards
+
+if TYPE_CHECKING:  # imported in run(): it imports numpy, which train loads only to train
+    from stages._shards import Shards
 
 MODEL = "model.keras"
 SAVED_MODEL = "saved_model/"
@@ -766,6 +768,8 @@ class TrainStage(Stage):
             raise StageError("the source stage's manifest.json is not a JSON object")
         shards: Shards | None = None
         if "shards" in manifest:  # an image dataset: streamed from its shards, never whole
+            from stages._shards import Shards
+
             shards = Shards.from_manifest(manifest, manifest_path.parent)
             dataset = ctx.find_input(DATA_MANIFEST)
             input_shape: tuple[int, ...] = shards.shape

@@ -116,7 +116,7 @@ def test_an_image_folder_runs_end_to_end_pinned_by_its_manifest_digest(folder, t
     )
     ws = tmp_path / "ws"
     config = write_config(ws, body)
-    proc = chainproof("run", config, "--workspace", ws, cwd=ws, timeout=1500)
+    proc = chainproof("run", config, "--workspace", ws, "--wait-lineage", cwd=ws, timeout=1500)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_dir = (ws / "runs" / "latest").resolve()
     links = ws / "attestations" / "runs" / run_dir.name

@@ -431,7 +431,9 @@ def test_both_yaml_event_parsers_hold_the_same_limits(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, composer: str
 ) -> None:
     if composer == "pure python":
-        monkeypatch.setattr(bounded, "_Composed", bounded._PureComposer)
+        from pipeline import bounded_yaml
+
+        monkeypatch.setattr(bounded_yaml, "_Composed", bounded_yaml._PureComposer)
     cases = {
         BOMB: "aliases expand this document past the 100000-node cap",
         "a: &x [1, *x]\n": "a recursive YAML structure",
