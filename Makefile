@@ -39,6 +39,7 @@ verify: setup
 
 ## test: the whole test suite (unit + integration), about 15 minutes on 2 cores (560 tests)
 test: setup
+	@$(PYTHON) tools/setup_env.py --venv $(VENV) --lock $(LOCK) --browser
 	$(PY) -m pytest -q tests
 
 ## test-fast: unit tests only

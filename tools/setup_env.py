@@ -141,9 +141,15 @@ def main() -> int:
     ap.add_argument(
         "--no-project", action="store_true", help="only the lock (the dev tools' environment)"
     )
+    ap.add_argument(
+        "--browser",
+        action="store_true",
+        help="also install chromium (only `make test` asks: the MLflow UI test's browser)",
+    )
     args = ap.parse_args()
     if not args.no_project:
         ensure_bubblewrap()
+    if args.browser:
         ensure_chromium()
     venv, lock = ROOT / args.venv, ROOT / args.lock
     stamp = venv / ".chainproof-setup"
