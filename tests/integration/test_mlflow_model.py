@@ -218,7 +218,7 @@ def dump_dom(chromium: str, url: str, profile: Path) -> str:
 def test_the_lineage_is_readable_in_the_mlflow_ui(released: Path, tmp_path):
     chromium = shutil.which("chromium")
     if chromium is None:
-        pytest.skip("Debian's chromium is not installed (`make setup` as root installs it)")
+        pytest.skip("Debian's chromium is not installed (`make test` as root installs it)")
     _, c = client(released)
     run_dir = (released / "runs" / "latest").resolve()
     weights = sha256(run_dir / "package" / "model.keras")
