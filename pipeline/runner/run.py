@@ -577,9 +577,7 @@ class Runner:
             **({"base_model": base.origin} if base is not None else {}),
             "stage_environment": "own lock" if stage.lock else "pipeline lock",
             "sandbox": self.sandbox.record(network=stage.network),
-            "run_id": self.run_id,
-            "config_sha256": self.config.sha256,
-            "code": {"sha256": self.code.sha256, **self.git, "manifest": dict(self.code.files)},
+            **self._run_binding(),
         }
         link = write_link(
             self.links_dir,
@@ -683,6 +681,14 @@ class Runner:
 
     # ------------------------------------------------------------------ reuse
 
+    def _run_binding(self) -> dict[str, Any]:
+        """What binds a link to this run (verify checks it): run id, config and code digests."""
+        return {
+            "run_id": self.run_id,
+            "config_sha256": self.config.sha256,
+            "code": {"sha256": self.code.sha256, **self.git, "manifest": dict(self.code.files)},
+        }
+
     def _sign_screen(self, stage: StageConfig) -> None:
         """A screen stage's verdict, signed and bound to this run, for the gates (also when
         the stage was reused: the Statement names this run, never an earlier one)."""
@@ -733,11 +739,7 @@ class Runner:
         self.model_scans += self._scan_products(stage, workdir, logs)
         link_byproducts, environment = self.reuse.link_fields(
             earlier,
-            environment={
-                "run_id": self.run_id,
-                "config_sha256": self.config.sha256,
-                "code": {"sha256": self.code.sha256, **self.git, "manifest": dict(self.code.files)},
-            },
+            environment=self._run_binding(),
         )
         link = write_link(
             self.links_dir,
