@@ -492,9 +492,8 @@ def popular_refresh(source: Path, top: int, output: Path | None, label: str | No
     click.echo(f"wrote {names.path}: {len(names.names)} names ({names.source}, {names.date})")
 
 
-@click.command("model")
-@click.argument("path", type=click.Path(path_type=Path))
-@click.option(
+# `scan model` and `scan data` report the same two ways
+table_or_json = click.option(
     "--format",
     "fmt",
     type=click.Choice(["table", "json"]),
@@ -502,6 +501,11 @@ def popular_refresh(source: Path, top: int, output: Path | None, label: str | No
     show_default=True,
     help="table for people, json for CI and provenance.",
 )
+
+
+@click.command("model")
+@click.argument("path", type=click.Path(path_type=Path))
+@table_or_json
 @click.option(
     "--fail-on",
     type=click.Choice(SEVERITIES, case_sensitive=False),
@@ -529,14 +533,7 @@ def scan_model(path: Path, fmt: str, fail_on: str, profiles: tuple[str, ...]) ->
 
 @click.command("data")
 @click.argument("dataset", type=click.Path(exists=True, path_type=Path))
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-    help="table for people, json for CI and provenance.",
-)
+@table_or_json
 @click.option(
     "--policy",
     "policy_file",
