@@ -322,11 +322,47 @@ class MLflowLineage(LineageSink):
             trail.dataset = self._dataset_input(mlflow, run_dir, link)
             if trail.dataset is not None:
                 mlflow.set_tag("data.sha256", trail.dataset.sha256)
+        if isinstance(link.byproducts.get("workers"), list):
+            self._workers(mlflow, run_dir, name, link.byproducts["workers"])
         screen_file = stage_dir / "data_screen.json"  # stages/screen.py's report
         if kind == "screen" and screen_file.is_file():
             self._screen_findings(mlflow, bounded.read_json(screen_file, what="data screen"))
             mlflow.log_artifact(str(screen_file), "data_screen")
         return lock_sha
+
+    @staticmethod
+    def _workers(mlflow, run_dir: Path, name: str, records: list[Any]) -> None:
+        """Each worker's logs, and its system metrics as MLflow logs its own with a node id
+        (`system/worker-<i>/<metric>`, the UI's System Metrics tab); a file whose digest is
+        not the one the link signed is left out."""
+        from mlflow.entities import Metric
+
+        from pipeline.runner import sysmetrics
+
+        for log in sorted((run_dir / "logs").glob(f"{name}.worker-*.std*")):
+            mlflow.log_artifact(str(log), "logs")
+        batch = []
+        for r in records[: sysmetrics.MAX_WORKERS]:
+            entry = r.get(sysmetrics.RECORD_KEY) if isinstance(r, dict) else None
+            index = r.get("index") if isinstance(r, dict) else None
+            if not isinstance(entry, dict) or not isinstance(index, int):
+                continue
+            path = run_dir / str(entry.get("path", ""))
+            if path.parent != run_dir / "logs" or not path.is_file():
+                continue
+            if sha256_file(path) != entry.get("sha256"):
+                continue
+            node = sysmetrics.node_id(index)
+            try:
+                samples = sysmetrics.read_samples(path)
+            except Error:  # oversized or not JSON: the run's other lineage still lands
+                continue
+            for step, stamp, values in samples:
+                batch += [Metric(f"system/{node}/{k}", v, stamp, step) for k, v in values.items()]
+        run_id = mlflow.active_run().info.run_id
+        client = mlflow.tracking.MlflowClient()
+        for at in range(0, len(batch), 1000):  # MLflow's per-batch limit
+            client.log_batch(run_id, metrics=batch[at : at + 1000])
 
     @staticmethod
     def _screen_findings(mlflow, report: Any) -> None:

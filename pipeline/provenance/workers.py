@@ -28,6 +28,8 @@ SAME_ENVIRONMENT = (
     "implementation",
     "machine",
 )
+# A worker's system metrics (sampled by the runner), when recorded: checked on disk like its logs.
+METRICS_KEY = "system-metrics"
 MAX_WORKERS = 1024  # a bound on what a record may claim before anything iterates it
 
 
@@ -116,6 +118,9 @@ def verify_workers(
                         step,
                         "worker 0 is the step's own process",
                     )
+                logs[path] = (sha, step, i)
+            if METRICS_KEY in r:
+                path, sha = _log(r, METRICS_KEY, step, i)
                 logs[path] = (sha, step, i)
         checked += want
     if disk_root is not None and logs:

@@ -29,6 +29,7 @@ from pipeline.config import StageConfig
 from pipeline.envcheck import Fingerprint, LockFile, check_environment
 from pipeline.errors import EnvironmentDrift, InputError, StageFailed
 from pipeline.runner import sandbox as sb
+from pipeline.runner import sysmetrics
 
 STRATEGY = "multi_worker_mirrored"  # the only strategy that needs more than one process
 # Inside the private network namespace every port is free: fixed ports, no race with the host.
@@ -197,6 +198,7 @@ class Workers:
     say: Callable[[str], None] = lambda _msg: None
     workers: list[Worker] = field(default_factory=list)
     network: str = ""
+    metrics: dict[int, Path] = field(default_factory=dict)  # index -> its system-metrics file
 
     def execute(
         self,
@@ -269,7 +271,13 @@ class Workers:
                         prefix=prefix,
                     )
                 )
-            self._supervise(t0, timeout, watch)
+            recorder = sysmetrics.Recorder(
+                {w.index: w.started.proc.pid for w in self.workers if w.started is not None}
+            )
+            self._supervise(t0, timeout, watch, recorder)
+            self.metrics = recorder.write(
+                {w.index: _metrics_file(logs, w.index) for w in self.workers}
+            )
         return 0
 
     def _checked(self, n: int) -> list[Fingerprint]:
@@ -286,11 +294,19 @@ class Workers:
             ) from e
         return [fp] * n
 
-    def _supervise(self, t0: float, timeout: int, watch: Callable[[], None] | None) -> None:
+    def _supervise(
+        self,
+        t0: float,
+        timeout: int,
+        watch: Callable[[], None] | None,
+        recorder: sysmetrics.Recorder | None = None,
+    ) -> None:
         deadline = t0 + timeout
         while True:
             if watch is not None:  # the chief's progress lines, as the single-process path
                 watch()
+            if recorder is not None:
+                recorder.tick()
             running = False
             for w in self.workers:
                 assert w.started is not None
@@ -338,8 +354,11 @@ class Workers:
         fingerprint, exit status and log digests (run-relative paths)."""
         records = []
         for w in self.workers:
-            names = {k: f"logs/{getattr(w.logs, k).name}" for k in ("stdout", "stderr")}
-            digests = digest({names[k]: getattr(w.logs, k) for k in names})
+            files = {k: getattr(w.logs, k) for k in ("stdout", "stderr")}
+            if w.index in self.metrics:
+                files[sysmetrics.RECORD_KEY] = self.metrics[w.index]
+            names = {k: f"logs/{f.name}" for k, f in files.items()}
+            digests = digest({names[k]: files[k] for k in names})
             records.append(
                 {
                     "index": w.index,
@@ -358,6 +377,11 @@ class Workers:
             },
             "workers": records,
         }
+
+
+def _metrics_file(chief: sb.StageLogs, index: int) -> Path:
+    stem = chief.stdout.name.rpartition(".")[0]
+    return chief.stdout.with_name(f"{stem}.worker-{index}.system-metrics.json")
 
 
 def _worker_logs(chief: sb.StageLogs, index: int) -> sb.StageLogs:

@@ -61,7 +61,7 @@ def weights_digests(run: Path) -> list[str]:
 
 def test_two_workers_trained_verified_released_and_reproduced(tmp_path):
     ws = tmp_path / "ws"
-    proc = chainproof("run", config(tmp_path), "--workspace", ws)
+    proc = chainproof("run", config(tmp_path), "--workspace", ws, "--wait-lineage")
     assert proc.returncode == 0, proc.stderr + proc.stdout
     assert "starting 2 workers on 127.0.0.1:23456, 127.0.0.1:23457" in proc.stderr
     run = (ws / "runs" / "latest").resolve()
@@ -76,6 +76,28 @@ def test_two_workers_trained_verified_released_and_reproduced(tmp_path):
     assert metrics["training"]["replicas_in_sync"] == 2
     a, b = weights_digests(run)
     assert a == b, "both workers end with identical weights"
+
+    # Each worker's system metrics, sampled by the runner, under MLflow's node-id names.
+    for i in (0, 1):
+        assert bp["workers"][i]["system-metrics"]["path"] == (
+            f"logs/train.worker-{i}.system-metrics.json"
+        )
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient(tracking_uri=f"sqlite:///{ws / 'mlruns.db'}")
+    (experiment,) = [e for e in client.search_experiments() if e.name == "digits-dist"]
+    (train_run,) = client.search_runs(
+        [experiment.experiment_id], filter_string="tags.`chainproof.stage` = 'train'"
+    )
+    for i in (0, 1):
+        cpu = client.get_metric_history(
+            train_run.info.run_id, f"system/worker-{i}/cpu_utilization_percentage"
+        )
+        rss = client.get_metric_history(
+            train_run.info.run_id, f"system/worker-{i}/process_memory_rss_megabytes"
+        )
+        assert len(cpu) >= 3 and max(m.value for m in cpu) > 0
+        assert max(m.value for m in rss) > 50  # a TensorFlow worker's resident memory
 
     verify = chainproof("verify", run, "--workspace", ws)
     assert verify.returncode == 0, verify.stderr

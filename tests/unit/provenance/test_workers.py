@@ -148,3 +148,27 @@ def test_a_log_path_outside_the_run(tmp_path: Path) -> None:
     recs = chain.records()
     recs[1]["stdout"]["path"] = "logs/../../../etc/passwd"
     assert "no valid stdout log digest" in fails(chain.write(recs)).message
+
+
+def with_metrics(chain: DistChain) -> list[dict[str, Any]]:
+    recs = chain.records()
+    for r in recs:
+        name = f"logs/use.worker-{r['index']}.system-metrics.json"
+        (chain.root / name).write_text('{"samples": []}\n')
+        r["system-metrics"] = {"path": name, "sha256": sha(chain.root / name)}
+    return recs
+
+
+def test_system_metrics_files_are_checked_like_logs(tmp_path: Path) -> None:
+    chain = DistChain(tmp_path)
+    chain.write(with_metrics(chain)).verify()
+    (chain.root / "logs/use.worker-1.system-metrics.json").write_text('{"samples": [1]}\n')
+    err = fails(chain)
+    assert "logs/use.worker-1.system-metrics.json (worker 1 of step 'use')" in err.message
+
+
+def test_a_system_metrics_path_outside_the_logs(tmp_path: Path) -> None:
+    chain = DistChain(tmp_path)
+    recs = with_metrics(chain)
+    recs[0]["system-metrics"]["path"] = "use/model.keras"
+    assert "no valid system-metrics" in fails(chain.write(recs)).message
