@@ -42,6 +42,12 @@ from pipeline.cli.options import (
     "(by default such a stage is reused; see `chainproof status`).",
 )
 @click.option(
+    "--new-run",
+    is_flag=True,
+    help="Record a new run even when the latest release is up to date (stages are still "
+    "reused where they verify; deploy runs and publishes a new release).",
+)
+@click.option(
     "--wait-lineage",
     is_flag=True,
     help="Log the MLflow lineage before returning (default: a detached process logs it after "
@@ -55,6 +61,7 @@ def run(
     workspace: Path,
     no_sandbox: bool,
     no_reuse: bool,
+    new_run: bool,
     wait_lineage: bool,
 ) -> None:
     """Run every stage of CONFIG, sign each link, verify the chain, publish the release.
@@ -62,7 +69,10 @@ def run(
     A stage an earlier run of this workspace proves unchanged (its signed link, spec,
     materials, lock and code; its products re-hashed) is reused, unless --no-reuse. MLflow
     lineage is logged by a detached process once the run is done (`run` prints where it will
-    appear and returns); --wait-lineage logs it before returning instead."""
+    appear and returns); --wait-lineage logs it before returning instead.
+
+    When the run behind the latest release would be reproduced stage for stage and that
+    release still verifies, nothing runs: `run` says it is up to date (exit 0) and names it."""
     from pipeline.config import load_config
     from pipeline.errors import InputError
     from pipeline.provenance.keys import resolve_trusted_owner
@@ -97,7 +107,7 @@ def run(
         reuse=not no_reuse,
         on_progress=terminal.epoch,
         detach_lineage=not wait_lineage,
-    ).run()
+    ).run(new_run=new_run)
     root = ws.root
     rel = lambda p: str(p.relative_to(root)) if p.is_relative_to(root) else str(p)  # noqa: E731
     click.echo(f"run id:    {result.run_id}")
@@ -107,7 +117,12 @@ def run(
         f"release:   {rel(result.release_dir) if result.release_dir else '(no deploy stage)'}"
     )
     click.echo(f"lineage:   {result.lineage}")
-    if result.reused:
+    if result.up_to_date:
+        click.echo(
+            f"up to date: nothing ran; {', '.join(result.reused)} re-verified in run "
+            f"{result.run_id} (--new-run records a new run, --no-reuse reruns every stage)"
+        )
+    elif result.reused:
         click.echo(f"reused:    {', '.join(result.reused)} (from earlier runs, re-verified)")
     held_out = held_out_metrics(result.run_dir, [s.name for s in cfg.stages])
     if held_out is not None:

@@ -56,6 +56,7 @@ class RunResult:
     stage_seconds: dict[str, dict[str, float]] = field(default_factory=dict)
     lineage: str = ""
     reused: dict[str, dict[str, str]] = field(default_factory=dict)  # stage -> run and link
+    up_to_date: bool = False  # no new run: `run_id` is the earlier run still current
 
 
 def determinism(stage: StageConfig) -> dict[str, Any]:

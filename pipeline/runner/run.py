@@ -34,13 +34,14 @@ from pipeline.fsutil import atomic_symlink, atomic_write_text
 from pipeline.hashing import hash_artifacts, list_tree
 from pipeline.lineage import git_commit
 from pipeline.provenance.chain import DiskArtifacts, VerifyReport, verify_chain
-from pipeline.provenance.keys import PublicKey, TrustedOwner
+from pipeline.provenance.keys import KeyPair, PublicKey, TrustedOwner
 from pipeline.provenance.layout import stage_command
 from pipeline.provenance.links import Link, link_filename, read_link, write_link
 from pipeline.provenance.statements import write_signed_statement
 from pipeline.release.publish import ReleaseInputs, publish
-from pipeline.runner import basemodel, detached, distributed, sandbox
+from pipeline.runner import basemodel, detached, distributed, sandbox, uptodate
 from pipeline.runner.gates import (
+    DependencyGate,
     check_dependencies,
     data_screen_statement,
     model_scan_statement,
@@ -147,6 +148,8 @@ class Runner:
         self.detach_lineage = detach_lineage
         self.lineage_pending: detached.Pending | None = None
         self.published: Path | None = None  # set only once this process verified and published
+        self.gate: DependencyGate | None = None  # set by prepare()
+        self._owner: KeyPair | None = None
 
     # ------------------------------------------------------------------ run lifecycle
 
@@ -155,8 +158,17 @@ class Runner:
             dict.fromkeys([self.config.lock, *(s.lock for s in self.config.stages if s.lock)])
         )
 
-    def run(self, *, publish: bool = True) -> RunResult:
-        """Every stage, then verify the chain, then (with a deploy stage) publish the release."""
+    def run(self, *, publish: bool = True, new_run: bool = False) -> RunResult:
+        """Every stage, then verify the chain, then (with a deploy stage) publish the release.
+
+        With reuse, and unless `new_run`: when the run behind the latest release would be
+        reproduced stage for stage and its release still verifies, no new run is made
+        (runner/uptodate.py) and the result is that run's, with `up_to_date` set."""
+        self.prepare()
+        if publish and self.reuse_enabled and not new_run and not self.candidate:
+            current = self._up_to_date()
+            if current is not None:
+                return current
         with self.session():
             self.run_stages(self.config.stages)
             report = self.verify_run()
@@ -192,12 +204,57 @@ class Runner:
         """What run.json says when the session ends without an error (default: succeeded)."""
         self._final.update(fields)
 
+    def _up_to_date(self) -> RunResult | None:
+        if self.given_layout is not None or self.gate is None:
+            return None
+        for stage in self.config.stages:
+            if stage.lock:  # a stage's own environment drifted: refused (exit 3), as a run would
+                self.environment_for(stage)  # (the bootstrap checked this interpreter's files)
+        current = uptodate.latest_current(
+            self.config,
+            self.ws,
+            code_sha256=self.code.sha256,
+            functionary=self.functionary.public,
+            dependency_statement=self.gate.statement,
+            sandbox=self.use_sandbox,
+        )
+        if current is None:
+            return None
+        self.say(
+            f"up to date: run {current.run_id} would be reproduced stage for stage, and its "
+            "release verifies"
+        )
+        lineage = current.lineage
+        if isinstance(lineage, dict) and lineage.get("run_id"):
+            said = f"run {current.run_id}'s, MLflow run {lineage['run_id']}"
+        else:
+            said = f"run {current.run_id}'s (run.json); `chainproof lineage sync` logs it"
+        return RunResult(
+            current.run_id,
+            current.run_dir,
+            self.ws.links(current.run_id),
+            current.release,
+            current.report,
+            {},
+            said,
+            current.stages,
+            up_to_date=True,
+        )
+
     def start(self) -> None:
         """Keys, dependency gate, run directory, signed layout. Nothing here runs stage code.
 
         Everything that can refuse the run (bad lock, a dependency policy violation) happens
         before the run directory exists.
         """
+        self.prepare()
+        self._create()
+
+    def prepare(self) -> None:
+        """What can refuse the run before it exists: sandbox, keys, layout, locks, dependency
+        gate. Once per runner."""
+        if self.gate is not None:
+            return
         if self.use_sandbox:
             self.sandbox = sandbox.find_bubblewrap()  # refuses (exit 2) before anything runs
             self.say(f"sandbox: bubblewrap {self.sandbox.version}")
@@ -227,6 +284,13 @@ class Runner:
         for warning in gate.warnings:
             self.say(f"WARNING: {warning}")
         self.say(f"dependency gate: {gate.summary}")
+        self.gate = gate
+        self._owner = owner if self.given_layout is None else None
+
+    def _create(self) -> None:
+        """The run directory, its records and the signed layout."""
+        gate, owner = self.gate, self._owner
+        assert gate is not None
         self.ws.runs.mkdir(parents=True, exist_ok=True)
         self.run_dir.mkdir()  # exclusive: concurrent runs never share a directory
         for sub in ("specs", "logs", "keys", CHECKS_DIR):
@@ -239,6 +303,7 @@ class Runner:
         atomic_write_text(self.run_dir / "keys/owner.pub", self.owner_key.to_json())
         atomic_write_text(self.run_dir / "keys/functionary.pub", self.functionary.public.to_json())
         if self.given_layout is None:
+            assert owner is not None
             write_signed_layout(
                 self.config,
                 owner,

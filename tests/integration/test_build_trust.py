@@ -111,7 +111,7 @@ def test_links_spliced_from_another_run_are_refused(workspace_copy):
     ws = workspace_copy
     first = (ws / "runs" / "latest").resolve()
     cfg = write_config(ws / "configs2", FAST_PIPELINE)
-    proc = chainproof("run", cfg, "--workspace", ws)
+    proc = chainproof("run", cfg, "--workspace", ws, "--new-run")  # not "up to date"
     assert proc.returncode == 0, proc.stderr
     second = (ws / "runs" / "latest").resolve()
     assert second != first

@@ -41,7 +41,8 @@ def two_runs(tmp_path_factory) -> tuple[Path, Path, Path, Path, str]:
     first = chainproof("run", config, "--workspace", ws)
     assert first.returncode == 0, first.stderr
     first_run = latest(ws)
-    second = chainproof("run", config, "--workspace", ws)
+    # --new-run: unchanged, it would otherwise be "up to date" and make no run at all
+    second = chainproof("run", config, "--workspace", ws, "--new-run")
     assert second.returncode == 0, second.stderr
     return ws, config, first_run, latest(ws), second.stdout + second.stderr
 
@@ -108,6 +109,22 @@ def test_status_refuses_an_edited_link(two_runs):
         assert source["from"] is None or source["from"]["run_id"] != second.name
     finally:
         link.write_bytes(original)
+
+
+def runs_of(ws: Path) -> set[str]:
+    return {p.name for p in (ws / "runs").iterdir() if not p.is_symlink()}
+
+
+def test_an_unchanged_pipeline_is_up_to_date_and_makes_no_new_run(two_runs):
+    ws, config, _, second, _ = two_runs
+    before = runs_of(ws)
+    proc = chainproof("run", config, "--workspace", ws)
+    assert proc.returncode == 0, proc.stderr
+    assert f"up to date: run {second.name} would be reproduced stage for stage" in proc.stderr
+    assert "up to date: nothing ran; source, train, package re-verified" in proc.stdout
+    assert f"run id:    {second.name}" in proc.stdout
+    assert "running python" not in proc.stderr, "no stage, deploy included, ran"
+    assert runs_of(ws) == before and latest(ws) == second
 
 
 def test_a_changed_param_reruns_that_stage_and_what_follows(two_runs):
@@ -179,3 +196,25 @@ def test_no_reuse_runs_every_stage(tmp_path):
     assert "reused" not in json.loads((latest(ws) / "run.json").read_text())
     again = chainproof("run", config, "--workspace", ws)
     assert "[source] reused from run" in again.stderr + again.stdout
+
+
+def test_a_tampered_release_is_never_up_to_date(two_runs):
+    """After the tamper test, the newest run made the latest release; one byte of that bundle
+    changes: the next run is not "up to date", it makes a new run and a new release."""
+    ws, config, _, _, _ = two_runs
+    current = latest(ws)
+    bundle = Path(json.loads((current / "run.json").read_text())["release"])
+    card = bundle / "artifacts" / "package" / "model_card.json"
+    card.write_bytes(card.read_bytes().replace(b"{", b"{ ", 1))
+    before = runs_of(ws)
+    proc = chainproof("run", config, "--workspace", ws)
+    assert proc.returncode == 0, proc.stderr
+    assert "up to date" not in proc.stdout + proc.stderr
+    assert "[deploy] running" in proc.stderr
+    new = latest(ws)
+    assert new.name not in before
+    # and now that new run's release is current
+    again = chainproof("run", config, "--workspace", ws)
+    assert again.returncode == 0 and f"run id:    {new.name}" in again.stdout
+    assert "up to date: nothing ran" in again.stdout
+    assert runs_of(ws) == before | {new.name}
