@@ -39,4 +39,4 @@ def test_a_new_database_finding_or_lock_is_a_different_outcome() -> None:
 def test_the_comparison_never_changes_the_statement() -> None:
     before = copy.deepcopy(SCAN)
     _scan_outcome(SCAN)
-    assert SCAN == before
+    assert before == SCAN
