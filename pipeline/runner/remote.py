@@ -262,7 +262,7 @@ def parse_header(raw: bytes) -> Job:
     known = {"protocol", "stage", "index", "cluster", "command", "lock", "timeout", "sandbox"}
     if set(doc) != known | {"files"}:
         raise JobRefused(f"the job header's fields are {sorted(doc)}, not {sorted(known)}")
-    if doc["protocol"] != PROTOCOL:
+    if type(doc["protocol"]) is not int or doc["protocol"] != PROTOCOL:
         raise JobRefused(f"job protocol {doc['protocol']!r}; this worker speaks {PROTOCOL}")
     stage = doc["stage"]
     if not isinstance(stage, str) or not _NAME.match(stage):
@@ -349,17 +349,23 @@ def read_job(reader: Reader, run: Path) -> Job:
     job = parse_header(reader.exact(size, "the job header"))
     for f in job.files:
         target = run / f.path
-        target.parent.mkdir(parents=True, exist_ok=True)
         digest = hashlib.sha256()
-        # O_EXCL|O_NOFOLLOW: never through a link, never over another file of the job
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444)
-        with os.fdopen(fd, "wb") as out:
-            left = f.size
-            while left:
-                chunk = reader.exact(min(left, CHUNK), f"job file {f.path!r}")
-                digest.update(chunk)
-                out.write(chunk)
-                left -= len(chunk)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            # O_EXCL|O_NOFOLLOW: never through a link, never over another file of the job
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444)
+            with os.fdopen(fd, "wb") as out:
+                left = f.size
+                while left:
+                    chunk = reader.exact(min(left, CHUNK), f"job file {f.path!r}")
+                    digest.update(chunk)
+                    out.write(chunk)
+                    left -= len(chunk)
+        except OSError as e:
+            raise JobRefused(
+                f"cannot write job file {f.path!r} under {run}: {e.strerror}",
+                hint="free disk space in the worker's TMPDIR, or point TMPDIR elsewhere",
+            ) from None
         if digest.hexdigest() != f.sha256:
             raise JobRefused(
                 f"job file {f.path!r} has sha256 {digest.hexdigest()[:16]}…, the job header "
@@ -426,7 +432,7 @@ def write_job(out: IO[bytes], job: Job, files: Sequence[tuple[str, Path]]) -> No
     """The job onto the launcher's stdin: each file streamed (a file that changed since it
     was hashed is refused by the worker: its bytes no longer match the header)."""
     header = job.header()
-    out.write(b"%s %d\n" % (JOB_MAGIC, len(header)) + header)
+    write_all(out, b"%s %d\n" % (JOB_MAGIC, len(header)) + header)
     for entry, (_, path) in zip(job.files, files, strict=True):
         left = entry.size
         with open(path, "rb") as f:
@@ -434,9 +440,17 @@ def write_job(out: IO[bytes], job: Job, files: Sequence[tuple[str, Path]]) -> No
                 chunk = f.read(min(left, CHUNK))
                 if not chunk:
                     raise OSError(f"{path} shrank while it was sent")
-                out.write(chunk)
+                write_all(out, chunk)
                 left -= len(chunk)
     out.flush()
+
+
+def write_all(out: IO[bytes], data: bytes) -> None:
+    """Every byte, on an unbuffered pipe too (a raw write may take only part of them)."""
+    view = memoryview(data)
+    while view:
+        n = out.write(view)
+        view = view[n if n is not None else 0 :]
 
 
 # --------------------------------------------------------------------------- messages
@@ -463,10 +477,19 @@ def _addressed(doc: dict[str, Any], kind: str, index: int, job_sha256: str) -> N
         raise ReportRefused("the message answers another job (its job_sha256 differs)")
 
 
+def printable(text: object, limit: int = 4096) -> str:
+    """A string from the other side, safe to show: no terminal control sequences."""
+    return "".join(c if c.isprintable() or c == "\n" else "?" for c in str(text)[:limit])
+
+
 def differences(chief: Fingerprint, worker: Fingerprint) -> list[str]:
     """What makes the worker's environment another than the chief's (verify's own fields)."""
     a, b = chief.as_dict(), worker.as_dict()
-    return [f"~ {k}: chief {a[k]}, worker {b[k]}" for k in SAME_ENVIRONMENT if a[k] != b[k]]
+    return [
+        f"~ {k}: chief {a[k]}, worker {printable(b[k], 80)}"
+        for k in SAME_ENVIRONMENT
+        if a[k] != b[k]
+    ]
 
 
 def check_ready(
@@ -476,12 +499,12 @@ def check_ready(
     (drift on that host, a job it would not take) raises, exit 3 for drift."""
     _addressed(doc, "ready", index, job_sha256)
     if doc["type"] == "refused":
-        message = str(doc.get("message"))[:4096]
+        message = printable(doc.get("message"))
         diff = doc.get("diff")
         if doc.get("exit_code") == EnvironmentDrift.exit_code and isinstance(diff, list):
             raise EnvironmentDrift(
                 f"the lock on worker {index} ({where})",
-                [str(d)[:300] for d in diff[:MAX_DIFF_LINES]] or [message],
+                [printable(d, 300) for d in diff[:MAX_DIFF_LINES]] or [message],
                 hint=f"no worker was started; rebuild the environment on {where} from the "
                 "lock (`make setup` in its checkout) and run again",
             )
@@ -617,9 +640,13 @@ class Launched:
 
     def send_start(self) -> None:
         assert self.proc.stdin is not None
-        self.threads[0].join()  # the job is all written (the worker answered after it)
-        self.proc.stdin.write(START)
-        self.proc.stdin.flush()
+        self.threads[0].join(timeout=REPORT_WAIT)  # all written: it answered after reading
+        if self.threads[0].is_alive():
+            raise ReportRefused("it answered `ready` before it read its whole job")
+        try:
+            write_all(self.proc.stdin, START)
+        except OSError:
+            raise ReportRefused("its stdin closed before `start`") from None
 
     def stop(self) -> None:
         """Close its stdin: the worker sees EOF, kills its sandbox, removes its job and exits
@@ -730,7 +757,10 @@ def execute(
         say(f"[{name}] sent the job to {n - 1} remote worker(s): {', '.join(spec.addresses[1:])}")
         fps = _await_ready(remote, spec, chief_fp, deadline, name)
         for la in remote:
-            la.send_start()
+            try:
+                la.send_start()
+            except ReportRefused as e:
+                raise _not_started(name, la, e.message) from None
         chief_mounts = replace(mounts, network=True) if sandbox.enabled else mounts
         if not sandbox.enabled:
             say(
@@ -773,7 +803,7 @@ def execute(
             )
         )
         try:
-            workers._supervise(t0, max(1, int(deadline - time.monotonic())), watch)
+            workers._supervise(t0, timeout, watch)
         except ReportRefused as e:  # a report that cannot be accepted: nothing of it counts
             workers._stop_all()
             bad = workers.workers[e.index if e.index is not None else 0]
@@ -789,14 +819,22 @@ def _launch(
     argv = cluster.launcher_argv(spec.launcher, host)
     logs.stdout.write_bytes(b"")  # replaced by the report's logs once it is accepted
     with open(logs.stderr, "wb") as err:  # until then: the launcher's and the worker's own
-        proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            start_new_session=True,  # its own process group: stopping it kills all of it
-            preexec_fn=sb._die_with_parent,
-        )
+        try:
+            proc = subprocess.Popen(
+                argv,
+                bufsize=0,  # raw pipes: stop() can close stdin while the job is being written
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                start_new_session=True,  # its own process group: stopping it kills all of it
+                preexec_fn=sb._die_with_parent,
+            )
+        except OSError as e:
+            raise InputError(
+                f"stage '{job.stage}': the launcher of worker {index} ({host}) cannot be "
+                f"started: {argv[0]}: {e.strerror}",
+                hint="install it (ssh: openssh-client) or fix distribution.launcher",
+            ) from None
     launched = Launched(index, host, proc, job, logs)
     try:
         launched.start(files)
@@ -816,16 +854,15 @@ def _await_ready(
                 continue
             try:
                 got = la.message(0)
+                if got is None and (rc := la.proc.poll()) is not None:
+                    la.threads[1].join(timeout=REPORT_WAIT)  # what it wrote before it exited
+                    got = la.message(0)
+                    if got is None:
+                        raise ReportRefused(f"its launcher exited with code {rc}")
                 if got is not None:
                     fps[la.index] = check_ready(got[0], la.index, la.job.sha256, chief, la.host)
-                    continue
             except ReportRefused as e:
                 raise _not_started(name, la, e.message) from None
-            rc = la.proc.poll()
-            if rc is not None:
-                la.threads[1].join(timeout=REPORT_WAIT)
-                if la.message(0) is None:
-                    raise _not_started(name, la, f"its launcher exited with code {rc}")
         if time.monotonic() > deadline:
             late = next(la for la in remote if la.index not in fps)
             raise _not_started(name, late, "did not answer its job before the stage's timeout")
@@ -853,8 +890,11 @@ class Aborted(Error):
 
 
 def _send(out: IO[bytes], doc: dict[str, Any], payload: bytes = b"") -> None:
-    out.write(frame(doc, payload))
-    out.flush()
+    try:
+        out.write(frame(doc, payload))
+        out.flush()
+    except OSError:
+        raise Aborted("the runner went away (its end of stdout closed)") from None
 
 
 def _log_part(path: Path) -> tuple[bytes, bool]:
@@ -878,6 +918,10 @@ def serve(stdin_fd: int, out: IO[bytes], say: Callable[[str], None]) -> int:
         try:
             job = read_job(reader, run)
             say(f"worker {job.index} of stage '{job.stage}': job {job.sha256[:16]}… received")
+            try:
+                (run / job.lock).read_bytes().decode("utf-8")
+            except UnicodeDecodeError:
+                raise JobRefused(f"the job's lock {job.lock} is not UTF-8 text") from None
             lock = parse_lock(run / job.lock)
             box = sb.find_bubblewrap() if job.sandbox else sb.NO_SANDBOX
             fp = check_environment(lock, verify_files=True)

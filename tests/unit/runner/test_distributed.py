@@ -224,14 +224,21 @@ def this_environment() -> object:
     return check_environment(parse_lock(MAIN_LOCK), verify_files=True)
 
 
-def cluster_run(tmp_path: Path, launcher: list[str], fingerprint: object, lock: bytes = b""):  # type: ignore[no-untyped-def]
+def cluster_run(  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+    launcher: list[str],
+    fingerprint: object,
+    lock: bytes = b"",
+    spec: str = "",
+    module: str = "json.tool",
+):
     from tests.conftest import MAIN_LOCK
 
     run_dir = tmp_path / "run"
     for d in ("train", "logs", "specs", "locks", "source"):
         (run_dir / d).mkdir(parents=True, exist_ok=True)
     (run_dir / "specs/train.json").write_text(
-        json.dumps({"stage": "train", "token": str(tmp_path)})
+        spec or json.dumps({"stage": "train", "token": str(tmp_path)})
     )
     (run_dir / "locks/main.txt").write_bytes(lock or MAIN_LOCK.read_bytes())
     (run_dir / "source/data.bin").write_bytes(b"\x00\x01" * 1000)
@@ -240,7 +247,7 @@ def cluster_run(tmp_path: Path, launcher: list[str], fingerprint: object, lock: 
     w = Workers(plan, lambda: fingerprint)  # type: ignore[arg-type,return-value]
     logs = sandbox.StageLogs(run_dir / "logs/train.stdout", run_dir / "logs/train.stderr")
     rc = w.execute(
-        [sys.executable, "-I", "-m", "json.tool", "../specs/train.json"],
+        [sys.executable, "-I", "-m", module, "../specs/train.json"],
         workdir=run_dir / "train",
         scratch=run_dir / "tmp" / "train",
         logs=logs,
@@ -338,3 +345,45 @@ def test_a_drifted_remote_environment_is_refused_with_its_diff(
     assert info.value.exit_code == 3 and "no worker was started" in (info.value.hint or "")
     assert not (tmp_path / "run/logs/train.stdout").exists(), "the chief never started"
     assert left_behind(remote_tmp) == []
+
+
+# cProfile runs the spec file as a script: a stage command of the right shape that the test
+# controls. The chief fails while worker 1 trains on.
+CHIEF_FAILS = """
+import json, os, time
+index = json.loads(os.environ["TF_CONFIG"])["task"]["index"]
+print("pid", os.getpid(), "index", index, flush=True)
+if index == 0:
+    time.sleep(3)
+    os._exit(3)  # cProfile swallows SystemExit
+time.sleep(600)
+"""
+
+
+def test_a_failing_chief_stops_the_remote_worker_through_its_stdin(
+    tmp_path, this_environment, remote_tmp
+) -> None:
+    t0 = time.monotonic()
+    with pytest.raises(StageFailed) as info:
+        cluster_run(tmp_path, WORKER, this_environment, spec=CHIEF_FAILS, module="cProfile")
+    assert "worker 0 exited with code 3" in info.value.message
+    assert time.monotonic() - t0 < 90, "the remote worker was not waited for"
+    time.sleep(0.5)
+    assert left_behind(remote_tmp) == [], "its stage killed and its job removed"
+
+
+def test_a_worker_that_does_not_speak_the_protocol_is_refused(tmp_path, this_environment) -> None:
+    chatty = [sys.executable, "-c", "print('Welcome to node-2!'); import sys; sys.stdin.read()"]
+    with pytest.raises(StageFailed) as info:
+        cluster_run(tmp_path, chatty, this_environment)
+    assert "worker 1 (127.0.0.1) the worker's message: not a chainproof frame" in (
+        info.value.message
+    )
+    assert not (tmp_path / "run/logs/train.stdout").exists(), "the chief never started"
+
+
+def test_a_launcher_that_is_not_installed_is_a_config_error(tmp_path, this_environment) -> None:
+    with pytest.raises(InputError) as info:
+        cluster_run(tmp_path, ["/nonexistent/ssh", "{host}"], this_environment)
+    assert "the launcher of worker 1 (127.0.0.1) cannot be started" in info.value.message
+    assert info.value.exit_code == 2
