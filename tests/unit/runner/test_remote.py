@@ -6,6 +6,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -351,3 +354,64 @@ def test_a_bad_cluster_config_is_refused_before_the_run() -> None:
         assert info.value.exit_code == 2 and "stage 'train': distribution:" in info.value.message
     plan = Plan("train", 2, ("a:1", "b:1"), ("my-launch", "{host}"))
     assert remote.cluster_of(plan).launcher == ("my-launch", "{host}")
+
+
+# --------------------------------------------------------------------------- chainproof worker
+
+WORKER = [sys.executable, "-I", "-m", "pipeline", "worker"]
+
+
+def start_worker(tmp_path: Path) -> subprocess.Popen[bytes]:
+    (tmp_path / "remote-tmp").mkdir(exist_ok=True)
+    return subprocess.Popen(
+        WORKER,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "TMPDIR": str(tmp_path / "remote-tmp")},
+    )
+
+
+def test_the_worker_refuses_a_stream_that_is_not_a_job(tmp_path: Path) -> None:
+    proc = start_worker(tmp_path)
+    out, err = proc.communicate(b"GET / HTTP/1.1\r\n\r\n", timeout=120)
+    assert proc.returncode == 2, err
+    assert b"the job: not a chainproof frame" in err and out == b""
+    assert not list((tmp_path / "remote-tmp").iterdir()), "nothing left behind"
+
+
+def test_the_worker_answers_ready_and_leaves_when_its_stdin_closes(tmp_path: Path) -> None:
+    from tests.conftest import MAIN_LOCK
+
+    run, files = run_dir(tmp_path)
+    (run / "locks/main.txt").write_bytes(MAIN_LOCK.read_bytes())
+    files = remote.job_files([run / "specs", run / "locks", run / "source"], run, "train")
+    digests = {p: hashlib.sha256(p.read_bytes()).hexdigest() for _, p in files}
+    j = remote.build_job(
+        files,
+        digests,
+        stage="train",
+        index=1,
+        addresses=ADDRESSES,
+        module="stages.train",
+        lock="locks/main.txt",
+        timeout=600,
+        sandbox=False,
+    )
+    proc = start_worker(tmp_path)
+    assert proc.stdin is not None and proc.stdout is not None
+    remote.write_job(proc.stdin, j, files)
+    proc.stdin.flush()
+    buf = b""
+    while (got := remote.split_frame(buf)) is None:
+        chunk = proc.stdout.read1(65536)
+        assert chunk, proc.stderr.read() if proc.stderr else ""
+        buf += chunk
+    doc, _, _ = got
+    assert doc["type"] == "ready" and doc["index"] == 1 and doc["job_sha256"] == j.sha256
+    assert doc["environment"]["lock_sha256"] == hashlib.sha256(MAIN_LOCK.read_bytes()).hexdigest()
+    proc.stdin.close()  # the runner went away before `start`
+    assert proc.wait(timeout=60) == 4
+    err = proc.stderr.read() if proc.stderr else b""
+    assert b"the runner went away before `start`; nothing ran" in err
+    assert not list((tmp_path / "remote-tmp").iterdir()), "its job directory is removed"
