@@ -59,6 +59,7 @@ CHUNK = 1 << 20
 GRACE = 30  # a worker outlives the stage's timeout by this much before killing its own stage
 STOP_GRACE = 5  # a stopped worker's time to kill its sandbox and remove its job itself
 REPORT_WAIT = 30  # the launcher has exited: its report is all in the pipe
+JOB_WAIT = 600  # seconds of silence a worker waits for its job
 DEFAULT_CHECKOUT = str(Path(__file__).resolve().parents[2])  # this checkout, same path there
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(?:\.[A-Za-z_][A-Za-z0-9_]*){0,7}$")
@@ -909,7 +910,17 @@ def _log_part(path: Path) -> tuple[bytes, bool]:
 def serve(stdin_fd: int, out: IO[bytes], say: Callable[[str], None]) -> int:
     """`chainproof worker`: one job from `stdin_fd`, answers on `out`. Returns the exit code
     (0 once the report is sent, whatever the stage returned: the report carries it)."""
-    reader = Reader(lambda n: os.read(stdin_fd, n))
+    deadline = [time.monotonic() + JOB_WAIT]
+
+    def read(n: int) -> bytes:
+        # a runner that goes silent (a partitioned network keeps ssh up) is not waited for
+        # for ever: JOB_WAIT for the job, then the stage's timeout for `start`
+        left = deadline[0] - time.monotonic()
+        if left <= 0 or not select.select([stdin_fd], [], [], left)[0]:
+            raise Aborted("the runner sent nothing in time; nothing ran")
+        return os.read(stdin_fd, n)
+
+    reader = Reader(read)
     root = Path(tempfile.mkdtemp(prefix="chainproof-worker-"))
     job: Job | None = None
     try:
@@ -942,6 +953,7 @@ def serve(stdin_fd: int, out: IO[bytes], say: Callable[[str], None]) -> int:
             raise
         base = {"index": job.index, "job_sha256": job.sha256, "environment": fp.as_dict()}
         _send(out, {"type": "ready", **base})
+        deadline[0] = time.monotonic() + job.timeout
         try:
             go = reader.exact(len(START), "the runner's start")
         except JobRefused:
