@@ -112,7 +112,7 @@ def test_a_cluster_with_its_launcher() -> None:
             "strategy": "multi_worker_mirrored",
             "workers": 2,
             "hosts": ["train-0.lan:23456", "[fd00::2]:23456"],
-            "launcher": ["ssh", "-T", "--", "{host}", "cd /srv/cp && exec .venv/bin/chainproof worker"],
+            "launcher": ["ssh", "-T", "--", "{host}", "cd /srv/cp && .venv/bin/chainproof worker"],
             "remote_checkout": "/srv/cp",
         }
     )  # fmt: skip
