@@ -755,7 +755,9 @@ def execute(
             )
             wlogs = dist._worker_logs(logs, i)
             remote.append(stack.enter_context(_launch(spec, i, job, files, wlogs)))
-        say(f"[{name}] sent the job to {n - 1} remote worker(s): {', '.join(spec.addresses[1:])}")
+        say(
+            f"[{name}] sending the job to {n - 1} remote worker(s): {', '.join(spec.addresses[1:])}"
+        )
         fps = _await_ready(remote, spec, chief_fp, deadline, name)
         for la in remote:
             try:
