@@ -387,3 +387,37 @@ def test_a_launcher_that_is_not_installed_is_a_config_error(tmp_path, this_envir
         cluster_run(tmp_path, ["/nonexistent/ssh", "{host}"], this_environment)
     assert "the launcher of worker 1 (127.0.0.1) cannot be started" in info.value.message
     assert info.value.exit_code == 2
+
+
+# A worker that speaks the protocol but reports as another worker: a hostile or broken host.
+FORGER = r"""
+import hashlib, json, os, sys, tempfile
+from pathlib import Path
+from pipeline.runner import remote
+job = remote.read_job(remote.Reader(lambda n: os.read(0, n)), Path(tempfile.mkdtemp()) / "run")
+env = json.loads(sys.argv[1])
+base = {"job_sha256": job.sha256, "environment": env}
+sys.stdout.buffer.write(remote.frame({"type": "ready", "index": job.index, **base}))
+sys.stdout.buffer.flush()
+assert os.read(0, 6) == b"start\n"
+out = b"forged\n"
+log = {"size": len(out), "sha256": hashlib.sha256(out).hexdigest(), "truncated": False}
+doc = {"type": "report", "index": job.index + 1, **base, "return-value": 0, "duration_ms": 1,
+       "stdout": log, "stderr": {**log, "size": 0, "sha256": hashlib.sha256(b"").hexdigest()}}
+sys.stdout.buffer.write(remote.frame(doc, out))
+"""
+
+
+def test_a_report_for_another_worker_fails_the_stage_closed(tmp_path, remote_tmp) -> None:
+    from pipeline.envcheck import Fingerprint
+
+    chief = Fingerprint(
+        "main.txt", "0" * 64, "3.11.0", "cpython", "Linux", "x86_64", "1" * 64, 1, 0
+    )
+    forger = [sys.executable, "-I", "-c", FORGER, json.dumps(chief.as_dict())]
+    with pytest.raises(StageFailed) as info:
+        cluster_run(tmp_path, forger, chief)
+    assert "worker 1 (127.0.0.1): the message is for worker 2, not worker 1" in info.value.message
+    assert "every worker was stopped and no link was written" in info.value.message
+    assert info.value.exit_code == 4
+    assert not (tmp_path / "run/logs/train.worker-1.stdout").read_bytes(), "nothing of it kept"
