@@ -415,3 +415,11 @@ def test_the_worker_answers_ready_and_leaves_when_its_stdin_closes(tmp_path: Pat
     err = proc.stderr.read() if proc.stderr else b""
     assert b"the runner went away before `start`; nothing ran" in err
     assert not list((tmp_path / "remote-tmp").iterdir()), "its job directory is removed"
+
+
+def test_a_cut_log_is_accepted_and_says_so(tmp_path: Path) -> None:
+    j, _ = job(tmp_path)
+    out = b"x" * 100
+    doc, payload = report(j, out)
+    doc["stdout"] = {**doc["stdout"], "truncated": True}
+    assert remote.check_report(doc, payload, 1, j.sha256, FP).truncated == ("stdout",)
