@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
+from pipeline import cluster
 from pipeline.bounded import read_json
 from pipeline.hashing import sha256_file
 from pipeline.stage import Params, Stage, StageContext, StageError, main
@@ -171,20 +172,23 @@ class Distribution(Params):
     strategy: Literal["multi_worker_mirrored", "mirrored"]
     workers: int = Field(1, ge=1, le=MAX_WORKERS)
     hosts: tuple[str, ...] | None = None
+    # How the runner starts worker i >= 1 on hosts[i] (argv, `{host}` substituted; default
+    # ssh into remote_checkout, this machine's checkout path unless set): pipeline/cluster.py.
+    launcher: tuple[str, ...] | None = None
+    remote_checkout: str | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Distribution:
         if self.strategy == "mirrored" and (self.workers != 1 or self.hosts):
             raise ValueError("mirrored runs in one process: workers must be 1 and no hosts")
+        if self.hosts is None and (self.launcher is not None or self.remote_checkout):
+            raise ValueError("launcher and remote_checkout start workers on hosts: name hosts")
         if self.hosts is not None:
-            if len(self.hosts) != self.workers:
-                raise ValueError(
-                    f"hosts names {len(self.hosts)} worker(s) but workers is {self.workers}"
-                )
-            for h in self.hosts:
-                host, _, port = h.rpartition(":")
-                if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                    raise ValueError(f"host {h!r} is not host:port")
+            cluster.check_hosts(self.hosts, self.workers)
+            if self.launcher is not None:
+                cluster.check_launcher(self.launcher)
+            if self.remote_checkout is not None:
+                cluster.check_checkout(self.remote_checkout)
         return self
 
 

@@ -32,7 +32,7 @@ def scan_group() -> None:
 
 
 def _register() -> None:
-    from pipeline.cli import compare, data, release, run
+    from pipeline.cli import compare, data, release, run, worker
     from pipeline.cli import scan as scans
 
     for command in (
@@ -53,6 +53,7 @@ def _register() -> None:
         compare.diff,
         scans.vulndb,
         data.data_group,
+        worker.worker,
     ):
         cli.add_command(command)
     scan_group.add_command(scans.scan_deps, name="deps")

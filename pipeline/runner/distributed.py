@@ -47,6 +47,8 @@ class Plan:
     stage: str
     workers: int
     hosts: tuple[str, ...] = ()
+    launcher: tuple[str, ...] = ()  # argv prefix starting worker i >= 1 on hosts[i]
+    checkout: str = ""  # the chainproof checkout on the hosts (the default launcher's)
 
 
 def plan_for(stage: StageConfig) -> Plan | None:
@@ -54,26 +56,29 @@ def plan_for(stage: StageConfig) -> Plan | None:
     d = stage.params.get("distribution")
     if not isinstance(d, dict) or d.get("strategy") != STRATEGY:
         return None
-    return Plan(stage.name, int(d.get("workers", 1)), tuple(d.get("hosts") or ()))
+    return Plan(
+        stage.name,
+        int(d.get("workers", 1)),
+        tuple(d.get("hosts") or ()),
+        tuple(d.get("launcher") or ()),
+        str(d.get("remote_checkout") or ""),
+    )
 
 
-def refuse_hosts(plan: Plan) -> None:
-    """A cluster config is refused whole, before the run (from the layout's pins) and again
-    before any worker: never half-run with only this machine's workers."""
+def check_hosts(plan: Plan) -> None:
+    """A cluster config is checked whole (hosts, launcher, checkout) before the run, from
+    the layout's pins, and again before any worker: never half-run (runner/remote.py)."""
     if plan.hosts:
-        raise InputError(
-            f"stage '{plan.stage}': distribution.hosts names a real cluster; this runner starts "
-            "workers on this machine only",
-            hint="drop hosts to train on 127.0.0.1 here; README 'Distributed training' says "
-            "what a cluster host needs",
-        )
+        from pipeline.runner import remote  # it builds on this module
+
+        remote.cluster_of(plan)
 
 
 def worker_counts(stages: Sequence[StageConfig]) -> dict[str, int]:
     """{step: workers} for the layout's pins: the owner signs how many workers each step has."""
     plans = [plan for s in stages if (plan := plan_for(s)) is not None]
     for plan in plans:
-        refuse_hosts(plan)
+        check_hosts(plan)
     return {plan.stage: plan.workers for plan in plans}
 
 
@@ -176,6 +181,7 @@ class Worker:
     started: sb.Started | None = None
     return_value: int | None = None
     seconds: float = 0.0
+    host: str = ""  # a cluster's host (runner/remote.py); "" on this machine's loopback
 
 
 def environment_check(
@@ -216,7 +222,21 @@ class Workers:
         """Every worker to exit 0 -> 0. A worker that fails, or a run past `timeout`, stops
         every worker (process groups killed, none left behind) and raises StageFailed."""
         name, n = self.plan.stage, self.plan.workers
-        refuse_hosts(self.plan)
+        if self.plan.hosts:  # a cluster: workers 1..N-1 on other hosts
+            from pipeline.runner import remote
+
+            return remote.execute(
+                self,
+                argv,
+                workdir=workdir,
+                scratch=scratch,
+                logs=logs,
+                timeout=timeout,
+                sandbox=sandbox,
+                mounts=mounts,
+                packages=packages,
+                watch=watch,
+            )
         self.say(f"[{name}] checking the environment of {n} worker(s) before any starts")
         fingerprints = self._checked(n)
         with contextlib.ExitStack() as stack:
@@ -363,6 +383,7 @@ class Workers:
                 {
                     "index": w.index,
                     "address": w.address,
+                    **({"host": w.host} if w.host else {}),
                     "return-value": w.return_value,
                     "duration_ms": int(w.seconds * 1000),
                     "environment": w.fingerprint.as_dict(),

@@ -4,6 +4,7 @@ a killed worker fails the stage closed; a drifted worker environment is refused.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -218,3 +219,126 @@ def test_mirrored_trains_in_one_process_through_the_custom_loop(tmp_path):
     assert not list((run / "logs").glob("train.worker-*"))
     (link,) = ws.glob(f"attestations/runs/{run.name}/train.*.link")
     assert "workers" not in read_link(link).byproducts
+
+
+# --------------------------------------------------------------------------- hosts
+# A two-host cluster on this machine: the chief here on the host network, worker 1 started
+# through a launcher that runs `chainproof worker` in a session of its own (as ssh would on
+# another host: the runner killing the launcher reaches the worker only through its stdin).
+
+CLUSTER = (
+    "distribution: {strategy: multi_worker_mirrored, workers: 2, hosts: [@HOSTS@], "
+    "launcher: [@LAUNCHER@]}"
+)
+
+
+def cluster_config(tmp_path: Path, epochs: int = 1) -> tuple[Path, list[str]]:
+    from pipeline.runner.distributed import free_ports
+
+    hosts = [f"127.0.0.1:{p}" for p in free_ports(2)]
+    launcher = ["/usr/bin/setsid", "--wait", sys.executable, "-I", "-m", "pipeline", "worker"]
+    body = DISTRIBUTED.replace("@EPOCHS@", str(epochs)).replace(
+        "distribution: {strategy: multi_worker_mirrored, workers: 2}",
+        CLUSTER.replace("@HOSTS@", ", ".join(hosts)).replace(
+            "@LAUNCHER@", ", ".join(json.dumps(a) for a in launcher)
+        ),
+    )
+    return write_config(tmp_path / "cfg", body), hosts
+
+
+def cluster_env(tmp_path: Path) -> dict[str, str]:
+    """The remote worker's job directory under the test's tmp: every process of the run
+    then carries the test's path in its environment (HOME, TMPDIR), to find orphans by."""
+    where = tmp_path / "remote-tmp"
+    where.mkdir(exist_ok=True)
+    return {**os.environ, "TMPDIR": str(where)}
+
+
+@pytest.mark.skipif(not Path("/usr/bin/setsid").exists(), reason="needs setsid (util-linux)")
+def test_a_cluster_of_two_hosts_trains_and_verifies(tmp_path):
+    ws = tmp_path / "ws"
+    cfg, hosts = cluster_config(tmp_path)
+    proc = subprocess.run(
+        [*CHAINPROOF, "run", cfg, "--workspace", ws],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=cluster_env(tmp_path),
+    )
+    assert proc.returncode == 0, proc.stderr + proc.stdout
+    assert f"starting 2 workers on {hosts[0]}, {hosts[1]}" in proc.stderr
+    run = (ws / "runs" / "latest").resolve()
+    (link,) = ws.glob(f"attestations/runs/{run.name}/train.*.link")
+    bp = read_link(link).byproducts
+    assert "host network" in bp["distribution"]["network"]
+    assert [(w["index"], w["address"], w["host"], w["return-value"]) for w in bp["workers"]] == [
+        (0, hosts[0], "127.0.0.1", 0),
+        (1, hosts[1], "127.0.0.1", 0),
+    ]
+    assert bp["workers"][1]["stdout"]["path"] == "logs/train.worker-1.stdout"
+    a, b = weights_digests(run)
+    assert a == b, "the remote worker's returned log: both ended with identical weights"
+    verify = chainproof("verify", run, "--workspace", ws)
+    assert verify.returncode == 0, verify.stderr
+    # The remote worker's returned log is signed like a local one's.
+    log = run / "logs" / "train.worker-1.stderr"
+    log.write_bytes(log.read_bytes() + b"forged\n")
+    tampered = chainproof("verify", run, "--workspace", ws)
+    assert tampered.returncode == 1 and "logs/train.worker-1.stderr" in tampered.stderr
+    assert not list((tmp_path / "remote-tmp").iterdir()), "the worker removed its job"
+
+
+@pytest.mark.skipif(not Path("/usr/bin/setsid").exists(), reason="needs setsid (util-linux)")
+def test_a_killed_launcher_fails_the_cluster_closed(tmp_path):
+    ws = tmp_path / "ws"
+    cfg, _ = cluster_config(tmp_path, epochs=50)
+    proc = subprocess.Popen(
+        [*CHAINPROOF, "run", cfg, "--workspace", ws],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=cluster_env(tmp_path),
+    )
+    token = str(tmp_path)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        logs = list(ws.glob("runs/*/logs/train.stdout"))
+        if logs and "epoch 1/" in logs[0].read_text():  # the chief trains: so does worker 1
+            break
+        time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the cluster never started training")
+    launchers = [
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and _cmd(p).startswith(b"/usr/bin/setsid\0--wait") and token in _env(p)
+    ]
+    assert len(launchers) == 1, "worker 1's launcher is running"
+    subprocess.run(["kill", "-KILL", str(launchers[0])], check=False)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 4, err
+    assert "stage 'train' failed: worker 1 exited with code -9" in err
+    assert "every worker was stopped and no link was written" in err
+    assert not list(ws.glob("attestations/runs/*/train.*.link")), "no link"
+    time.sleep(1)
+    # the failed run's lineage is logged by a detached process of the runner's, by design
+    left = [p for p in survivors(token) if b"\0lineage\0detached\0" not in _cmd(Path(f"/proc/{p}"))]
+    assert left == [], [_cmd(Path(f"/proc/{p}")) for p in left]
+    assert not list((tmp_path / "remote-tmp").iterdir()), "the worker removed its job"
+
+
+def _cmd(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _env(proc: Path) -> str:
+    try:
+        return (proc / "environ").read_bytes().decode(errors="replace")
+    except OSError:
+        return ""

@@ -34,6 +34,24 @@ def test_multi_worker_params() -> None:
         ),
         ({"strategy": "multi_worker_mirrored", "hosts": ["a"]}, "is not host:port"),
         ({"strategy": "multi_worker_mirrored", "hosts": ["a:99999"]}, "is not host:port"),
+        (
+            {"strategy": "multi_worker_mirrored", "workers": 2, "hosts": ["a:1", "-oX=y:1"]},
+            "is not a hostname, IPv4 address or [IPv6] address",
+        ),
+        (
+            {"strategy": "multi_worker_mirrored", "workers": 2, "hosts": ["a:1", "a:1"]},
+            "is named twice",
+        ),
+        ({"strategy": "multi_worker_mirrored", "launcher": ["ssh"]}, "name hosts"),
+        (
+            {
+                "strategy": "multi_worker_mirrored",
+                "workers": 2,
+                "hosts": ["a:1", "b:1"],
+                "remote_checkout": "srv/x; rm -rf ~",
+            },
+            "must be an absolute path",
+        ),  # fmt: skip
     ],
 )
 def test_refused_distributions(distribution: dict[str, object], message: str) -> None:
@@ -86,3 +104,16 @@ def test_scores_are_keras_sparse_crossentropy_and_accuracy() -> None:
     expected = -(np.log(0.7) + np.log(0.1) + np.log(1.0)) / 3
     assert loss == pytest.approx(expected, rel=1e-6) and accuracy == pytest.approx(2 / 3)
     assert scores(np.zeros((0, 3)), np.zeros((0,))) == (0.0, 0.0)
+
+
+def test_a_cluster_with_its_launcher() -> None:
+    d = Distribution.model_validate(
+        {
+            "strategy": "multi_worker_mirrored",
+            "workers": 2,
+            "hosts": ["train-0.lan:23456", "[fd00::2]:23456"],
+            "launcher": ["ssh", "-T", "--", "{host}", "cd /srv/cp && .venv/bin/chainproof worker"],
+            "remote_checkout": "/srv/cp",
+        }
+    )  # fmt: skip
+    assert d.hosts == ("train-0.lan:23456", "[fd00::2]:23456") and d.launcher is not None
