@@ -41,6 +41,7 @@ from pipeline.hashing import hash_files, list_tree
 from pipeline.provenance.workers import SAME_ENVIRONMENT
 from pipeline.runner import distributed as dist
 from pipeline.runner import sandbox as sb
+from pipeline.runner import sysmetrics
 
 PROTOCOL = 1
 JOB_MAGIC = b"chainproof-job"
@@ -805,8 +806,13 @@ def execute(
                 env={"TF_CONFIG": dist.tf_config(spec.addresses, 0)},
             )
         )
+        chief = workers.workers[0].started
+        # the chief's system metrics only: a remote worker's process is not this machine's
+        # (its launcher is), and what a host would sample of itself is its own word
+        recorder = sysmetrics.Recorder({0: chief.proc.pid} if chief is not None else {})
         try:
-            workers._supervise(t0, timeout, watch)
+            workers._supervise(t0, timeout, watch, recorder)
+            workers.metrics = recorder.write({0: dist._metrics_file(logs, 0)})
         except ReportRefused as e:  # a report that cannot be accepted: nothing of it counts
             workers._stop_all()
             bad = workers.workers[e.index if e.index is not None else 0]
