@@ -341,24 +341,29 @@ class MLflowLineage(LineageSink):
 
         for log in sorted((run_dir / "logs").glob(f"{name}.worker-*.std*")):
             mlflow.log_artifact(str(log), "logs")
-        batch = []
+        batch: list[Any] = []
+        seen: set[Path] = set()
         for r in records[: sysmetrics.MAX_WORKERS]:
             entry = r.get(sysmetrics.RECORD_KEY) if isinstance(r, dict) else None
             index = r.get("index") if isinstance(r, dict) else None
             if not isinstance(entry, dict) or not isinstance(index, int):
                 continue
             path = run_dir / str(entry.get("path", ""))
-            if path.parent != run_dir / "logs" or not path.is_file():
-                continue
+            if path in seen or path.parent != run_dir / "logs" or not path.is_file():
+                continue  # each file once, however many records name it
+            seen.add(path)
             if sha256_file(path) != entry.get("sha256"):
                 continue
             node = sysmetrics.node_id(index)
             try:
                 samples = sysmetrics.read_samples(path)
-            except Error:  # oversized or not JSON: the run's other lineage still lands
+            except (Error, ValueError, OverflowError):  # the run's other lineage still lands
                 continue
             for step, stamp, values in samples:
                 batch += [Metric(f"system/{node}/{k}", v, stamp, step) for k, v in values.items()]
+            if len(batch) >= sysmetrics.MAX_LOGGED:  # a bound on one run's system metrics
+                batch = batch[: sysmetrics.MAX_LOGGED]
+                break
         run_id = mlflow.active_run().info.run_id
         client = mlflow.tracking.MlflowClient()
         for at in range(0, len(batch), 1000):  # MLflow's per-batch limit

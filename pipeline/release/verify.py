@@ -170,14 +170,8 @@ def check_provenance(
     )
 
 
-def check_model_signature(
-    bundle: Path, report: VerifyReport, released: list[str], *, recheck: bool = True
-) -> None:
-    """The OpenSSF model signature, with a release key the owner-signed layout names.
-
-    `recheck=False` (only for a bundle this workspace published, whose signature verified
-    then): the key checks, without importing model_signing to verify it again - the release
-    manifest, checked last, proves every byte of signature and model is the one signed."""
+def check_model_signature(bundle: Path, report: VerifyReport, released: list[str]) -> None:
+    """The OpenSSF model signature, with a release key the owner-signed layout names."""
     from pipeline.bounded import KEY_BYTES, read_bytes
     from pipeline.provenance.keys import RELEASE_PUB, release_public_key
     from pipeline.provenance.openssf import SIGNATURE, verify_model_dir
@@ -214,13 +208,6 @@ def check_model_signature(
             check="model signature",
             artifact=str(pub),
         )
-    if not recheck:
-        report.passed(
-            "model signature",
-            f"OpenSSF model-signing signature over artifacts/{released[0]}, as verified at "
-            "publish (its bytes are checked against the release manifest)",
-        )
-        return
     verify_model_dir(bundle / "artifacts" / released[0], signature, pub)
     report.passed(
         "model signature", f"OpenSSF model-signing signature over artifacts/{released[0]}"
@@ -401,13 +388,11 @@ def verify_bundle(
     owner_key_file: Path | None = None,
     local_owner: Path | None = None,
     expected_version: str | None = None,
-    recheck_model_signature: bool = True,
 ) -> VerifyReport:
     """Verify a release bundle offline, with only its contents and a trusted owner key.
 
     The bundle's own keys/owner.pub is used only when its fingerprint equals `owner_key`;
     `owner_key_file` names the key itself; `local_owner` is the verifier's own workspace key.
-    `recheck_model_signature=False`: see check_model_signature.
     """
     given = Path(bundle)
     bundle = given.resolve()  # the path you chose (e.g. releases/<name>/latest); inside, no links
@@ -447,7 +432,7 @@ def verify_bundle(
     check_provenance(
         attestations / PROVENANCE, report, bundle / "artifacts", attestations, required=True
     )
-    check_model_signature(bundle, report, released, recheck=recheck_model_signature)
+    check_model_signature(bundle, report, released)
     for line in verify_upstreams(bundle, report.links):
         report.passed("upstream", line)
     check_locks(bundle / "locks", report)

@@ -34,7 +34,7 @@ from pipeline.fsutil import atomic_symlink, atomic_write_text
 from pipeline.hashing import hash_artifacts, list_tree
 from pipeline.lineage import git_commit
 from pipeline.provenance.chain import DiskArtifacts, VerifyReport, verify_chain
-from pipeline.provenance.keys import KeyPair, PublicKey, TrustedOwner
+from pipeline.provenance.keys import KeyPair, PublicKey, TrustedOwner, release_public_key
 from pipeline.provenance.layout import stage_command
 from pipeline.provenance.links import Link, link_filename, read_link, write_link
 from pipeline.provenance.statements import write_signed_statement
@@ -210,11 +210,14 @@ class Runner:
         for stage in self.config.stages:
             if stage.lock:  # a stage's own environment drifted: refused (exit 3), as a run would
                 self.environment_for(stage)  # (the bootstrap checked this interpreter's files)
+        keys = release_key_paths(self.ws.keys)
         current = uptodate.latest_current(
             self.config,
             self.ws,
             code_sha256=self.code.sha256,
+            owner=self.owner_key,
             functionary=self.functionary.public,
+            release_key=release_public_key(keys[1].read_bytes()) if keys else None,
             dependency_statement=self.gate.statement,
             sandbox=self.use_sandbox,
         )
@@ -225,8 +228,9 @@ class Runner:
             "release verifies"
         )
         lineage = current.lineage
-        if isinstance(lineage, dict) and lineage.get("run_id"):
-            said = f"run {current.run_id}'s, MLflow run {lineage['run_id']}"
+        mlflow_run = lineage.get("run_id") if isinstance(lineage, dict) else None
+        if isinstance(mlflow_run, str) and uptodate.MLFLOW_RUN_ID.fullmatch(mlflow_run):
+            said = f"run {current.run_id}'s, MLflow run {mlflow_run}"
         else:
             said = f"run {current.run_id}'s (run.json); `chainproof lineage sync` logs it"
         return RunResult(

@@ -13,12 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.fsutil import atomic_write_text
 from pipeline.provenance.workers import METRICS_KEY
 
 INTERVAL_SECONDS = 1.0
 # Memory stays bounded however long a stage trains: past this many samples every second one
 # is dropped and the interval doubles (a long run keeps an even, coarser series).
 MAX_SAMPLES = 2048
+MAX_PROCESSES = 256  # per worker and sample: a fork bomb cannot stall the supervision loop
 # The names MLflow's own monitors use, where the meaning is the same: the CPU as a share of the
 # whole machine (0-100) and memory in MB (1e6 bytes) - here of the worker's processes only.
 CPU = "cpu_utilization_percentage"
@@ -27,6 +29,7 @@ THREADS = "process_threads"
 METRICS = (CPU, RSS, THREADS)
 SCHEMA = 1
 MAX_WORKERS = 1024
+MAX_LOGGED = 100_000  # metric values one run logs to MLflow at most (100 batches)
 RECORD_KEY = METRICS_KEY  # the worker record's key for its file: {path, sha256}
 
 
@@ -43,15 +46,28 @@ class TreeSampler:
     # CPU seconds seen so far, per process (pid, create_time), so a reused pid is not mixed up
     _cpu: dict[tuple[int, float], float] = field(default_factory=dict)
     _last: float | None = None
+    _born: float | None = None  # the root's create time: a reused pid is another process
+    gone: bool = False
 
     def sample(self, now: float) -> dict[str, float] | None:
-        """CPU share since the last sample, resident memory and threads; None once gone."""
+        """CPU share since the last sample, resident memory and threads; None once gone.
+
+        A process's CPU includes its reaped children's (children_user/system), so work done in
+        short-lived children between two samples is counted, not hidden."""
         import psutil
 
+        if self.gone:
+            return None
         try:
             root = psutil.Process(self.pid)
-            procs = [root, *root.children(recursive=True)]
+            born = root.create_time()
+            if self._born is None:
+                self._born = born
+            elif born != self._born:
+                raise psutil.NoSuchProcess(self.pid)
+            procs = [root, *root.children(recursive=True)[:MAX_PROCESSES]]
         except psutil.Error:
+            self.gone = True
             return None
         cpu = rss = 0.0
         threads = 0
@@ -61,7 +77,7 @@ class TreeSampler:
                 with p.oneshot():
                     key = (p.pid, p.create_time())
                     t = p.cpu_times()
-                    total = t.user + t.system
+                    total = t.user + t.system + t.children_user + t.children_system
                     mem = p.memory_info().rss
                     n = p.num_threads()
             except psutil.Error:  # exited between the listing and the read
@@ -129,7 +145,8 @@ class Recorder:
                 "interval_seconds": self.interval,
                 "samples": [{"timestamp_ms": ts, **values} for ts, values in series],
             }
-            path_for[i].write_text(json.dumps(doc, sort_keys=True) + "\n")
+            # never through a symlink someone placed there: a new file, renamed over
+            atomic_write_text(path_for[i], json.dumps(doc, sort_keys=True) + "\n")
             written[i] = path_for[i]
         return written
 
@@ -148,16 +165,17 @@ def read_samples(path: Path) -> list[tuple[int, int, dict[str, float]]]:
         return []
     out = []
     for step, s in enumerate(samples[: MAX_SAMPLES + 1]):
-        if not isinstance(s, dict) or not isinstance(s.get("timestamp_ms"), int):
+        stamp = s.get("timestamp_ms") if isinstance(s, dict) else None
+        if not isinstance(stamp, int) or isinstance(stamp, bool) or not 0 <= stamp < 2**63:
             continue
-        values = {
-            k: float(v)
-            for k in METRICS
-            if isinstance(v := s.get(k), int | float)
-            and not isinstance(v, bool)
-            and math.isfinite(v)
-            and abs(v) < 1e12
-        }
+        values = {k: float(v) for k in METRICS if _plausible(v := s.get(k))}
         if values:
-            out.append((step, s["timestamp_ms"], values))
+            out.append((step, stamp, values))
     return out
+
+
+def _plausible(v: Any) -> bool:
+    """A number a sample can hold: compared before any float() (a 400-digit int overflows)."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return False
+    return -1e12 < v < 1e12 and (isinstance(v, int) or math.isfinite(v))

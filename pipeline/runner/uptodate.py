@@ -9,25 +9,36 @@ The latest succeeded run R is current when all of these hold:
   signature, command, spec, materials, lock, code, sandbox, products re-hashed), from R itself;
 - today's dependency scan says exactly what R's signed one said (the database, the findings),
   apart from when it was started: a new advisory or database makes a new release;
-- R's chain verifies, and its published bundle verifies offline under the workspace's owner key
-  (signatures, expiry, every file of the bundle re-hashed).
+- R's chain verifies, and its published bundle verifies offline under this run's owner key
+  (signatures, expiry at least a day away, the OpenSSF model signature, every file re-hashed),
+  and its layout names the release key a new run would (a rotated key makes a new release).
+
+R is the run of the newest release directory, which `latest` names: a run.json (unsigned)
+never chooses the bundle, its path or which run is newest.
 """
 
 from __future__ import annotations
 
+import os
+import re
+import stat
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import InputError, VerificationError
-from pipeline.provenance.keys import PublicKey
+from pipeline.provenance.keys import PublicKey, load_public_key
 from pipeline.provenance.statements import read_verified_statement
-from pipeline.runner.reuse import earlier_runs
+from pipeline.runner.reuse import RUN_ID, earlier_runs
 from pipeline.workspace import DEPENDENCIES, Workspace, read_run_record
 
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
     from pipeline.provenance.chain import VerifyReport
+
+
+MLFLOW_RUN_ID = re.compile(r"[0-9a-f]{32}")  # what run.json's lineage may name, to be printed
 
 
 @dataclass(frozen=True)
@@ -56,31 +67,42 @@ def latest_current(
     ws: Workspace,
     *,
     code_sha256: str,
+    owner: PublicKey,
     functionary: PublicKey,
+    release_key: PublicKey | None,
     dependency_statement: dict[str, Any],
     sandbox: bool,
 ) -> Current | None:
-    """The current run (see the module's doc), or None: then `run` runs, reusing what it can."""
+    """The current run (see the module's doc), or None: then `run` runs, reusing what it can.
+
+    R is found from the releases, never from an unsigned run.json: the newest release
+    directory of the pipeline, a real directory that its `latest` alias names."""
     from pipeline.release.verify import verify_bundle, verify_run
     from pipeline.runner.status import stage_status
 
-    run_id = _latest_succeeded(ws)
-    if run_id is None:
+    if config.release_version:  # one fixed version, rewritten by every run: always run
         return None
-    run_dir = ws.runs / run_id
+    releases = ws.root / config.release_dir / config.name
+    run_id = _newest_release(releases)
+    if run_id is None or not _nothing_newer(ws, run_id):
+        return None
+    run_dir, bundle = ws.runs / run_id, releases / run_id
     try:
+        if not stat.S_ISDIR(os.lstat(run_dir).st_mode):
+            return None
         record = read_run_record(run_dir)
+        if load_public_key(ws.keys / "owner.pub").keyid != owner.keyid:
+            return None  # verify_run trusts the workspace's owner key: it must be this run's
     except (InputError, OSError):
         return None
     names = [s.name for s in config.stages]
-    release = record.get("release")
     if (
-        record.get("config_sha256") != config.sha256
+        record.get("status") != "succeeded"
+        or record.get("release") != str(bundle)
+        or record.get("config_sha256") != config.sha256
         or record.get("stages") != names
         or record.get("layout_signed_by") != "runner"
         or (record.get("code") or {}).get("sha256") != code_sha256
-        or not isinstance(release, str)
-        or not release
     ):
         return None
     try:
@@ -90,6 +112,8 @@ def latest_current(
     if _scan_outcome(earlier) != _scan_outcome(dependency_statement):
         return None
     report = stage_status(config, ws, sandbox=sandbox)
+    if report.functionary != functionary.keyid:
+        return None
     stages: dict[str, dict[str, str]] = {}
     for stage, verdict in zip(config.stages, report.verdicts, strict=True):
         if stage.impl.publishes:
@@ -97,32 +121,56 @@ def latest_current(
         if verdict.earlier is None or verdict.earlier.run_id != run_id:
             return None
         stages[stage.name] = verdict.earlier.record(ws.root)
-    bundle = Path(release)
     try:
         run = verify_run(run_dir, workspace=ws.root)
-        released = verify_bundle(
-            bundle,
-            local_owner=ws.keys / "owner.pub",
-            expected_version=bundle.name,
-            # it verified when this workspace published it; the manifest re-hashes its bytes
-            recheck_model_signature=False,
-        )
+        released = verify_bundle(bundle, owner_key=owner.keyid, expected_version=run_id)
     except (VerificationError, InputError, OSError):
         return None
-    if released.run_id != run.run_id or run.run_id != run_id:
+    if released.run_id != run_id or run.run_id != run_id or released.layout is None:
+        return None
+    layout = released.layout
+    functionaries = {k for step in layout.steps for k in step.pubkeys}
+    want = {release_key.keyid} if release_key is not None else set()
+    if set(layout.keys) - functionaries != want:  # a new (or dropped) release key
+        return None
+    if _expires_soon(layout.expires):
         return None
     return Current(run_id, run_dir, bundle, released, stages, record.get("lineage"))
 
 
-def _latest_succeeded(ws: Workspace) -> str | None:
-    """The newest run of the workspace that finished; a later failed attempt does not count."""
-    for run_id in earlier_runs(ws):
+def _newest_release(releases: Path) -> str | None:
+    """The run id of the newest release directory, if `latest` names exactly it."""
+    try:
+        entries = list(os.scandir(releases))
+        alias = os.readlink(releases / "latest")
+    except OSError:
+        return None
+    ids = [e.name for e in entries if RUN_ID.match(e.name) and e.is_dir(follow_symlinks=False)]
+    newest = max(ids, default=None)
+    return newest if newest is not None and alias == newest else None
+
+
+def _nothing_newer(ws: Workspace, run_id: str) -> bool:
+    """No later run that is under way, or whose record cannot be read (one starting now):
+    a later run that finished without a release (it failed) does not hide R."""
+    for other in earlier_runs(ws):
+        if other <= run_id:
+            return True
         try:
-            status = read_run_record(ws.runs / run_id).get("status")
+            if read_run_record(ws.runs / other).get("status") in (None, "running"):
+                return False
         except (InputError, OSError):
-            continue
-        if status == "succeeded":
-            return run_id
-        if status == "running":  # another run is under way here: not a question to answer now
-            return None
-    return None
+            return False
+    return True
+
+
+def _expires_soon(expires: str) -> bool:
+    """Within a day of the layout's expiry a new run is made (with a fresh layout), so the
+    release named "up to date" is not one that stops verifying minutes later."""
+    try:
+        when = datetime.fromisoformat(str(expires).replace("Z", "+00:00"))
+    except ValueError:
+        return True
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when - datetime.now(UTC) < timedelta(days=1)
