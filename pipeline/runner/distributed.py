@@ -67,7 +67,7 @@ def plan_for(stage: StageConfig) -> Plan | None:
 
 def check_hosts(plan: Plan) -> None:
     """A cluster config is checked whole (hosts, launcher, checkout) before the run, from
-    the layout's pins, and again before any worker: never half-run (runner/remote.py)."""
+    the layout's pins, and again before any worker: never half-run (runner/remote/launch.py)."""
     if plan.hosts:
         from pipeline.runner import remote  # it builds on this module
 
@@ -181,7 +181,7 @@ class Worker:
     started: sb.Started | None = None
     return_value: int | None = None
     seconds: float = 0.0
-    host: str = ""  # a cluster's host (runner/remote.py); "" on this machine's loopback
+    host: str = ""  # a cluster's host (runner/remote/); "" on this machine's loopback
 
 
 def environment_check(
