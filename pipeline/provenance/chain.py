@@ -72,7 +72,9 @@ class DiskArtifacts:
     @cached_property
     def tree(self) -> Walk:
         """`root` walked once; the run-level checks after the chain reuse the same walk."""
-        return self.walked if self.walked is not None else walk_tree(self.root)
+        if self.walked is not None:
+            return self.walked
+        return walk_tree(self.root, digest_small=True)  # every file is hashed next
 
 
 def _fail(message: str, check: str, **kw: Any) -> VerificationError:
