@@ -126,16 +126,37 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 @cache
-def _link_validators() -> tuple[Callable[[Link], None], ...] | None:
-    """Link's `_validate_*` methods, in the order in-toto's validate() runs them; None when
-    this in-toto's Link validates some other way (then only its own parse is used)."""
+def _link_validators() -> tuple[tuple[str, Callable[[Link], None]], ...] | None:
+    """Link's `_validate_*` methods by name, in the order in-toto's validate() runs them;
+    None when this in-toto's Link validates some other way (then only its own parse is used)."""
     if Link.validate is not ValidationMixin.validate:
         return None
     return tuple(
-        fn
+        (name, fn)
         for name, fn in inspect.getmembers(Link, predicate=inspect.isfunction)
         if name.startswith("_validate_")
     )
+
+
+# in-toto's _check_hex: re.fullmatch(r"^[0-9a-fA-F]+$", s), a non-empty run of hex digits
+_HEX = re.compile(r"[0-9a-fA-F]+").fullmatch
+_ARTIFACT_FIELDS = {"_validate_materials": "materials", "_validate_products": "products"}
+
+
+def _plainly_valid_artifacts(artifacts: object) -> bool:
+    """True only for what in-toto's _validate_materials/_validate_products accept (a dict of
+    {str: hex str} dicts), checked in one tight loop instead of four calls and a regex-cache
+    lookup per entry (~0.4 s for 100k artifacts). False sends it to in-toto's own validator,
+    which raises its own error."""
+    if type(artifacts) is not dict:
+        return False
+    for digests in artifacts.values():
+        if type(digests) is not dict:
+            return False
+        for algorithm, value in digests.items():
+            if type(algorithm) is not str or type(value) is not str or _HEX(value) is None:
+                return False
+    return True
 
 
 def _read_link(data: dict[str, Any]) -> Link:
@@ -160,7 +181,10 @@ def _read_link(data: dict[str, Any]) -> Link:
     link.byproducts = data.get("byproducts", {})
     link.command = data.get("command", [])
     link.environment = data.get("environment", {})
-    for validate in validators:
+    for name, validate in validators:
+        artifacts = _ARTIFACT_FIELDS.get(name)
+        if artifacts is not None and _plainly_valid_artifacts(getattr(link, artifacts)):
+            continue  # exactly the dicts in-toto's validator accepts, checked above
         validate(link)
     return link
 

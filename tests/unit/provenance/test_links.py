@@ -56,6 +56,13 @@ def test_a_link_reads_exactly_as_in_toto_reads_it(tmp_path: Path) -> None:
     assert ours.signable_bytes == theirs.signable_bytes  # what a Metablock would sign
 
 
+def test_upper_case_and_any_algorithm_name_are_accepted_as_in_toto_accepts_them(tmp_path):
+    products = {"a": {"sha256": "ABCdef0123"}, "b": {"sha512": "f" * 128, "md5": "0"}}
+    path = signed_link(tmp_path, products=products)
+    _, link = load_metadata_payload(path, what="link")
+    assert link.products == products == in_toto_parse(path).products
+
+
 def test_reading_a_link_does_not_canonicalise_it(tmp_path: Path, monkeypatch) -> None:
     path = signed_link(tmp_path)
 
@@ -78,6 +85,10 @@ def test_reading_a_link_does_not_canonicalise_it(tmp_path: Path, monkeypatch) ->
         {"materials": ["in.bin"]},
         {"products": {"a": {"sha256": "not hex"}}},
         {"products": {"a": "a" * 64}},
+        {"products": {"a": {"sha256": ""}}},
+        {"materials": {"a": {"sha256": "ab\n"}}},
+        {"materials": {"a": {"sha256": 12}}},
+        {"products": {"a": {"sha256": "a" * 64}, "b": None}},
         {"command": "python -I"},
         {"byproducts": []},
         {"environment": "x"},
