@@ -581,8 +581,10 @@ def _tree_listing(tree: Tree) -> str:
 
 
 def _digest_lines(lines: list[str]) -> str:
+    # Each line is "name\0stat key" or "name\0->target", joined by NUL too: a file name or a
+    # link target may hold a newline but never a NUL, so no two listings join to one text.
     lines.sort()
-    return hashlib.sha256("\n".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
+    return hashlib.sha256("\0".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _listing_sha256(site: Path) -> str | None:

@@ -440,3 +440,15 @@ def test_a_file_changed_during_the_check_is_not_stamped_as_verified(env, monkeyp
     assert check_tree(env.root).diff == ()
     monkeypatch.setattr(envmanifest, "_write_stamp", real)
     assert check_tree(env.root).diff == (f"! beta_pkg.py: {CHANGED}",)
+
+
+def test_names_with_newlines_are_listed_unambiguously(tmp_path):
+    # A name or a link target may hold a newline (never a NUL): the listing joins by NUL.
+    e = FakeEnv(tmp_path / "venv")
+    e.install("alpha", "1.0", {"alpha/odd\nname.py": b"X = 1\n", "alpha/b.py": b"B = 1\n"})
+    (e.site / "alpha" / "link").symlink_to("b.py\nalpha/odd")
+    e.seal(lock_file(tmp_path, {"alpha": "1.0"}))
+    assert check_tree(e.root).diff == ()
+    assert check_tree(e.root).loaded is None, "served by the stamp"
+    (e.site / "alpha" / "odd\nname.py").write_bytes(b"X = 2\n")
+    assert check_tree(e.root).diff == (f"! alpha/odd\nname.py: {CHANGED}",)
