@@ -26,6 +26,8 @@ from pipeline.hashing import hash_many
 SCHEMA = 1
 MANIFEST_NAME = ".chainproof-manifest.json"
 CACHE_NAME = ".chainproof-statcache.json"
+# The last clean check, as one digest of every entry's lstat: see check_tree.
+STAMP_NAME = ".chainproof-treestamp.json"
 SEAL_KEY_ENV = "CHAINPROOF_SEAL_KEY"
 # Modules the interpreter imports by itself at start-up: never acceptable in a locked
 # environment, whichever wheel or RECORD claims them.
@@ -342,15 +344,18 @@ class Manifest:
     pyvenv_cfg_sha256: str
 
 
-def load_manifest(venv: Path, key: bytes) -> Manifest:
-    """The sealed manifest of `venv`; EnvironmentDrift when absent, unsealed or malformed."""
+_MANIFEST_HINT = "rebuild the environment from its lock: `make setup` (it seals the manifest)"
+
+
+def _read_manifest(venv: Path) -> bytes:
+    """The manifest file's bytes, size-capped; EnvironmentDrift when absent or unreadable."""
     path = venv / MANIFEST_NAME
-    hint = "rebuild the environment from its lock: `make setup` (it seals the manifest)"
+    hint = _MANIFEST_HINT
     try:
         size = path.stat().st_size
         if size > MAX_MANIFEST_BYTES:
             raise EnvironmentDrift(str(path), [f"! {path}: {size} bytes, too big"], hint=hint)
-        raw = path.read_bytes()
+        return path.read_bytes()
     except FileNotFoundError:
         raise EnvironmentDrift(
             str(venv),
@@ -359,6 +364,15 @@ def load_manifest(venv: Path, key: bytes) -> Manifest:
         ) from None
     except OSError as e:
         raise EnvironmentDrift(str(path), [f"- {path}: cannot read it ({e})"], hint=hint) from e
+
+
+def load_manifest(venv: Path, key: bytes, raw: bytes | None = None) -> Manifest:
+    """The sealed manifest of `venv` (or of its bytes `raw`, already read); EnvironmentDrift
+    when absent, unsealed or malformed."""
+    path = venv / MANIFEST_NAME
+    hint = _MANIFEST_HINT
+    if raw is None:
+        raw = _read_manifest(venv)
     body = _unseal(key, raw, path)
     if body is None:
         raise EnvironmentDrift(
@@ -394,7 +408,8 @@ class TreeCheck:
     """What checking one environment's site-packages against its manifest found."""
 
     venv: Path
-    manifest: Manifest | None
+    # None when the check was answered by the tree stamp: `manifest` then loads it on demand
+    loaded: Manifest | None
     files: int
     hashed: int
     bytes_hashed: int
@@ -402,6 +417,24 @@ class TreeCheck:
     # rels of the lines above that a caller with RECORD at hand may explain further
     changed: tuple[str, ...] = ()
     startup_extra: tuple[str, ...] = ()
+    manifest_sha256: str = ""
+    key: bytes = field(default=b"", repr=False)
+
+    @property
+    def manifest(self) -> Manifest:
+        """The sealed manifest this check compared with. After a stamped check it is read
+        only when asked for (the envcheck's pins), and it must still be the same bytes."""
+        if self.loaded is not None:
+            return self.loaded
+        manifest = load_manifest(self.venv, self.key)
+        if manifest.sha256 != self.manifest_sha256:
+            raise EnvironmentDrift(
+                str(manifest.path),
+                [f"! {manifest.path}: replaced since this process checked the environment"],
+                hint=_MANIFEST_HINT,
+            )
+        object.__setattr__(self, "loaded", manifest)
+        return manifest
 
 
 def _startup_on_path(dirs: list[Path]) -> list[str]:
@@ -439,13 +472,28 @@ def check_tree(venv: Path, *, key: bytes | None = None) -> TreeCheck:
     venv = Path(os.path.abspath(venv))
     if key is None:  # an unsealed environment says so, whether or not a key exists yet
         key = b"" if not (venv / MANIFEST_NAME).exists() else load_seal_key()
-    manifest = load_manifest(venv, key)
+    raw = _read_manifest(venv)
+    manifest_sha = hashlib.sha256(raw).hexdigest()
     site = site_packages(venv)
-    diff: list[str] = []
     try:
         cfg_sha = _file_sha256(venv / "pyvenv.cfg")
     except OSError as e:
         cfg_sha = f"unreadable: {e.strerror}"
+    on_path = _startup_on_path(interpreter_dirs())
+    stamped = _stamped(venv, key, manifest_sha, cfg_sha, site) if key and not on_path else None
+    if stamped is not None:
+        return TreeCheck(
+            venv=venv,
+            loaded=None,
+            files=stamped,
+            hashed=0,
+            bytes_hashed=0,
+            diff=(),
+            manifest_sha256=manifest_sha,
+            key=key,
+        )
+    manifest = load_manifest(venv, key, raw)
+    diff: list[str] = []
     if cfg_sha != manifest.pyvenv_cfg_sha256:
         diff.append(f"! {venv / 'pyvenv.cfg'}: differs from when the environment was sealed")
     tree = scan_site(site)
@@ -484,7 +532,7 @@ def check_tree(venv: Path, *, key: bytes | None = None) -> TreeCheck:
     for rel in sorted(set(manifest.links) - set(tree.links)):
         diff.append(f"- {rel}: a symlink in the sealed manifest, missing on disk")
     diff.extend(f"? {what}" for what in sorted(tree.other))
-    diff.extend(_startup_on_path(interpreter_dirs()))
+    diff.extend(on_path)
     digests = _hash_or_none([t[1] for t in todo], [t[2] for t in todo])
     for (rel, _, _), digest in zip(todo, digests, strict=True):
         if digest is None:
@@ -496,16 +544,121 @@ def check_tree(venv: Path, *, key: bytes | None = None) -> TreeCheck:
             diff.append(f"! {rel}: {CHANGED}")
     if todo:
         _write_cache(venv, key, manifest.sha256, verified)
+    if not diff:
+        _write_stamp(venv, key, manifest.sha256, cfg_sha, tree)
     return TreeCheck(
         venv=venv,
-        manifest=manifest,
+        loaded=manifest,
         files=len(tree.files),
         hashed=len(todo),
         bytes_hashed=sum(t[2] for t in todo),
         diff=tuple(sorted(diff, key=_diff_order)),
         changed=tuple(changed),
         startup_extra=tuple(startup_extra),
+        manifest_sha256=manifest.sha256,
+        key=key,
     )
+
+
+# --------------------------------------------------------------------------- the tree stamp
+#
+# A clean check of ~50k files costs its walk plus parsing the manifest and the stat cache
+# (~13 MB of JSON) and comparing 50k entries. The stamp, written after a clean check, holds
+# one digest of the whole listing: every entry's relative name with its lstat (mode, device,
+# inode, size, mtime_ns, ctime_ns; a symlink's target too). A later check that walks the tree
+# and gets the same digest has seen, entry for entry, the tree that verified against this
+# manifest (same bytes: its sha256 is in the stamp), so it trusts exactly what the stat cache
+# trusts (an unchanged stat tuple means unchanged bytes; nothing sets ctime to a chosen
+# value) and nothing more. Any difference at all (a file added, removed, touched, a directory
+# that cannot be listed) misses, and the full check runs, naming what changed.
+
+
+def _tree_listing(tree: Tree) -> str:
+    """The listing digest of a walked tree: the stats its check verified, nothing later."""
+    lines = [f"{rel}\0{stat_key}" for rel, (_, _, stat_key) in tree.files.items()]
+    lines.extend(f"{rel}\0->{target}" for rel, target in tree.links.items())
+    return _digest_lines(lines)
+
+
+def _digest_lines(lines: list[str]) -> str:
+    # Each line is "name\0stat key" or "name\0->target", joined by NUL too: a file name or a
+    # link target may hold a newline but never a NUL, so no two listings join to one text.
+    lines.sort()
+    return hashlib.sha256("\0".join(lines).encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _listing_sha256(site: Path) -> str | None:
+    """What _tree_listing gives for `site` as it is now, from a walk that keeps nothing but
+    the lines; None when the tree holds anything else (a FIFO, an unlistable directory, an
+    entry vanishing): the full check then says what."""
+    lines: list[str] = []
+    stack = [(str(site), "")]
+    try:
+        while stack:
+            directory, rel = stack.pop()
+            with os.scandir(directory) as it:
+                for entry in it:
+                    name = rel + entry.name
+                    if entry.is_dir(follow_symlinks=False):
+                        stack.append((entry.path, name + "/"))
+                        continue
+                    st = entry.stat(follow_symlinks=False)
+                    kind = st.st_mode & 0o170000
+                    if kind == 0o100000:  # the same stat key as _walk's
+                        lines.append(
+                            f"{name}\0{st.st_dev}:{st.st_ino}:{st.st_size}:"
+                            f"{st.st_mtime_ns}:{st.st_ctime_ns}"
+                        )
+                    elif kind == 0o120000:
+                        lines.append(f"{name}\0->{os.readlink(entry.path)}")
+                    else:
+                        return None
+    except OSError:
+        return None
+    return _digest_lines(lines)
+
+
+def _stamp_body(manifest_sha: str, cfg_sha: str, listing: str, files: int) -> dict[str, object]:
+    return {
+        "kind": "chainproof-tree-stamp",
+        "manifest_sha256": manifest_sha,
+        "pyvenv_cfg_sha256": cfg_sha,
+        "listing_sha256": listing,
+        "files": files,
+    }
+
+
+def _write_stamp(venv: Path, key: bytes, manifest_sha: str, cfg_sha: str, tree: Tree) -> None:
+    # From the check's own walk, never a second one: a file changed after the check looked
+    # at it must not be stamped as verified.
+    if not key:
+        return
+    listing, files = _tree_listing(tree), len(tree.files)
+    with contextlib.suppress(OSError):  # read-only (a sandbox): the next check is only slower
+        atomic_write_bytes(
+            venv / STAMP_NAME,
+            _sealed_bytes(key, _stamp_body(manifest_sha, cfg_sha, listing, files)),
+        )
+
+
+def _stamped(venv: Path, key: bytes, manifest_sha: str, cfg_sha: str, site: Path) -> int | None:
+    """The file count of the last clean check when the tree is exactly as it was then."""
+    try:
+        raw = (venv / STAMP_NAME).read_bytes()
+    except OSError:
+        return None
+    if len(raw) > 4096:
+        return None
+    body = _unseal(key, raw, venv / STAMP_NAME)
+    if not body or body.get("manifest_sha256") != manifest_sha:
+        return None
+    files = body.get("files")
+    if body.get("pyvenv_cfg_sha256") != cfg_sha or not isinstance(files, int):
+        return None
+    listing = _listing_sha256(site)
+    if listing is None or body != _stamp_body(manifest_sha, cfg_sha, listing, files):
+        return None
+    return files
 
 
 def _hash_or_none(paths: list[str], sizes: list[int]) -> list[str | None]:

@@ -9,6 +9,7 @@ links name artifacts.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import stat
@@ -174,39 +175,78 @@ class Walk:
         )
 
 
-def walk_tree(root: Path) -> Walk:
+def walk_tree(root: Path, *, digest_small: bool = False) -> Walk:
     """os.scandir recursion over `root` (which must not itself be a symlink; callers check).
 
     One lstat per regular file (the DirEntry's cached one), none per directory or link: the
-    type comes from the directory entry itself.
+    type comes from the directory entry itself. `digest_small`: also hash each regular file
+    of up to SMALL bytes as it is met, opened relative to its directory (no path lookup) and
+    read once, into the stat-keyed cache, for a caller that is about to hash the tree anyway
+    (a verifier): hash_stated then reads none of them again. Bigger files are left to
+    hash_stated's threads, where hashlib releases the GIL.
     """
     walk = Walk(root)
     if root.is_dir() and not root.is_symlink():
-        _walk(str(root), "", walk)
+        _walk(str(root), "", walk, digest_small)
     return walk
 
 
-def _walk(directory: str, rel: str, walk: Walk) -> None:
+# A regular file is opened without following a link and without blocking, so one swapped for
+# a symlink or a FIFO after the walk's lstat fails to open (and is hashed later, as before).
+_OPEN_SMALL = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+
+
+def _walk(directory: str, rel: str, walk: Walk, digest_small: bool = False) -> None:
     try:
         with os.scandir(directory) as it:
             entries = list(it)
     except OSError:  # unreadable (or gone): skipped, as os.walk and rglob do
         return
-    for entry in entries:
-        name = rel + entry.name
-        if entry.is_symlink():
-            walk.symlinks.append(name)
-        elif entry.is_dir(follow_symlinks=False):
-            _walk(entry.path, name + "/", walk)
-        else:
-            try:
-                st = entry.stat(follow_symlinks=False)
-            except FileNotFoundError:  # removed while walking: it is not there
-                continue
-            if stat.S_ISREG(st.st_mode):
-                walk.files[name] = st
+    dir_fd = -1
+    if digest_small:  # unopenable: nothing here is hashed early; hash_stated does it later
+        with contextlib.suppress(OSError):
+            dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for entry in entries:
+            name = rel + entry.name
+            if entry.is_symlink():
+                walk.symlinks.append(name)
+            elif entry.is_dir(follow_symlinks=False):
+                _walk(entry.path, name + "/", walk, digest_small)
             else:
-                walk.others.append(name)
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except FileNotFoundError:  # removed while walking: it is not there
+                    continue
+                if stat.S_ISREG(st.st_mode):
+                    walk.files[name] = st
+                    if dir_fd >= 0 and st.st_size <= SMALL:
+                        _digest_small(dir_fd, entry.name, st)
+                else:
+                    walk.others.append(name)
+    finally:
+        if dir_fd >= 0:
+            os.close(dir_fd)
+
+
+def _digest_small(dir_fd: int, name: str, st: os.stat_result) -> None:
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    if key in _SEEN:
+        return
+    try:
+        fd = os.open(name, _OPEN_SMALL, dir_fd=dir_fd)
+    except OSError:
+        return
+    try:
+        data = os.read(fd, st.st_size + 1)
+    except OSError:
+        return
+    finally:
+        os.close(fd)
+    if len(data) == st.st_size:  # otherwise it changed since its lstat: hashed later
+        if len(_SEEN) > _SEEN_MAX:
+            _SEEN.clear()
+        _SEEN[key] = hashlib.sha256(data).hexdigest()
 
 
 def _scan(directory: str, rel: str, out: list[tuple[str, str, int]]) -> None:

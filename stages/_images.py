@@ -19,9 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Literal
 
 from pipeline import bounded
 from pipeline.datasets import DatasetSource, Manifest
@@ -29,6 +27,9 @@ from pipeline.errors import InputError
 from pipeline.hashing import sha256_file, workers
 from pipeline.stage import StageError
 from stages._io import write_npz
+
+if TYPE_CHECKING:
+    import numpy as np
 
 Interpolation = Literal["nearest", "bilinear", "bicubic", "lanczos", "box", "hamming"]
 # The formats a dataset may hold: Pillow tries only these plugins, not every one it knows.
@@ -89,6 +90,7 @@ class Decoder:
 
     def decode(self, data: bytes) -> np.ndarray:
         """uint8 (H, W, C), or Unreadable saying why."""
+        import numpy as np
         from PIL import Image, UnidentifiedImageError
 
         try:
@@ -224,6 +226,8 @@ def ingest(
     say: Callable[[str], None] = print,
 ) -> Ingested:
     """Decode, label, split and shard every file of the (already pin-checked) manifest."""
+    import numpy as np  # imported when images are ingested, not when the config is loaded
+
     where = str(source.path)
     pinned = manifest.by_path()
     if labels is not None and labels not in pinned:

@@ -21,15 +21,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from pipeline.cli.options import echo_json, json_option
-from pipeline.scan.model import (
-    DEFAULT_FAIL_ON,
-    DEFAULT_PROFILES,
-    PROFILES,
-    Severity,
-    UnsafeModelError,
-    render_table,
-    scan_path,
-)
+from pipeline.scan.model import DEFAULT_FAIL_ON, DEFAULT_PROFILES, PROFILES, Severity
 
 if TYPE_CHECKING:
     from pipeline.scan.deps import DepGraph
@@ -525,6 +517,8 @@ def scan_model(path: Path, fmt: str, fail_on: str, profiles: tuple[str, ...]) ->
     """Scan PATH (a model file or directory) without loading it: pickles, PyTorch, joblib,
     .keras, .h5, SavedModel, .npy/.npz, safetensors, ONNX, GGUF, zip/tar. A file PATH names that
     is not a model is refused; inside a directory, non-model files are listed as not-a-model."""
+    from pipeline.scan.model import UnsafeModelError, render_table, scan_path
+
     report = scan_path(path, profiles=profiles or None)
     click.echo(report.to_json() if fmt == "json" else render_table(report))
     if not report.ok(fail_on):

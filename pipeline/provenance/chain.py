@@ -72,7 +72,9 @@ class DiskArtifacts:
     @cached_property
     def tree(self) -> Walk:
         """`root` walked once; the run-level checks after the chain reuse the same walk."""
-        return self.walked if self.walked is not None else walk_tree(self.root)
+        if self.walked is not None:
+            return self.walked
+        return walk_tree(self.root, digest_small=True)  # every file is hashed next
 
 
 def _fail(message: str, check: str, **kw: Any) -> VerificationError:
@@ -84,16 +86,15 @@ def safe_join(root: Path, name: str, *, check: str, step: str | None = None) -> 
     return Path(safe_path(str(root), name, check=check, step=step))
 
 
+# path components that make a recorded name anything but a plain relative path
+_NOT_PLAIN = frozenset(("", ".", ".."))
+
+
 def safe_path(root: str, name: str, *, check: str, step: str | None = None) -> str:
     """safe_join as a string: the verifier joins ~50k recorded names per run, and Path
     objects cost more than the check. A plain name ("a/b.bin": no empty, "." or ".."
     component) is joined directly; anything else takes the PurePosixPath route."""
-    if (
-        name
-        and "\\" not in name
-        and "\x00" not in name
-        and not any(part in ("", ".", "..") for part in name.split("/"))
-    ):
+    if name and "\\" not in name and "\x00" not in name and _NOT_PLAIN.isdisjoint(name.split("/")):
         return f"{root}/{name}"
     pure = PurePosixPath(name)
     if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name or "\x00" in name:

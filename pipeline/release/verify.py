@@ -249,7 +249,8 @@ def refuse_symlinks(root: Path, tree: Walk | None = None) -> Walk:
     `root` the caller already has."""
     if root.is_symlink():
         raise VerificationError(f"{root} is a symlink", check="layout of files", artifact=str(root))
-    tree = tree if tree is not None else walk_tree(root)
+    # a tree walked to be verified: each of its files is hashed next (disk check, manifest)
+    tree = tree if tree is not None else walk_tree(root, digest_small=True)
     for name in tree.symlinks:
         raise VerificationError(
             f"{name} is a symlink; a verified tree holds only real files",

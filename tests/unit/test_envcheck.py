@@ -12,8 +12,17 @@ from py_compile import PycInvalidationMode
 
 import pytest
 
+from pipeline import envmanifest
 from pipeline.envcheck import check_environment, parse_lock
-from pipeline.envmanifest import CACHE_NAME, CHANGED, MANIFEST_NAME, SEAL_KEY_ENV, check_tree, seal
+from pipeline.envmanifest import (
+    CACHE_NAME,
+    CHANGED,
+    MANIFEST_NAME,
+    SEAL_KEY_ENV,
+    STAMP_NAME,
+    check_tree,
+    seal,
+)
 from pipeline.errors import EnvironmentDrift, InputError
 
 H = "--hash=sha256:" + "a" * 64
@@ -322,3 +331,124 @@ def test_pyvenv_cfg_changed_or_removed_is_drift(env, tmp_path):
     assert drift(env, lock_file(tmp_path, MATCHING)) == [
         f"! {cfg}: differs from when the environment was sealed"
     ]
+
+
+# --------------------------------------------------------------------------- the tree stamp
+
+
+def unparsed_manifest(monkeypatch) -> list[str]:
+    """Records every time the check parses the manifest (what the stamp saves each start)."""
+    parsed: list[str] = []
+    real = envmanifest.load_manifest
+
+    def spy(*args, **kw):
+        parsed.append("manifest")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(envmanifest, "load_manifest", spy)
+    return parsed
+
+
+def test_an_unchanged_tree_is_answered_by_the_stamp_without_parsing_the_manifest(
+    env, tmp_path, monkeypatch
+):
+    assert check_tree(env.root).diff == ()  # the first clean check writes the stamp
+    assert (env.root / STAMP_NAME).is_file()
+    parsed = unparsed_manifest(monkeypatch)
+    result = check_tree(env.root)
+    assert result.diff == () and result.hashed == 0 and result.files == 6
+    assert parsed == []
+    # the envcheck still gets the sealed manifest (pins, files), read when it asks
+    assert "alpha/__init__.py" in result.manifest.files and parsed == ["manifest"]
+    fp = check_environment(parse_lock(lock_file(tmp_path, MATCHING)), python=env.python)
+    assert fp.files_sealed == 6 and fp.manifest_sha256 == result.manifest.sha256
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        "same size, mtime restored",
+        "added file",
+        "added .pth",
+        "removed file",
+        "symlink",
+        "pyvenv.cfg",
+    ],
+)
+def test_after_a_stamped_check_every_tamper_is_still_drift(env, tmp_path, tamper):
+    assert check_tree(env.root).diff == ()
+    assert check_tree(env.root).loaded is None, "served by the stamp"
+    target = env.site / "beta_pkg.py"
+    if tamper == "same size, mtime restored":
+        st = target.stat()
+        target.write_bytes(b"B = 3\n")
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+        want = [f"! beta_pkg.py: {CHANGED}"]
+    elif tamper == "added file":
+        (env.site / "alpha" / "evil.py").write_text("X = 1\n")
+        want = ["+ alpha/evil.py: in site-packages, not in the sealed manifest (added after)"]
+    elif tamper == "added .pth":
+        (env.site / "zz.pth").write_text("import os\n")
+        want = ["+ zz.pth: a start-up file in site-packages, not in the sealed manifest"]
+    elif tamper == "removed file":
+        target.unlink()
+        want = ["- beta_pkg.py: in the sealed manifest, missing on disk"]
+    elif tamper == "symlink":
+        target.unlink()
+        target.symlink_to("/tmp/evil.py")
+        want = [
+            "+ beta_pkg.py: a symlink not in the sealed manifest (-> /tmp/evil.py)",
+            "- beta_pkg.py: in the sealed manifest, missing on disk",
+        ]
+    else:
+        (env.root / "pyvenv.cfg").write_text("include-system-site-packages = true\n")
+        want = [f"! {env.root / 'pyvenv.cfg'}: differs from when the environment was sealed"]
+    assert sorted(check_tree(env.root).diff) == sorted(want)
+
+
+def test_a_forged_or_stale_stamp_is_no_stamp(env, tmp_path):
+    assert check_tree(env.root).diff == ()
+    stamp = env.root / STAMP_NAME
+    good = stamp.read_bytes()
+    (env.site / "alpha" / "evil.py").write_text("X = 1\n")
+    # An attacker re-computes the listing digest of the tampered tree and rewrites the body:
+    # without the seal key the seal cannot follow.
+    body = json.loads(good)
+    body["body"]["listing_sha256"] = "0" * 64
+    stamp.write_text(json.dumps(body))
+    assert any("alpha/evil.py" in line for line in check_tree(env.root).diff)
+    # A genuine stamp of another manifest (the environment re-sealed since) does not apply.
+    (env.site / "alpha" / "evil.py").unlink()
+    (env.site / "alpha" / "new.py").write_text("N = 1\n")
+    env.seal(lock_file(tmp_path, MATCHING))  # a new manifest, with new.py in it
+    stamp.write_bytes(good)
+    result = check_tree(env.root)
+    assert result.loaded is not None, "the old stamp names the old manifest: a full check"
+    assert result.diff == () and result.files == 7
+
+
+def test_a_file_changed_during_the_check_is_not_stamped_as_verified(env, monkeypatch):
+    # The stamp comes from the stats the check verified, never from a second walk: a file
+    # rewritten after the check looked at it makes the next check miss and hash it again.
+    real = envmanifest._write_stamp
+
+    def rewrite_then_stamp(*args, **kw):
+        (env.site / "beta_pkg.py").write_bytes(b"B = 9\n")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(envmanifest, "_write_stamp", rewrite_then_stamp)
+    assert check_tree(env.root).diff == ()
+    monkeypatch.setattr(envmanifest, "_write_stamp", real)
+    assert check_tree(env.root).diff == (f"! beta_pkg.py: {CHANGED}",)
+
+
+def test_names_with_newlines_are_listed_unambiguously(tmp_path):
+    # A name or a link target may hold a newline (never a NUL): the listing joins by NUL.
+    e = FakeEnv(tmp_path / "venv")
+    e.install("alpha", "1.0", {"alpha/odd\nname.py": b"X = 1\n", "alpha/b.py": b"B = 1\n"})
+    (e.site / "alpha" / "link").symlink_to("b.py\nalpha/odd")
+    e.seal(lock_file(tmp_path, {"alpha": "1.0"}))
+    assert check_tree(e.root).diff == ()
+    assert check_tree(e.root).loaded is None, "served by the stamp"
+    (e.site / "alpha" / "odd\nname.py").write_bytes(b"X = 2\n")
+    assert check_tree(e.root).diff == (f"! alpha/odd\nname.py: {CHANGED}",)

@@ -30,15 +30,45 @@ Rules, by severity:
   info      savedmodel-asset, not-a-model (a non-model file inside a scanned directory)
 """
 
-from pipeline.scan.model.policy import DEFAULT_PROFILES, PROFILES, ScanLimits
-from pipeline.scan.model.report import (
-    DEFAULT_FAIL_ON,
-    ScanReport,
-    Severity,
-    UnsafeModelError,
-    render_table,
-)
-from pipeline.scan.model.walk import scan_path
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.scan.model.policy import DEFAULT_PROFILES, PROFILES, ScanLimits
+    from pipeline.scan.model.report import (
+        DEFAULT_FAIL_ON,
+        ScanReport,
+        Severity,
+        UnsafeModelError,
+        render_table,
+    )
+    from pipeline.scan.model.walk import scan_path
+
+# Resolved on first use (PEP 562): every chainproof command declares `scan model`'s options,
+# which need only the severities and profiles, not the readers behind scan_path (~50 ms).
+_EXPORTS = {
+    "DEFAULT_PROFILES": "policy",
+    "PROFILES": "policy",
+    "ScanLimits": "policy",
+    "DEFAULT_FAIL_ON": "report",
+    "ScanReport": "report",
+    "Severity": "report",
+    "UnsafeModelError": "report",
+    "render_table": "report",
+    "scan_path": "walk",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "DEFAULT_FAIL_ON",

@@ -369,9 +369,9 @@ def test_a_bundle_tree_is_walked_once_for_every_check(tmp_path: Path, monkeypatc
     walks: list[Path] = []
     real = hashing.walk_tree
 
-    def counting(root: Path) -> hashing.Walk:
+    def counting(root: Path, **kw: bool) -> hashing.Walk:
         walks.append(root)
-        return real(root)
+        return real(root, **kw)
 
     monkeypatch.setattr(verify, "walk_tree", counting)
     monkeypatch.setattr("pipeline.provenance.chain.walk_tree", counting)
