@@ -175,6 +175,9 @@ class Walk:
         )
 
 
+MAX_DEPTH = 64  # directory levels under an artifact root (a SavedModel uses 3)
+
+
 def walk_tree(root: Path, *, digest_small: bool = False) -> Walk:
     """os.scandir recursion over `root` (which must not itself be a symlink; callers check).
 
@@ -196,7 +199,8 @@ def walk_tree(root: Path, *, digest_small: bool = False) -> Walk:
 _OPEN_SMALL = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
 
 
-def _walk(directory: str, rel: str, walk: Walk, digest_small: bool = False) -> None:
+def _walk(directory: str, rel: str, walk: Walk, digest_small: bool = False, depth: int = 0) -> None:
+    _too_deep(directory, depth)
     try:
         with os.scandir(directory) as it:
             entries = list(it)
@@ -212,7 +216,7 @@ def _walk(directory: str, rel: str, walk: Walk, digest_small: bool = False) -> N
             if entry.is_symlink():
                 walk.symlinks.append(name)
             elif entry.is_dir(follow_symlinks=False):
-                _walk(entry.path, name + "/", walk, digest_small)
+                _walk(entry.path, name + "/", walk, digest_small, depth + 1)
             else:
                 try:
                     st = entry.stat(follow_symlinks=False)
@@ -249,7 +253,16 @@ def _digest_small(dir_fd: int, name: str, st: os.stat_result) -> None:
         _SEEN[key] = hashlib.sha256(data).hexdigest()
 
 
-def _scan(directory: str, rel: str, out: list[tuple[str, str, int]]) -> None:
+def _too_deep(directory: str, depth: int) -> None:
+    if depth > MAX_DEPTH:  # hostile nesting: refused before Python's recursion limit (exit 70)
+        raise InputError(
+            f"{directory} is nested more than {MAX_DEPTH} directories deep",
+            hint="an artifact tree this deep is not a model or a dataset; flatten it",
+        )
+
+
+def _scan(directory: str, rel: str, out: list[tuple[str, str, int]], depth: int = 0) -> None:
+    _too_deep(directory, depth)
     with os.scandir(directory) as it:
         entries = sorted(it, key=lambda e: e.name)
     for entry in entries:
@@ -260,7 +273,7 @@ def _scan(directory: str, rel: str, out: list[tuple[str, str, int]]) -> None:
             )
         name = f"{rel}{entry.name}"
         if entry.is_dir():
-            _scan(entry.path, f"{name}/", out)
+            _scan(entry.path, f"{name}/", out, depth + 1)
         elif entry.is_file():
             out.append((name, entry.path, entry.stat().st_size))
 

@@ -202,6 +202,8 @@ def _record_files(root: Path) -> list[Path]:
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))  # .git and friends
+        if len(Path(dirpath).relative_to(root).parts) >= 32:  # os.walk recurses: bounded
+            dirnames[:] = []
         found.extend(Path(dirpath) / f for f in filenames if f.endswith(_RECORD_SUFFIXES))
     return sorted(found)
 

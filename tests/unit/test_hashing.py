@@ -54,3 +54,24 @@ def test_atomic_directory_appears_whole_or_not_at_all(tmp_path):
     with atomic_directory(final) as staging:
         (staging / "whole").write_text("x")
     assert (final / "whole").is_file()
+
+
+def test_a_tree_nested_past_the_depth_cap_is_an_input_error_not_a_crash(tmp_path: Path) -> None:
+    """A stage can nest directories ~2000 deep within PATH_MAX; Python's recursion limit would
+    turn the runner's product walk into exit 70. It is refused, naming the path."""
+    import os
+
+    from pipeline import hashing
+    from pipeline.errors import InputError
+
+    deep = tmp_path
+    for _ in range(hashing.MAX_DEPTH + 2):
+        deep = deep / "a"
+    os.makedirs(deep)
+    (deep / "f").write_text("x")
+    for walker in (hashing.walk_tree, hashing.list_tree, hashing.hash_tree):
+        with pytest.raises(InputError, match="nested more than 64 directories"):
+            walker(tmp_path)
+    shallow = tmp_path / "b" / "c"
+    shallow.mkdir(parents=True)
+    assert hashing.list_tree(tmp_path / "b") == {}

@@ -75,12 +75,24 @@ def scan_path(
     )
 
 
+MAX_DEPTH = 64  # as pipeline.hashing's: no model format nests deeper
+
+
 def _walk_dir(root: Path, out: Collector) -> dict[str, Path]:
     """Every regular file under root by relative POSIX name; symlinks are findings, not followed."""
     found: dict[str, Path] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         base = Path(dirpath)
+        if dirnames and len(base.relative_to(root).parts) >= MAX_DEPTH:
+            # os.walk recurses: a hostile tree ~1000 deep would crash the scan; stop here
+            out.add(
+                Severity.HIGH,
+                "nested-too-deep",
+                f"directories nested more than {MAX_DEPTH} deep are not scanned",
+                Location(base.relative_to(root).as_posix()),
+            )
+            dirnames[:] = []
         for name in [*dirnames, *sorted(filenames)]:
             p = base / name
             rel = p.relative_to(root).as_posix()

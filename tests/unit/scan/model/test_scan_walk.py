@@ -145,3 +145,16 @@ def test_cli_directory_with_documents_passes(cli: click.Group, tmp_path: Path) -
     result = CliRunner().invoke(cli, ["scan", "model", str(tmp_path / "d")])
     assert result.exit_code == 0, result.output
     assert "not-a-model" in result.output
+
+
+def test_a_directory_nested_past_the_cap_is_a_finding_not_a_crash(tmp_path: Path) -> None:
+    """os.walk recurses: ~1000 levels would raise RecursionError (exit 70). The scan stops
+    at the cap and says so, as a high finding."""
+    from pipeline.scan.model import scan_path
+
+    deep = tmp_path / "m"
+    for _ in range(200):
+        deep = deep / "a"
+    os.makedirs(deep)
+    report = scan_path(tmp_path / "m")
+    assert [f.rule for f in report.findings] == ["nested-too-deep"]
