@@ -13,12 +13,40 @@ key is enough to trust it; `chainproof verify` checks both the binding and the s
 from __future__ import annotations
 
 import base64
+import contextlib
+import sys
+import threading
 from pathlib import Path
 
 from pipeline import bounded
 from pipeline.errors import InputError, VerificationError
 
 SIGNATURE = "model.sig"
+
+_warming: threading.Thread | None = None
+
+
+def _import_model_signing() -> None:
+    # Absent: sign_model_dir's own import raises the ImportError where it is needed.
+    with contextlib.suppress(ImportError):
+        import model_signing  # noqa: F401
+
+
+def warm_up() -> None:
+    """Start importing model_signing in a background thread.
+
+    The import is about 1 s of CPU (sigstore, tuf, rekor types, pydantic models) that a
+    publishing run otherwise pays after its last stage. A runner calls this before its stages:
+    it waits on stage processes most of the run, so the import finishes meanwhile and
+    sign_model_dir's `import model_signing` then finds the module loaded (or waits on the
+    import lock for the rest of it). Nothing is signed or read here.
+    """
+    global _warming
+    if _warming is None and "model_signing" not in sys.modules:
+        _warming = threading.Thread(
+            target=_import_model_signing, name="import-model-signing", daemon=True
+        )
+        _warming.start()
 
 
 def sign_model_dir(model_dir: Path, signature: Path, private_key: Path) -> None:
