@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import base64
 import contextlib
-import sys
-import threading
 from pathlib import Path
 
 from pipeline import bounded
@@ -23,30 +21,24 @@ from pipeline.errors import InputError, VerificationError
 
 SIGNATURE = "model.sig"
 
-_warming: threading.Thread | None = None
+_preloaded = False
 
 
-def _import_model_signing() -> None:
-    # Absent: sign_model_dir's own import raises the ImportError where it is needed.
-    with contextlib.suppress(ImportError):
-        import model_signing  # noqa: F401
-
-
-def warm_up() -> None:
-    """Start importing model_signing in a background thread.
+def preload() -> None:
+    """Import model_signing now, if it is not imported yet (the first call only).
 
     The import is about 1 s of CPU (sigstore, tuf, rekor types, pydantic models) that a
-    publishing run otherwise pays after its last stage. A runner calls this before its stages:
-    it waits on stage processes most of the run, so the import finishes meanwhile and
-    sign_model_dir's `import model_signing` then finds the module loaded (or waits on the
-    import lock for the rest of it). Nothing is signed or read here.
+    publishing run would otherwise pay after its last stage, in its critical path. The runner
+    calls this while a stage process runs, so the two overlap on separate cores. In the
+    caller's thread, not a background one: stages are forked from the runner, and forking
+    while another thread is inside an import (or dlopen) is not safe. Nothing is signed or
+    read here; an absent package raises where sign_model_dir imports it.
     """
-    global _warming
-    if _warming is None and "model_signing" not in sys.modules:
-        _warming = threading.Thread(
-            target=_import_model_signing, name="import-model-signing", daemon=True
-        )
-        _warming.start()
+    global _preloaded
+    if not _preloaded:
+        _preloaded = True
+        with contextlib.suppress(ImportError):
+            import model_signing  # noqa: F401
 
 
 def sign_model_dir(model_dir: Path, signature: Path, private_key: Path) -> None:

@@ -85,6 +85,18 @@ from pipeline.workspace import (
 __all__ = ["RunResult", "Runner", "ensure_keys", "write_signed_layout"]
 
 
+def _preload_signing_then(watch: Callable[[], None] | None) -> Callable[[], None]:
+    """A stage's watch (called while it runs) that first imports what the release signature
+    needs (openssf.preload, once per process): ~1 s that overlaps a stage, not follows them."""
+
+    def preload_then_watch() -> None:
+        openssf.preload()
+        if watch is not None:
+            watch()
+
+    return preload_then_watch
+
+
 class Runner:
     """Runs one pipeline config once, in a fresh run directory of the workspace.
 
@@ -159,8 +171,6 @@ class Runner:
     def run(self, *, publish: bool = True) -> RunResult:
         """Every stage, then verify the chain, then (with a deploy stage) publish the release."""
         with self.session():
-            if publish and self.config.stages[-1].impl.publishes:
-                openssf.warm_up()  # its ~1 s import overlaps the stages instead of following
             self.run_stages(self.config.stages)
             report = self.verify_run()
             release = self.publish_release() if publish else None
@@ -504,6 +514,11 @@ class Runner:
             ),
             self.say,
         )
+        watch: Callable[[], None] | None = (
+            StdoutTail(stage.name, logs.stdout, self.on_progress) if self.on_progress else None
+        )
+        if self.config.stages[-1].impl.publishes:
+            watch = _preload_signing_then(watch)
         rc = (workers.execute if workers else sandbox.execute)(
             [str(python), *command[1:]],
             workdir=workdir,
@@ -518,9 +533,7 @@ class Runner:
                 anchor=self.run_dir,
             ),
             packages=sandbox.package_dirs(("pipeline", stage.impl.module.split(".")[0])),
-            watch=StdoutTail(stage.name, logs.stdout, self.on_progress)
-            if self.on_progress
-            else None,
+            watch=watch,
         )
         timings["execute"] = time.perf_counter() - t0
         self._check_code(stage, "while it ran")
