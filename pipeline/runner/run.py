@@ -85,12 +85,20 @@ from pipeline.workspace import (
 __all__ = ["RunResult", "Runner", "ensure_keys", "write_signed_layout"]
 
 
+# A stage still running after this long is a long one (the train stage: TensorFlow's import
+# alone takes longer); preloading during a short one would delay noticing that it ended.
+PRELOAD_AFTER_S = 2.0
+
+
 def _preload_signing_then(watch: Callable[[], None] | None) -> Callable[[], None]:
-    """A stage's watch (called while it runs) that first imports what the release signature
-    needs (openssf.preload, once per process): ~1 s that overlaps a stage, not follows them."""
+    """A stage's watch (called while it runs) that, once the stage has run PRELOAD_AFTER_S,
+    first imports what the release signature needs (openssf.preload, once per process):
+    ~1 s that overlaps a long stage instead of following the last one."""
+    started = time.monotonic()
 
     def preload_then_watch() -> None:
-        openssf.preload()
+        if time.monotonic() - started >= PRELOAD_AFTER_S:
+            openssf.preload()
         if watch is not None:
             watch()
 
