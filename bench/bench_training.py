@@ -16,8 +16,9 @@
    iterator, warmed up, and the sides alternate, so tf.data's prefetching never runs while
    another side is timed. Targets: one transform >= 3x ImageDataGenerator at 64x64x3, and
    no slower than the stacked layers at 8x8.
-2. `chainproof run configs/digits-cnn.yaml --workspace <tmp>` (the real CLI, lineage to a
-   fresh SQLite store in the tmp workspace, as the default config does) against a bare script
+2. `chainproof run configs/digits-cnn.yaml --workspace <tmp> --no-reuse` (the real CLI, cold:
+   every stage runs; lineage to a fresh SQLite store in the tmp workspace, as the default
+   config does) against a bare script
    that trains the same model (stages.train.build_model and make_datasets, the config's
    TrainParams, the same split of the same digits, op determinism on) for the same epochs,
    evaluates it and saves it, in a fresh `python` (its TensorFlow import and data loading
@@ -304,7 +305,9 @@ def run_cli(workspace: Path) -> dict[str, Any]:
 
     cli = Path(sys.executable).parent / "chainproof"
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")  # as `make train` exports it
-    argv = [str(cli), "run", str(CONFIG), "--workspace", str(workspace)]
+    # --no-reuse: the figure is the cold `make train` (issue 13); the warm-store run below
+    # would otherwise reuse every stage of the run before it (bench_reuse.py measures that)
+    argv = [str(cli), "run", str(CONFIG), "--workspace", str(workspace), "--no-reuse"]
     spawned = time.time()
     t0 = time.perf_counter()
     proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True)

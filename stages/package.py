@@ -113,9 +113,13 @@ def installed_wheels(prefix: Path | None = None) -> dict[tuple[str, str], Instal
         except ValueError:
             continue
         digest = _sha256_of(info.get("archive_info")) if isinstance(info, dict) else None
-        name = dist.metadata["Name"]
-        if digest and isinstance(name, str):
-            key = (str(canonicalize_name(name)), dist.version)
+        if not digest:
+            continue
+        # METADATA only for the few with a digest: every .metadata access parses the file
+        fields = dist.metadata
+        name = fields["Name"]
+        if isinstance(name, str):
+            key = (str(canonicalize_name(name)), fields["Version"])
             out[key] = InstalledWheel(digest, "direct_url.json", str(info.get("url")))
     report = (prefix or Path(sys.prefix)) / INSTALL_REPORT
     try:

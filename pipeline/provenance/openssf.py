@@ -13,12 +13,32 @@ key is enough to trust it; `chainproof verify` checks both the binding and the s
 from __future__ import annotations
 
 import base64
+import contextlib
 from pathlib import Path
 
 from pipeline import bounded
 from pipeline.errors import InputError, VerificationError
 
 SIGNATURE = "model.sig"
+
+_preloaded = False
+
+
+def preload() -> None:
+    """Import model_signing now, if it is not imported yet (the first call only).
+
+    The import is about 1 s of CPU (sigstore, tuf, rekor types, pydantic models) that a
+    publishing run would otherwise pay after its last stage, in its critical path. The runner
+    calls this while a stage process runs, so the two overlap on separate cores. In the
+    caller's thread, not a background one: stages are forked from the runner, and forking
+    while another thread is inside an import (or dlopen) is not safe. Nothing is signed or
+    read here; an absent package raises where sign_model_dir imports it.
+    """
+    global _preloaded
+    if not _preloaded:
+        _preloaded = True
+        with contextlib.suppress(ImportError):
+            import model_signing  # noqa: F401
 
 
 def sign_model_dir(model_dir: Path, signature: Path, private_key: Path) -> None:

@@ -14,9 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.config import DependencyPolicySpec
 from pipeline.hashing import sha256_file
 from pipeline.provenance.keys import PublicKey
 from pipeline.provenance.statements import statement
@@ -38,6 +37,9 @@ from pipeline.scan.vulns import (
     scan,
 )
 from pipeline.workspace import CANDIDATE, CHECKS_DIR, DATA, DEPENDENCIES, MODELS
+
+if TYPE_CHECKING:  # annotations only: the deploy stage imports this module and never a config
+    from pipeline.config import DependencyPolicySpec
 
 __all__ = [  # re-exported for stages
     "CANDIDATE",

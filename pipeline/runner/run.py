@@ -33,6 +33,7 @@ from pipeline.errors import StageFailed
 from pipeline.fsutil import atomic_symlink, atomic_write_text
 from pipeline.hashing import hash_artifacts, list_tree
 from pipeline.lineage import git_commit
+from pipeline.provenance import openssf
 from pipeline.provenance.chain import DiskArtifacts, VerifyReport, verify_chain
 from pipeline.provenance.keys import KeyPair, PublicKey, TrustedOwner, release_public_key
 from pipeline.provenance.layout import stage_command
@@ -83,6 +84,26 @@ from pipeline.workspace import (
 )
 
 __all__ = ["RunResult", "Runner", "ensure_keys", "write_signed_layout"]
+
+
+# A stage still running after this long is a long one (the train stage: TensorFlow's import
+# alone takes longer); preloading during a short one would delay noticing that it ended.
+PRELOAD_AFTER_S = 2.0
+
+
+def _preload_signing_then(watch: Callable[[], None] | None) -> Callable[[], None]:
+    """A stage's watch (called while it runs) that, once the stage has run PRELOAD_AFTER_S,
+    first imports what the release signature needs (openssf.preload, once per process):
+    ~1 s that overlaps a long stage instead of following the last one."""
+    started = time.monotonic()
+
+    def preload_then_watch() -> None:
+        if time.monotonic() - started >= PRELOAD_AFTER_S:
+            openssf.preload()
+        if watch is not None:
+            watch()
+
+    return preload_then_watch
 
 
 class Runner:
@@ -570,6 +591,11 @@ class Runner:
             ),
             self.say,
         )
+        watch: Callable[[], None] | None = (
+            StdoutTail(stage.name, logs.stdout, self.on_progress) if self.on_progress else None
+        )
+        if self.config.stages[-1].impl.publishes:
+            watch = _preload_signing_then(watch)
         rc = (workers.execute if workers else sandbox.execute)(
             [str(python), *command[1:]],
             workdir=workdir,
@@ -584,9 +610,7 @@ class Runner:
                 anchor=self.run_dir,
             ),
             packages=sandbox.package_dirs(("pipeline", stage.impl.module.split(".")[0])),
-            watch=StdoutTail(stage.name, logs.stdout, self.on_progress)
-            if self.on_progress
-            else None,
+            watch=watch,
         )
         timings["execute"] = time.perf_counter() - t0
         self._check_code(stage, "while it ran")

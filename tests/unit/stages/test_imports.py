@@ -32,3 +32,25 @@ def imported_by(module: str) -> set[str]:
 )
 def test_a_stage_module_imports_no_heavy_library_it_does_not_use(stage, allowed):
     assert imported_by(stage) & set(HEAVY) <= allowed
+
+
+def test_the_train_stage_imports_tensorflow_without_the_optional_modules_keras_pulls_in():
+    """scikit-learn (Keras's sklearn wrappers) and pyplot (keras.visualization) cost the train
+    stage ~2 s of CPU at start and are never used by it; once TensorFlow is in, both stay
+    importable in the same process."""
+    probe = (
+        "import sys; from stages.train import import_tensorflow; tf = import_tensorflow(); "
+        "tf.keras.Sequential; "
+        "print(' '.join(n for n in ('sklearn', 'matplotlib.pyplot') if n in sys.modules)); "
+        "import sklearn, matplotlib.pyplot; print('importable')"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-I", "-c", probe],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"TF_CPP_MIN_LOG_LEVEL": "3", "MPLBACKEND": "Agg", "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[:2] == ["", "importable"]
