@@ -75,13 +75,17 @@ def run(
     release still verifies, nothing runs: `run` says it is up to date (exit 0) and names it."""
     from pipeline.config import load_config
     from pipeline.errors import InputError
-    from pipeline.provenance.keys import resolve_trusted_owner
-    from pipeline.runner.progress import held_out_metrics
-    from pipeline.runner.run import Runner
+    from pipeline.runner.uptodate import BundleCheck
     from pipeline.workspace import Workspace
 
     cfg = load_config(config)
     ws = Workspace(workspace.resolve())
+    # the latest release's offline check starts now, on the other core (only a plausible one)
+    early = None if (no_reuse or new_run or layout_file) else BundleCheck.start(cfg, ws)
+    from pipeline.provenance.keys import resolve_trusted_owner
+    from pipeline.runner.progress import held_out_metrics
+    from pipeline.runner.run import Runner
+
     log_third_party(ws.root)
     owner = None
     if layout_file is not None:
@@ -107,7 +111,7 @@ def run(
         reuse=not no_reuse,
         on_progress=terminal.epoch,
         detach_lineage=not wait_lineage,
-    ).run(new_run=new_run)
+    ).run(new_run=new_run, bundle_check=early)
     root = ws.root
     rel = lambda p: str(p.relative_to(root)) if p.is_relative_to(root) else str(p)  # noqa: E731
     click.echo(f"run id:    {result.run_id}")

@@ -179,17 +179,28 @@ class Runner:
             dict.fromkeys([self.config.lock, *(s.lock for s in self.config.stages if s.lock)])
         )
 
-    def run(self, *, publish: bool = True, new_run: bool = False) -> RunResult:
+    def run(
+        self,
+        *,
+        publish: bool = True,
+        new_run: bool = False,
+        bundle_check: uptodate.BundleCheck | None = None,
+    ) -> RunResult:
         """Every stage, then verify the chain, then (with a deploy stage) publish the release.
 
         With reuse, and unless `new_run`: when the run behind the latest release would be
         reproduced stage for stage and its release still verifies, no new run is made
-        (runner/uptodate.py) and the result is that run's, with `up_to_date` set."""
-        self.prepare()
-        if publish and self.reuse_enabled and not new_run and not self.candidate:
-            current = self._up_to_date()
-            if current is not None:
-                return current
+        (runner/uptodate.py) and the result is that run's, with `up_to_date` set.
+        `bundle_check`: that release's verification, started early (BundleCheck.start)."""
+        try:
+            self.prepare()
+            if publish and self.reuse_enabled and not new_run and not self.candidate:
+                current = self._up_to_date(bundle_check)
+                if current is not None:
+                    return current
+        finally:
+            if bundle_check is not None:
+                bundle_check.cancel()  # its child never outlives the question
         with self.session():
             self.run_stages(self.config.stages)
             report = self.verify_run()
@@ -225,7 +236,7 @@ class Runner:
         """What run.json says when the session ends without an error (default: succeeded)."""
         self._final.update(fields)
 
-    def _up_to_date(self) -> RunResult | None:
+    def _up_to_date(self, bundle_check: uptodate.BundleCheck | None) -> RunResult | None:
         if self.given_layout is not None or self.gate is None:
             return None
         for stage in self.config.stages:
@@ -241,6 +252,7 @@ class Runner:
             release_key=release_public_key(keys[1].read_bytes()) if keys else None,
             dependency_statement=self.gate.statement,
             sandbox=self.use_sandbox,
+            bundle_check=bundle_check,
         )
         if current is None:
             return None

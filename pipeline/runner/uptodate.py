@@ -19,9 +19,15 @@ never chooses the bundle, its path or which run is newest.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
+import select
+import signal
 import stat
+import threading
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,6 +44,8 @@ if TYPE_CHECKING:
     from pipeline.provenance.chain import VerifyReport
 
 
+CHILD_ANSWER = 64 * 1024  # the forked bundle check's answer is a few hundred bytes
+CHILD_SECONDS = 600.0  # a big bundle takes as long to verify as `chainproof verify` does
 MLFLOW_RUN_ID = re.compile(r"[0-9a-f]{32}")  # what run.json's lineage may name, to be printed
 
 
@@ -48,7 +56,7 @@ class Current:
     run_id: str
     run_dir: Path
     release: Path
-    report: VerifyReport  # the bundle's offline verification, just done
+    report: VerifyReport  # R's chain, verified just now (its bundle too, offline)
     stages: dict[str, dict[str, str]]  # stage -> {run_id, link}: R's own links
     lineage: Any  # R's run.json lineage field (the MLflow run, or why it was not logged)
 
@@ -72,12 +80,14 @@ def latest_current(
     release_key: PublicKey | None,
     dependency_statement: dict[str, Any],
     sandbox: bool,
+    bundle_check: BundleCheck | None = None,
 ) -> Current | None:
     """The current run (see the module's doc), or None: then `run` runs, reusing what it can.
 
     R is found from the releases, never from an unsigned run.json: the newest release
-    directory of the pipeline, a real directory that its `latest` alias names."""
-    from pipeline.release.verify import verify_bundle, verify_run
+    directory of the pipeline, a real directory that its `latest` alias names. The bundle's
+    verification is `bundle_check`'s, when it was started for R (see BundleCheck)."""
+    from pipeline.release.verify import verify_run
     from pipeline.runner.status import stage_status
 
     if config.release_version:  # one fixed version, rewritten by every run: always run
@@ -123,19 +133,125 @@ def latest_current(
         stages[stage.name] = verdict.earlier.record(ws.root)
     try:
         run = verify_run(run_dir, workspace=ws.root)
-        released = verify_bundle(bundle, owner_key=owner.keyid, expected_version=run_id)
     except (VerificationError, InputError, OSError):
         return None
-    if released.run_id != run_id or run.run_id != run_id or released.layout is None:
+    if run.run_id != run_id:
         return None
-    layout = released.layout
+    if bundle_check is not None and bundle_check.run_id == run_id:
+        released = bundle_check.result()
+    else:
+        released = verified_bundle(bundle, owner.keyid, run_id)
+    want = sorted([release_key.keyid] if release_key is not None else [])
+    if (
+        released is None
+        or released.get("run_id") != run_id
+        or released.get("owner") != owner.keyid
+        or released.get("release_keys") != want  # a new (or dropped) release key
+        or _expires_soon(str(released.get("expires")))
+    ):
+        return None
+    return Current(run_id, run_dir, bundle, run, stages, record.get("lineage"))
+
+
+def verified_bundle(bundle: Path, owner_key: str, version: str) -> dict[str, Any] | None:
+    """What the up-to-date check needs of a bundle that verifies offline under `owner_key`
+    (every check `chainproof verify` makes of it, the OpenSSF signature included), or None."""
+    from pipeline.release.verify import verify_bundle
+
+    try:
+        report = verify_bundle(bundle, owner_key=owner_key, expected_version=version)
+    except (VerificationError, InputError, OSError):
+        return None
+    layout = report.layout
+    if layout is None:
+        return None
     functionaries = {k for step in layout.steps for k in step.pubkeys}
-    want = {release_key.keyid} if release_key is not None else set()
-    if set(layout.keys) - functionaries != want:  # a new (or dropped) release key
-        return None
-    if _expires_soon(layout.expires):
-        return None
-    return Current(run_id, run_dir, bundle, released, stages, record.get("lineage"))
+    return {
+        "run_id": report.run_id,
+        "owner": owner_key,
+        "release_keys": sorted(set(layout.keys) - functionaries),
+        "expires": str(layout.expires),
+    }
+
+
+@dataclass
+class BundleCheck:
+    """The newest release's offline verification, in a forked process started as soon as the
+    config is loaded: it imports model-signing (~0.9 s, for the OpenSSF signature) and
+    re-hashes the bundle on the other core while this process does the rest of the check.
+
+    Started only for a plausible answer (the newest release's run.json names this config:
+    a hint, every fact is re-checked), and only from a single-threaded process. The child
+    returns `verified_bundle`'s small dict on a pipe; anything else is None."""
+
+    run_id: str
+    pid: int
+    fd: int
+    owner_key: str
+    _done: bool = False
+
+    @classmethod
+    def start(cls, config: PipelineConfig, ws: Workspace) -> BundleCheck | None:
+        if config.release_version or threading.active_count() > 1:
+            return None
+        releases = ws.root / config.release_dir / config.name
+        run_id = _newest_release(releases)
+        try:
+            if run_id is None:
+                return None
+            hint = read_run_record(ws.runs / run_id)
+            owner = load_public_key(ws.keys / "owner.pub").keyid
+        except (InputError, OSError):
+            return None
+        if hint.get("config_sha256") != config.sha256 or hint.get("status") != "succeeded":
+            return None
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: verify, write the answer, leave without cleanup
+            code = 1
+            try:
+                os.close(read)
+                answer = verified_bundle(releases / run_id, owner, run_id)
+                os.write(write, json.dumps(answer).encode()[:CHILD_ANSWER])
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(write)
+        return cls(run_id, pid, read, owner)
+
+    def result(self, timeout: float = CHILD_SECONDS) -> dict[str, Any] | None:
+        """The child's answer, waited for at most `timeout`; then the child is gone."""
+        data, deadline = b"", time.monotonic() + timeout
+        try:
+            while len(data) <= CHILD_ANSWER:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                    return None
+                chunk = os.read(self.fd, 65536)
+                if not chunk:
+                    break
+                data += chunk
+        finally:
+            self.cancel()
+        try:
+            answer = json.loads(data) if data else None
+        except ValueError:
+            return None
+        if not isinstance(answer, dict) or answer.get("owner") != self.owner_key:
+            return None
+        return answer
+
+    def cancel(self) -> None:
+        """Stop and reap the child (idempotent)."""
+        if self._done:
+            return
+        self._done = True
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
 
 
 def _newest_release(releases: Path) -> str | None:
