@@ -77,7 +77,14 @@ def parse_lock(path: Path) -> LockFile:
         raise InputError(f"cannot read lock {path}: {e.strerror}") from e
     pins: dict[str, Pin] = {}
     # Join backslash continuations, drop comments: one logical requirement per line.
-    logical = raw.decode("utf-8").replace("\\\n", " ").splitlines()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(
+            f"lock {path} is not UTF-8 text (byte {e.start}): not a pip-compile lock",
+            hint="regenerate it with pip-compile --generate-hashes",
+        ) from e
+    logical = text.replace("\\\n", " ").splitlines()
     for line in logical:
         line = line.split(" #", 1)[0].strip()
         if not line or line.startswith("#"):

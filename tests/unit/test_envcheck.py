@@ -452,3 +452,13 @@ def test_names_with_newlines_are_listed_unambiguously(tmp_path):
     assert check_tree(e.root).loaded is None, "served by the stamp"
     (e.site / "alpha" / "odd\nname.py").write_bytes(b"X = 2\n")
     assert check_tree(e.root).diff == (f"! alpha/odd\nname.py: {CHANGED}",)
+
+
+def test_a_lock_that_is_not_utf8_is_an_input_error_naming_it(tmp_path: Path) -> None:
+    from pipeline.envcheck import parse_lock
+    from pipeline.errors import InputError
+
+    lock = tmp_path / "main.txt"
+    lock.write_bytes(b"numpy==2.0 \\\n    --hash=sha256:" + b"a" * 64 + b"\n\xff\xfe\n")
+    with pytest.raises(InputError, match="is not UTF-8 text"):
+        parse_lock(lock)
