@@ -161,7 +161,8 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory(prefix="bench-reuse-") as tmp:
         ws = Path(tmp) / "ws"
-        cold, _ = cli("run", CONFIG, "--workspace", ws)
+        # --wait-lineage: no detached MLflow process may still be running in a timed round
+        cold, _ = cli("run", CONFIG, "--workspace", ws, "--wait-lineage")
         cold_run = (ws / "runs" / "latest").resolve()
         emit(bench="reuse/cold_run", wall_s=round(cold, 2), note="makes the earlier run")
         dvc_bin = ensure_dvc(args.dvc_venv)
@@ -180,7 +181,7 @@ def main() -> int:
             ours.append(chainproof_noop(ws))
             if isinstance(dvc_bin, Path):
                 theirs.append(dvc(dvc_bin, project, "repro", "-q"))
-            new_runs.append(chainproof_noop(ws, "--new-run"))
+            new_runs.append(chainproof_noop(ws, "--new-run", "--wait-lineage"))
         noop = statistics.median(r["wall_s"] for r in ours)
         row: dict[str, Any] = {
             "bench": "reuse/noop_make_train",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,9 @@ class Workspace:
     def envs(self) -> Path:
         return self.root / ".chainproof" / "envs"
 
+
+# A run id: its UTC start time, then six hex digits (runs/<id>/, releases/<name>/<id>/).
+RUN_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
 
 # Every on-disk name of a run or a release bundle, in one place.
 RUN_RECORD = "run.json"

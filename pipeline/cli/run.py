@@ -73,45 +73,51 @@ def run(
 
     When the run behind the latest release would be reproduced stage for stage and that
     release still verifies, nothing runs: `run` says it is up to date (exit 0) and names it."""
+    from pipeline.runner.bundlecheck import BundleCheck
+
+    # the latest release's offline check starts first, on the other core (a plausible one)
+    early = None
+    if not (no_reuse or new_run or layout_file):
+        early = BundleCheck.start(config, workspace.resolve())
     from pipeline.config import load_config
     from pipeline.errors import InputError
-    from pipeline.runner.uptodate import BundleCheck
-    from pipeline.workspace import Workspace
-
-    cfg = load_config(config)
-    ws = Workspace(workspace.resolve())
-    # the latest release's offline check starts now, on the other core (only a plausible one)
-    early = None if (no_reuse or new_run or layout_file) else BundleCheck.start(cfg, ws)
     from pipeline.provenance.keys import resolve_trusted_owner
     from pipeline.runner.progress import held_out_metrics
     from pipeline.runner.run import Runner
+    from pipeline.workspace import Workspace
 
-    log_third_party(ws.root)
-    owner = None
-    if layout_file is not None:
-        if not owner_key and not owner_key_file:
-            raise InputError(
-                "--layout needs the owner key that signed it",
-                hint="pass --owner-key FINGERPRINT or --owner-key-file PATH",
+    try:
+        cfg = load_config(config)
+        ws = Workspace(workspace.resolve())
+        log_third_party(ws.root)
+        owner = None
+        if layout_file is not None:
+            if not owner_key and not owner_key_file:
+                raise InputError(
+                    "--layout needs the owner key that signed it",
+                    hint="pass --owner-key FINGERPRINT or --owner-key-file PATH",
+                )
+            shipped = ws.keys / "owner.pub"
+            owner = resolve_trusted_owner(
+                owner_key, key_file=owner_key_file, shipped=shipped if shipped.is_file() else None
             )
-        shipped = ws.keys / "owner.pub"
-        owner = resolve_trusted_owner(
-            owner_key, key_file=owner_key_file, shipped=shipped if shipped.is_file() else None
-        )
-    elif owner_key or owner_key_file:
-        raise InputError("--owner-key and --owner-key-file go with --layout")
-    terminal = RunProgress()
-    result = Runner(
-        cfg,
-        ws,
-        on_event=terminal.message,
-        layout=layout_file,
-        owner=owner,
-        sandbox=not no_sandbox,
-        reuse=not no_reuse,
-        on_progress=terminal.epoch,
-        detach_lineage=not wait_lineage,
-    ).run(new_run=new_run, bundle_check=early)
+        elif owner_key or owner_key_file:
+            raise InputError("--owner-key and --owner-key-file go with --layout")
+        terminal = RunProgress()
+        result = Runner(
+            cfg,
+            ws,
+            on_event=terminal.message,
+            layout=layout_file,
+            owner=owner,
+            sandbox=not no_sandbox,
+            reuse=not no_reuse,
+            on_progress=terminal.epoch,
+            detach_lineage=not wait_lineage,
+        ).run(new_run=new_run, bundle_check=early)
+    finally:
+        if early is not None:  # its child never outlives the command
+            early.cancel()
     root = ws.root
     rel = lambda p: str(p.relative_to(root)) if p.is_relative_to(root) else str(p)  # noqa: E731
     click.echo(f"run id:    {result.run_id}")

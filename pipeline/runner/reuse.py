@@ -11,7 +11,6 @@ and the runner signs a fresh link for the new run recording where they came from
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import stat
 from collections.abc import Iterator, Mapping
@@ -27,9 +26,8 @@ from pipeline.hashing import hash_many, scan_tree, sha256_bytes, sha256_file
 from pipeline.provenance.keys import PublicKey
 from pipeline.provenance.layout import stage_command
 from pipeline.provenance.links import Link, LinkSignatureError, link_filename, read_signed_link
-from pipeline.workspace import Workspace, spec_name
+from pipeline.workspace import RUN_ID, Workspace, spec_name
 
-RUN_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{6}$")
 # How many earlier runs are examined per stage, newest first: bounds the time a workspace
 # full of old runs can cost (each examined link is a signature check, at most one re-hash).
 MAX_CANDIDATES = 20

@@ -19,15 +19,9 @@ never chooses the bundle, its path or which run is newest.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import re
-import select
-import signal
 import stat
-import threading
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -36,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import InputError, VerificationError
 from pipeline.provenance.keys import PublicKey, load_public_key
 from pipeline.provenance.statements import read_verified_statement
-from pipeline.runner.reuse import RUN_ID, earlier_runs
+from pipeline.runner.bundlecheck import BundleCheck, newest_release
+from pipeline.runner.reuse import earlier_runs
 from pipeline.workspace import DEPENDENCIES, Workspace, read_run_record
 
 if TYPE_CHECKING:
@@ -44,8 +39,6 @@ if TYPE_CHECKING:
     from pipeline.provenance.chain import VerifyReport
 
 
-CHILD_ANSWER = 64 * 1024  # the forked bundle check's answer is a few hundred bytes
-CHILD_SECONDS = 600.0  # a big bundle takes as long to verify as `chainproof verify` does
 MLFLOW_RUN_ID = re.compile(r"[0-9a-f]{32}")  # what run.json's lineage may name, to be printed
 
 
@@ -93,7 +86,7 @@ def latest_current(
     if config.release_version:  # one fixed version, rewritten by every run: always run
         return None
     releases = ws.root / config.release_dir / config.name
-    run_id = _newest_release(releases)
+    run_id = newest_release(releases)
     if run_id is None or not _nothing_newer(ws, run_id):
         return None
     run_dir, bundle = ws.runs / run_id, releases / run_id
@@ -172,98 +165,6 @@ def verified_bundle(bundle: Path, owner_key: str, version: str) -> dict[str, Any
         "release_keys": sorted(set(layout.keys) - functionaries),
         "expires": str(layout.expires),
     }
-
-
-@dataclass
-class BundleCheck:
-    """The newest release's offline verification, in a forked process started as soon as the
-    config is loaded: it imports model-signing (~0.9 s, for the OpenSSF signature) and
-    re-hashes the bundle on the other core while this process does the rest of the check.
-
-    Started only for a plausible answer (the newest release's run.json names this config:
-    a hint, every fact is re-checked), and only from a single-threaded process. The child
-    returns `verified_bundle`'s small dict on a pipe; anything else is None."""
-
-    run_id: str
-    pid: int
-    fd: int
-    owner_key: str
-    _done: bool = False
-
-    @classmethod
-    def start(cls, config: PipelineConfig, ws: Workspace) -> BundleCheck | None:
-        if config.release_version or threading.active_count() > 1:
-            return None
-        releases = ws.root / config.release_dir / config.name
-        run_id = _newest_release(releases)
-        try:
-            if run_id is None:
-                return None
-            hint = read_run_record(ws.runs / run_id)
-            owner = load_public_key(ws.keys / "owner.pub").keyid
-        except (InputError, OSError):
-            return None
-        if hint.get("config_sha256") != config.sha256 or hint.get("status") != "succeeded":
-            return None
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: verify, write the answer, leave without cleanup
-            code = 1
-            try:
-                os.close(read)
-                answer = verified_bundle(releases / run_id, owner, run_id)
-                os.write(write, json.dumps(answer).encode()[:CHILD_ANSWER])
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(write)
-        return cls(run_id, pid, read, owner)
-
-    def result(self, timeout: float = CHILD_SECONDS) -> dict[str, Any] | None:
-        """The child's answer, waited for at most `timeout`; then the child is gone."""
-        data, deadline = b"", time.monotonic() + timeout
-        try:
-            while len(data) <= CHILD_ANSWER:
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([self.fd], [], [], left)[0]:
-                    return None
-                chunk = os.read(self.fd, 65536)
-                if not chunk:
-                    break
-                data += chunk
-        finally:
-            self.cancel()
-        try:
-            answer = json.loads(data) if data else None
-        except ValueError:
-            return None
-        if not isinstance(answer, dict) or answer.get("owner") != self.owner_key:
-            return None
-        return answer
-
-    def cancel(self) -> None:
-        """Stop and reap the child (idempotent)."""
-        if self._done:
-            return
-        self._done = True
-        with contextlib.suppress(OSError):
-            os.close(self.fd)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(self.pid, 0)
-
-
-def _newest_release(releases: Path) -> str | None:
-    """The run id of the newest release directory, if `latest` names exactly it."""
-    try:
-        entries = list(os.scandir(releases))
-        alias = os.readlink(releases / "latest")
-    except OSError:
-        return None
-    ids = [e.name for e in entries if RUN_ID.match(e.name) and e.is_dir(follow_symlinks=False)]
-    newest = max(ids, default=None)
-    return newest if newest is not None and alias == newest else None
 
 
 def _nothing_newer(ws: Workspace, run_id: str) -> bool:

@@ -10,7 +10,8 @@ import time
 
 import pytest
 
-from pipeline.runner.uptodate import BundleCheck, _scan_outcome
+from pipeline.runner.bundlecheck import BundleCheck
+from pipeline.runner.uptodate import _scan_outcome
 
 SCAN = {
     "_type": "https://in-toto.io/Statement/v1",
@@ -59,7 +60,7 @@ def _child(payload: bytes, *, hang: bool = False) -> BundleCheck:
         os.write(write, payload)
         os._exit(0)
     os.close(write)
-    return BundleCheck("20261202T000000Z-abcdef", pid, read, "owner-keyid")
+    return BundleCheck("20261202T000000Z-abcdef", pid, read)
 
 
 def _gone(pid: int) -> bool:
@@ -79,8 +80,8 @@ def test_the_early_bundle_check_returns_its_childs_answer() -> None:
 
 @pytest.mark.parametrize(
     "payload",
-    [b"", b"not json", b"[1, 2]", b"null", json.dumps({"owner": "someone-else"}).encode()],
-    ids=["nothing", "garbage", "list", "null", "other-owner"],
+    [b"", b"not json", b"[1, 2]", b"null", b'{"run_id": "r"' + b" " * 70000 + b"}"],
+    ids=["nothing", "garbage", "list", "null", "oversized"],
 )
 def test_a_bad_answer_from_the_bundle_check_is_no_answer(payload: bytes) -> None:
     assert _child(payload).result(timeout=30) is None
