@@ -37,7 +37,7 @@ train: setup
 verify: setup
 	$(CP) verify runs/latest --owner-key-file attestations/keys/owner.pub
 
-## test: the whole test suite (unit + integration), about 26 minutes on 2 cores (910 tests)
+## test: the whole test suite (unit + integration), about 26 minutes on 2 cores (1,063 tests)
 test: setup
 	@$(PYTHON) tools/setup_env.py --venv $(VENV) --lock $(LOCK) --browser
 	$(PY) -m pytest -q tests
