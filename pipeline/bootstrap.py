@@ -56,7 +56,9 @@ def main() -> None:
             )
         if argv[:2] == ["env", "seal"]:
             sys.exit(_seal(argv[2:], str(venv)))
-        result = envmanifest.check_tree(venv)
+        # `run` checks the DEFERRED packages (TensorFlow, MLflow, ...) in the background when
+        # the stamp answers: it imports none of them before its environment check waits.
+        result = envmanifest.check_tree(venv, defer=argv[:1] == ["run"])
         if result.diff:
             raise EnvironmentDrift(str(venv / envmanifest.MANIFEST_NAME), list(result.diff))
     except Error as e:

@@ -74,6 +74,9 @@ def run_cli(args: list[str] | None = None) -> int:
     """Run one command; the exit code. The one place a chainproof error becomes an exit."""
     try:
         cli.main(args=args, standalone_mode=False)
+        from pipeline import envmanifest
+
+        envmanifest.settle_all()  # a deferred walk no command waited for: drift still exits 3
     except Error as e:
         click.echo(
             f"error: {e.diagnostics()}" if not hasattr(e, "check") else e.diagnostics(), err=True

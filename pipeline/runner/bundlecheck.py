@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import InputError, VerificationError
 from pipeline.workspace import RUN_ID, read_run_record
 
 CHILD_ANSWER = 64 * 1024  # the child's answer is a few hundred bytes
@@ -70,7 +71,6 @@ class BundleCheck:
             try:
                 os.close(read)
                 from pipeline.provenance.keys import load_public_key
-                from pipeline.runner.uptodate import verified_bundle
 
                 owner = load_public_key(owner_file).keyid
                 answer = verified_bundle(bundle, owner, run_id)
@@ -114,6 +114,27 @@ class BundleCheck:
             os.kill(self.pid, signal.SIGKILL)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(self.pid, 0)
+
+
+def verified_bundle(bundle: Path, owner_key: str, version: str) -> dict[str, Any] | None:
+    """What the up-to-date check needs of a bundle that verifies offline under `owner_key`
+    (every check `chainproof verify` makes of it, the OpenSSF signature included), or None."""
+    from pipeline.release.verify import verify_bundle
+
+    try:
+        report = verify_bundle(bundle, owner_key=owner_key, expected_version=version)
+    except (VerificationError, InputError, OSError):
+        return None
+    layout = report.layout
+    if layout is None:
+        return None
+    functionaries = {k for step in layout.steps for k in step.pubkeys}
+    return {
+        "run_id": report.run_id,
+        "owner": owner_key,
+        "release_keys": sorted(set(layout.keys) - functionaries),
+        "expires": str(layout.expires),
+    }
 
 
 def _release_for(config: Path, workspace: Path) -> tuple[Path, str] | None:

@@ -40,7 +40,7 @@ from pipeline.provenance.layout import stage_command
 from pipeline.provenance.links import Link, link_filename, read_link, write_link
 from pipeline.provenance.statements import write_signed_statement
 from pipeline.release.publish import ReleaseInputs, publish
-from pipeline.runner import basemodel, detached, distributed, sandbox, uptodate
+from pipeline.runner import detached, sandbox, uptodate
 from pipeline.runner.gates import (
     DependencyGate,
     check_dependencies,
@@ -251,7 +251,7 @@ class Runner:
             functionary=self.functionary.public,
             release_key=release_public_key(keys[1].read_bytes()) if keys else None,
             dependency_statement=self.gate.statement,
-            sandbox=self.use_sandbox,
+            sandbox=self.sandbox if self.use_sandbox else False,  # found and probed once
             bundle_check=bundle_check,
         )
         if current is None:
@@ -525,6 +525,8 @@ class Runner:
 
         base = None
         if stage.params.get("base_model"):
+            from pipeline.runner import basemodel  # urllib and the model scanner: only here
+
             base = basemodel.prepare(
                 stage.name, stage.params["base_model"], self.config.base_dir, self.run_dir
             )
@@ -593,6 +595,8 @@ class Runner:
                 if n.split("/", 1)[0] not in ("logs", "tmp", stage.name)
             ]
             visible.append(self.links_dir)
+        from pipeline.runner import distributed
+
         plan = distributed.plan_for(stage)  # several TensorFlow workers: started together
         workers = plan and distributed.Workers(
             plan,
@@ -815,6 +819,8 @@ class Runner:
         """Sign a link for `stage` over an earlier run's re-verified products, when one proves
         the same inputs (runner/reuse.py); None when the stage must run."""
         assert self.reuse is not None
+        from pipeline.runner import distributed
+
         if distributed.plan_for(stage) is not None:
             # its workers' logs are in the chain too; a distributed stage always runs
             return None

@@ -65,8 +65,11 @@ def _functionary(ws: Workspace) -> PublicKey | None:
     return load_public_key(path) if path.is_file() else None
 
 
-def stage_status(config: PipelineConfig, ws: Workspace, *, sandbox: bool = True) -> StatusReport:
-    """What the next `chainproof run CONFIG` in `ws` would reuse, stage by stage."""
+def stage_status(
+    config: PipelineConfig, ws: Workspace, *, sandbox: bool | sandboxmod.Sandbox = True
+) -> StatusReport:
+    """What the next `chainproof run CONFIG` in `ws` would reuse, stage by stage (`sandbox`:
+    whether stages run sandboxed, or the bubblewrap the caller already found and probed)."""
     key = _functionary(ws)
     runner = Runner(config, ws)  # never started: only its spec and lock logic is used
     if key is None:
@@ -74,7 +77,10 @@ def stage_status(config: PipelineConfig, ws: Workspace, *, sandbox: bool = True)
         return StatusReport(
             config.path, ws.root, None, tuple(Verdict(s.name, None, (none,)) for s in config.stages)
         )
-    box = sandboxmod.find_bubblewrap() if sandbox else sandboxmod.NO_SANDBOX
+    if isinstance(sandbox, sandboxmod.Sandbox):
+        box = sandbox
+    else:
+        box = sandboxmod.find_bubblewrap() if sandbox else sandboxmod.NO_SANDBOX
     reuse = StageReuse(ws, run_id=runner.run_id, key=key, code=config_code(config))
     locks = {f"locks/{p.name}": {"sha256": sha256_file(p)} for p in runner.locks()}
     verdicts: dict[str, Verdict] = {}

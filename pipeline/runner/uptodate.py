@@ -30,13 +30,14 @@ from typing import TYPE_CHECKING, Any
 from pipeline.errors import InputError, VerificationError
 from pipeline.provenance.keys import PublicKey, load_public_key
 from pipeline.provenance.statements import read_verified_statement
-from pipeline.runner.bundlecheck import BundleCheck, newest_release
+from pipeline.runner.bundlecheck import BundleCheck, newest_release, verified_bundle
 from pipeline.runner.reuse import earlier_runs
 from pipeline.workspace import DEPENDENCIES, Workspace, read_run_record
 
 if TYPE_CHECKING:
     from pipeline.config import PipelineConfig
     from pipeline.provenance.chain import VerifyReport
+    from pipeline.runner.sandbox import Sandbox
 
 
 MLFLOW_RUN_ID = re.compile(r"[0-9a-f]{32}")  # what run.json's lineage may name, to be printed
@@ -72,7 +73,7 @@ def latest_current(
     functionary: PublicKey,
     release_key: PublicKey | None,
     dependency_statement: dict[str, Any],
-    sandbox: bool,
+    sandbox: bool | Sandbox,
     bundle_check: BundleCheck | None = None,
 ) -> Current | None:
     """The current run (see the module's doc), or None: then `run` runs, reusing what it can.
@@ -144,27 +145,6 @@ def latest_current(
     ):
         return None
     return Current(run_id, run_dir, bundle, run, stages, record.get("lineage"))
-
-
-def verified_bundle(bundle: Path, owner_key: str, version: str) -> dict[str, Any] | None:
-    """What the up-to-date check needs of a bundle that verifies offline under `owner_key`
-    (every check `chainproof verify` makes of it, the OpenSSF signature included), or None."""
-    from pipeline.release.verify import verify_bundle
-
-    try:
-        report = verify_bundle(bundle, owner_key=owner_key, expected_version=version)
-    except (VerificationError, InputError, OSError):
-        return None
-    layout = report.layout
-    if layout is None:
-        return None
-    functionaries = {k for step in layout.steps for k in step.pubkeys}
-    return {
-        "run_id": report.run_id,
-        "owner": owner_key,
-        "release_keys": sorted(set(layout.keys) - functionaries),
-        "expires": str(layout.expires),
-    }
 
 
 def _nothing_newer(ws: Workspace, run_id: str) -> bool:

@@ -26,8 +26,6 @@ import os
 import re
 import sqlite3
 import tempfile
-import urllib.error
-import urllib.request
 import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -436,6 +434,9 @@ _OFFLINE_HINT = (
 
 
 def _download(url: str, out: Any, *, timeout: float, progress: Progress | None) -> None:
+    import urllib.error
+    import urllib.request  # http.client, ssl, email: ~10 ms that only a download needs
+
     if progress:
         progress(f"downloading {url}")
     try:

@@ -1,0 +1,148 @@
+"""`run`'s deferred walk: when the tree stamp answers, the DEFERRED packages (TensorFlow,
+MLflow, numpy, ...) are walked in a forked child while the runner starts, and a drift there
+is still refused (exit 3, naming the file) before anything runs or any of their code does."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+import pytest
+
+from pipeline import envmanifest
+from pipeline.envcheck import check_environment, parse_lock
+from pipeline.envmanifest import CHANGED, STAMP_NAME, DeferredImports, check_tree
+from pipeline.errors import EnvironmentDrift
+from tests.unit.test_envcheck import FakeEnv, lock_file, seal_key  # noqa: F401 (a fixture)
+
+PINS = {"alpha": "1.0", "numpy": "1.0"}
+
+
+@pytest.fixture
+def env(tmp_path) -> FakeEnv:
+    e = FakeEnv(tmp_path / "venv")
+    e.install("alpha", "1.0", {"alpha/__init__.py": b"A = 1\n"})
+    e.install("numpy", "1.0", {"numpy/__init__.py": b"N = 1\n", "numpy/core/x.py": b"X = 1\n"})
+    built_from = tmp_path / "built-from"
+    built_from.mkdir()
+    e.seal(lock_file(built_from, PINS))
+    assert check_tree(e.root).diff == ()  # writes the stamp
+    return e
+
+
+@pytest.fixture(autouse=True)
+def no_leftovers():
+    yield
+    envmanifest._CHECKED.clear()
+    envmanifest._unguard()
+
+
+def tamper(env: FakeEnv, how: str) -> str:
+    """Changes the deferred package numpy; the diff line the full check gives for it."""
+    target = env.site / "numpy" / "core" / "x.py"
+    if how == "same size, mtime restored":
+        st = target.stat()
+        target.write_bytes(b"X = 2\n")
+        os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
+        return f"! numpy/core/x.py: {CHANGED}"
+    if how == "added file":
+        (env.site / "numpy" / "evil.py").write_text("E = 1\n")
+        return "+ numpy/evil.py: in site-packages, not in the sealed manifest (added after)"
+    if how == "removed file":
+        target.unlink()
+        return "- numpy/core/x.py: in the sealed manifest, missing on disk"
+    assert how == "directory swapped for a symlink"
+    (env.site / "numpy" / "core" / "x.py").unlink()
+    (env.site / "numpy" / "core").rmdir()
+    (env.site / "numpy" / "core").symlink_to("/tmp")
+    return "+ numpy/core: a symlink not in the sealed manifest (-> /tmp)"
+
+
+def test_an_unchanged_tree_answers_with_a_pending_walk_that_matches(env):
+    result = check_tree(env.root, defer=True)
+    assert result.diff == () and result.loaded is None
+    assert result.pending is not None, "the deferred packages are walked in the background"
+    settled = envmanifest.settle(result)
+    assert settled.pending is None and settled.diff == () and settled.loaded is None
+
+
+def test_without_defer_both_parts_are_walked_in_line(env):
+    result = check_tree(env.root)
+    assert result.pending is None and result.diff == () and result.loaded is None
+
+
+@pytest.mark.parametrize(
+    "how",
+    ["same size, mtime restored", "added file", "removed file", "directory swapped for a symlink"],
+)
+def test_a_drift_in_a_deferred_package_is_refused_by_the_environment_check(env, tmp_path, how):
+    want = tamper(env, how)
+    result = check_tree(env.root, defer=True)
+    assert result.pending is not None and result.diff == (), "the rest of the tree is as stamped"
+    envmanifest.remember(result)
+    with pytest.raises(EnvironmentDrift) as info:  # what the runner's prepare() calls
+        check_environment(parse_lock(lock_file(tmp_path, PINS)), python=env.python)
+    assert info.value.exit_code == 3
+    named = want.split(": ", 1)[0]  # "! numpy/core/x.py" (envcheck words it with RECORD at hand)
+    assert any(line.startswith(named) for line in info.value.diff), info.value.diff
+    assert not any(isinstance(f, DeferredImports) for f in sys.meta_path)
+
+
+def test_importing_a_deferred_package_waits_for_the_walk_and_refuses_on_drift(env):
+    tamper(env, "added file")
+    envmanifest.remember(check_tree(env.root, defer=True))
+    assert isinstance(sys.meta_path[0], DeferredImports)
+    importlib.import_module("json.decoder")  # anything else imports as usual, unwaited
+    assert isinstance(sys.meta_path[0], DeferredImports)
+    with pytest.raises(EnvironmentDrift) as info:
+        importlib.import_module("numpy.chainproof_never_imported")
+    assert "+ numpy/evil.py" in "\n".join(info.value.diff)
+    assert not any(isinstance(f, DeferredImports) for f in sys.meta_path)
+
+
+def test_a_clean_deferred_walk_lets_the_import_go_on(env):
+    envmanifest.remember(check_tree(env.root, defer=True))
+    with pytest.raises(ModuleNotFoundError):  # found by nobody: the guard waited, then passed
+        importlib.import_module("numpy.chainproof_never_imported")
+    assert envmanifest._CHECKED[env.root].pending is None
+    assert not any(isinstance(f, DeferredImports) for f in sys.meta_path)
+
+
+def test_settle_all_reports_a_drift_no_command_waited_for(env):
+    tamper(env, "removed file")
+    envmanifest.remember(check_tree(env.root, defer=True))
+    with pytest.raises(EnvironmentDrift):
+        envmanifest.settle_all()
+
+
+def test_a_forked_helper_may_not_wait_for_its_parents_walk(env):
+    result = check_tree(env.root, defer=True)
+    assert result.pending is not None
+    owner = result.pending.owner
+    result.pending.owner = owner + 1  # as in a child forked from the runner
+    with pytest.raises(EnvironmentDrift, match="not yet checked"):
+        envmanifest.settle(result)
+    result.pending.owner = owner
+    assert envmanifest.settle(result).diff == ()
+
+
+def test_a_drift_outside_the_deferred_packages_is_found_at_once(env):
+    (env.site / "alpha" / "evil.py").write_text("E = 1\n")
+    result = check_tree(env.root, defer=True)
+    assert result.pending is None
+    assert "+ alpha/evil.py: in site-packages, not in the sealed manifest (added after)" in (
+        result.diff
+    )
+
+
+def test_a_stamp_without_the_deferred_digest_is_no_stamp(env):
+    import json
+
+    stamp = env.root / STAMP_NAME
+    sealed = json.loads(stamp.read_bytes())
+    del sealed["body"]["deferred_listing_sha256"]  # an older stamp (and its seal no longer fits)
+    stamp.write_text(json.dumps(sealed))
+    result = check_tree(env.root, defer=True)
+    assert result.pending is None and result.loaded is not None, "a full check, re-stamped"
+    assert check_tree(env.root, defer=True).pending is not None
