@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from pipeline import envmanifest
 from pipeline.codedigest import git_state, package_dir
 from pipeline.config import PipelineConfig, StageConfig
 from pipeline.envcheck import (
@@ -321,6 +322,9 @@ class Runner:
         for warning in gate.warnings:
             self.say(f"WARNING: {warning}")
         self.say(f"dependency gate: {gate.summary}")
+        # The bootstrap's background walk of TensorFlow, MLflow, ... (envmanifest.DEFERRED)
+        # answers before any stage runs or the run is found up to date: drift is exit 3 here.
+        envmanifest.settle_all()
         self.gate = gate
         self._owner = owner if self.given_layout is None else None
 

@@ -137,3 +137,28 @@ def test_a_newer_release_hidden_by_an_edited_status(ws, tmp_path):
     latest = (root / "releases" / "digits-fast" / "latest").resolve().name
     assert latest == newer
     assert not _up_to_date(root, config), f"up to date with {run_id}, but latest is {newer}"
+
+
+def test_up_to_date_waits_for_the_background_environment_walk(ws, monkeypatch):
+    # The bootstrap of `run` walks TensorFlow, MLflow, ... in the background (envmanifest
+    # DEFERRED). A drift it finds must refuse the run (exit 3) before "up to date" is said.
+    from pipeline import envmanifest
+    from pipeline.config import load_config
+    from pipeline.errors import EnvironmentDrift
+    from pipeline.runner.run import Runner
+    from pipeline.workspace import Workspace
+
+    root, config, _ = ws
+    said: list[str] = []
+
+    def drifted() -> None:
+        raise EnvironmentDrift("venv", ["! tensorflow/__init__.py: differs (simulated)"])
+
+    monkeypatch.setattr(envmanifest, "settle_all", drifted)
+    runs = sorted(p.name for p in (root / "runs").iterdir())
+    runner = Runner(load_config(config), Workspace(root), on_event=said.append, reuse=True)
+    with pytest.raises(EnvironmentDrift) as info:
+        runner.run()
+    assert info.value.exit_code == 3
+    assert not any("up to date" in line for line in said)
+    assert sorted(p.name for p in (root / "runs").iterdir()) == runs, "no run was made"
