@@ -748,8 +748,7 @@ class DeferredWalk:
 
     @classmethod
     def start(cls, site: Path, want: str) -> DeferredWalk | None:
-        threads = sys.modules.get("threading")
-        if (os.cpu_count() or 1) < 2 or (threads is not None and threads.active_count() > 1):
+        if (os.cpu_count() or 1) < 2 or not _single_threaded():
             return None  # nothing to overlap with, or not safe to fork: walked in line
         read, write = os.pipe()
         pid = os.fork()
@@ -776,6 +775,11 @@ class DeferredWalk:
                 _, status = os.waitpid(self.pid, 0)
             self._answer = status == 0 and data == self.want.encode()
         return self._answer
+
+
+def _single_threaded() -> bool:
+    threads = sys.modules.get("threading")
+    return threads is None or threads.active_count() == 1
 
 
 def settle(result: TreeCheck) -> TreeCheck:
