@@ -6,6 +6,7 @@ before anything from site-packages may be imported, so nothing it checks can foo
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import hashlib
 import hmac
@@ -13,6 +14,7 @@ import json
 import os
 import re
 import secrets
+import stat
 import subprocess
 import sys
 import time
@@ -633,20 +635,19 @@ def _listing_sha256(site: Path, *, deferred: bool) -> str | None:
     then says what."""
     lines: list[str] = []
     stack = [(str(site), "")]
-    if deferred:
-        stack = [(os.path.join(site, top), top + "/") for top in sorted(DEFERRED)]
     try:
+        if deferred:  # the DEFERRED names that are real directories; anything else is listed
+            stack = [  # by the other walk, as _tree_listing files it
+                (os.path.join(site, top), top + "/")
+                for top in sorted(DEFERRED)
+                if _is_real_dir(os.path.join(site, top))
+            ]
         while stack:
             directory, rel = stack.pop()
             # Listed through a descriptor, so each lstat is an fstatat relative to it: one path
             # lookup per directory, not one per file (~15% of the walk). O_NOFOLLOW: a directory
             # swapped for a symlink since its parent was listed is an error, so a miss.
-            try:
-                fd = os.open(directory, _DIR_FLAGS)
-            except FileNotFoundError:
-                if deferred and rel.count("/") == 1:  # a DEFERRED package not installed here
-                    continue
-                raise
+            fd = os.open(directory, _DIR_FLAGS)
             try:
                 with os.scandir(fd) as it:  # entry.stat uses fd: it is closed after this
                     for entry in it:
@@ -675,6 +676,13 @@ def _listing_sha256(site: Path, *, deferred: bool) -> str | None:
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _is_real_dir(path: str) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:  # a DEFERRED package not installed here
+        return False
 
 
 def _stamp_body(
@@ -726,7 +734,7 @@ def _stamped(
     listing = _listing_sha256(site, deferred=False)
     if listing is None or body != _stamp_body(manifest_sha, cfg_sha, listing, want, files):
         if pending is not None:
-            pending.matched()  # reaped; the full check that follows walks everything
+            pending.cancel()  # the full check that follows walks everything
         return None
     if pending is None and _listing_sha256(site, deferred=True) != want:
         return None
@@ -737,8 +745,9 @@ def _stamped(
 class DeferredWalk:
     """The DEFERRED packages' listing, computed in a forked child (stdlib only, from the
     single-threaded bootstrap) on the other core while the parent goes on; matched() is its
-    answer. A child that fails, dies or answers anything but the stamped digest is a miss:
-    settle() then runs the full check, which names what changed."""
+    answer. A child that fails, dies or answers anything but the stamped digest, or a wait
+    that was interrupted, is a miss: settle() then runs the full check, which names what
+    changed."""
 
     pid: int
     fd: int
@@ -748,10 +757,18 @@ class DeferredWalk:
 
     @classmethod
     def start(cls, site: Path, want: str) -> DeferredWalk | None:
-        if (os.cpu_count() or 1) < 2 or not _single_threaded():
+        if _usable_cpus() < 2 or not _single_threaded():
             return None  # nothing to overlap with, or not safe to fork: walked in line
-        read, write = os.pipe()
-        pid = os.fork()
+        try:
+            read, write = os.pipe()
+        except OSError:
+            return None
+        try:
+            pid = os.fork()
+        except OSError:  # EAGAIN (a process limit), ENOMEM: walked in line instead
+            os.close(read)
+            os.close(write)
+            return None
         if pid == 0:  # the child: walk, answer, leave without running any cleanup
             code = 1
             try:
@@ -766,15 +783,41 @@ class DeferredWalk:
     def matched(self) -> bool:
         """Wait for the child (once): whether it saw exactly the stamped DEFERRED tree."""
         if self._answer is None:
+            fd, self.fd = self.fd, -1
+            self._answer = False  # until the whole answer is in: an interrupted wait misses
             data = b""
             try:
-                while len(data) <= 64 and (chunk := os.read(self.fd, 128)):
+                while len(data) <= 64 and (chunk := os.read(fd, 128)):
                     data += chunk
             finally:
-                os.close(self.fd)
-                _, status = os.waitpid(self.pid, 0)
+                os.close(fd)
+                status = self._reap()
             self._answer = status == 0 and data == self.want.encode()
         return self._answer
+
+    def cancel(self) -> None:
+        """Stop the walk unanswered (a miss), and reap it."""
+        if self._answer is None:
+            self._answer = False
+            with contextlib.suppress(OSError):
+                os.kill(self.pid, 9)
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+            self._reap()
+
+    def _reap(self) -> int:
+        try:
+            return os.waitpid(self.pid, 0)[1]
+        except ChildProcessError:
+            return -1
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))  # what this process may run on, not the machine
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
 
 
 def _single_threaded() -> bool:
@@ -822,12 +865,11 @@ _CHECKED: dict[Path, TreeCheck] = {}
 
 def take_checked(venv: Path) -> TreeCheck | None:
     """The bootstrap's check of `venv` in this process, once: the first check of a run
-    (settled: its deferred walk, if any, has answered)."""
-    result = _CHECKED.pop(Path(os.path.abspath(venv)), None)
-    if result is None or result.pending is None:
-        return result
-    _unguard()
-    return settle(result)
+    (settled: a drift its deferred walk found raises EnvironmentDrift, every time)."""
+    key = Path(os.path.abspath(venv))
+    if key in _CHECKED:
+        settle_all()
+    return _CHECKED.pop(key, None)
 
 
 def remember(result: TreeCheck) -> None:
@@ -840,15 +882,35 @@ def remember(result: TreeCheck) -> None:
         sys.meta_path.insert(0, DeferredImports())
 
 
+# A drift a deferred walk found: raised again by every later settle and guarded import, so a
+# caller that catches the first one (a `try: import numpy`, a .pth line) gets no further.
+_DRIFT: list[EnvironmentDrift] = []
+_SETTLING = _thread.RLock()  # two threads importing DEFERRED packages wait for one answer
+
+
 def settle_all() -> None:
-    """Wait for every deferred walk of this process; EnvironmentDrift on a drift it found."""
-    _unguard()
-    for venv, result in list(_CHECKED.items()):
-        if result.pending is not None:
-            settled = settle(result)
-            _CHECKED[venv] = settled
+    """Wait for every deferred walk of this process; EnvironmentDrift on a drift it found
+    (sticky). The import guard goes only once every walk has answered clean."""
+    with _SETTLING:
+        if _DRIFT:
+            raise _DRIFT[0]
+        for venv, result in list(_CHECKED.items()):
+            if result.pending is None:
+                continue
+            settled = settle(result)  # a forked helper: raises, and stays guarded
             if settled.diff:
-                raise EnvironmentDrift(str(venv / MANIFEST_NAME), list(settled.diff))
+                _DRIFT.append(EnvironmentDrift(str(venv / MANIFEST_NAME), list(settled.diff)))
+                raise _DRIFT[0]
+            _CHECKED[venv] = settled
+        _unguard()
+
+
+def abandon() -> None:
+    """Stop every deferred walk nobody waited for (a command that failed before it did): no
+    child outlives the command holding its stdout and stderr."""
+    for result in _CHECKED.values():
+        if result.pending is not None and result.pending.owner == os.getpid():
+            result.pending.cancel()
 
 
 def _unguard() -> None:
@@ -856,9 +918,9 @@ def _unguard() -> None:
 
 
 class DeferredImports:
-    """First on sys.meta_path while a deferred walk is under way: importing a DEFERRED
-    package waits for the walk (and refuses on drift), so none of its code runs unchecked.
-    It finds nothing itself: the import then goes on as usual."""
+    """On sys.meta_path, ahead of the path finders, while a deferred walk is under way:
+    importing a DEFERRED package waits for the walk (and refuses on drift, every time), so
+    none of its code runs unchecked. It finds nothing itself: the import then goes on."""
 
     def find_spec(self, name: str, path: object = None, target: object = None) -> None:
         if name.partition(".")[0] in DEFERRED:

@@ -72,10 +72,10 @@ def _terminate(signum: int, _frame) -> None:
 
 def run_cli(args: list[str] | None = None) -> int:
     """Run one command; the exit code. The one place a chainproof error becomes an exit."""
+    from pipeline import envmanifest
+
     try:
         cli.main(args=args, standalone_mode=False)
-        from pipeline import envmanifest
-
         envmanifest.settle_all()  # a deferred walk no command waited for: drift still exits 3
     except Error as e:
         click.echo(
@@ -99,6 +99,8 @@ def run_cli(args: list[str] | None = None) -> int:
             "chainproof: internal error (exit 70); please report the traceback above", err=True
         )
         return EXIT_BUG
+    finally:
+        envmanifest.abandon()  # a command that failed before waiting for it: no orphan walk
     return 0
 
 

@@ -37,7 +37,9 @@ def no_leftovers(monkeypatch):
     # tests' servers), and the child only walks and exits, so it may fork here too.
     monkeypatch.setattr(envmanifest, "_single_threaded", lambda: True)
     yield
+    envmanifest.abandon()
     envmanifest._CHECKED.clear()
+    envmanifest._DRIFT.clear()
     envmanifest._unguard()
 
 
@@ -97,7 +99,7 @@ def test_a_drift_in_a_deferred_package_is_refused_by_the_environment_check(env, 
     assert info.value.exit_code == 3
     named = want.split(": ", 1)[0]  # "! numpy/core/x.py" (envcheck words it with RECORD at hand)
     assert any(line.startswith(named) for line in info.value.diff), info.value.diff
-    assert not any(isinstance(f, DeferredImports) for f in sys.meta_path)
+    assert any(isinstance(f, DeferredImports) for f in sys.meta_path), "refused for good"
 
 
 def test_importing_a_deferred_package_waits_for_the_walk_and_refuses_on_drift(env):
@@ -109,7 +111,6 @@ def test_importing_a_deferred_package_waits_for_the_walk_and_refuses_on_drift(en
     with pytest.raises(EnvironmentDrift) as info:
         importlib.import_module("numpy.chainproof_never_imported")
     assert "+ numpy/evil.py" in "\n".join(info.value.diff)
-    assert not any(isinstance(f, DeferredImports) for f in sys.meta_path)
 
 
 def test_a_clean_deferred_walk_lets_the_import_go_on(env):
@@ -157,3 +158,78 @@ def test_a_stamp_without_the_deferred_digest_is_no_stamp(env):
     result = check_tree(env.root, defer=True)
     assert result.pending is None and result.loaded is not None, "a full check, re-stamped"
     assert check_tree(env.root, defer=True).pending is not None
+
+
+def test_a_refusal_that_was_caught_is_raised_again(env):
+    # A `try: import numpy / except Exception` (or a .pth line, which site reports and skips)
+    # swallows the first refusal: every later import and settle must still refuse.
+    tamper(env, "added file")
+    envmanifest.remember(check_tree(env.root, defer=True))
+    for _ in range(2):
+        with pytest.raises(EnvironmentDrift):
+            importlib.import_module("numpy.chainproof_never_imported")
+    assert any(isinstance(f, DeferredImports) for f in sys.meta_path), "still guarded"
+    with pytest.raises(EnvironmentDrift):
+        envmanifest.settle_all()
+    with pytest.raises(EnvironmentDrift):
+        envmanifest.take_checked(env.root)
+
+
+def test_a_forked_helper_stays_refused(env):
+    result = check_tree(env.root, defer=True)
+    assert result.pending is not None
+    envmanifest.remember(result)
+    result.pending.owner += 1  # as in a child forked from the runner
+    for _ in range(2):
+        with pytest.raises(EnvironmentDrift, match="not yet checked"):
+            importlib.import_module("numpy.chainproof_never_imported")
+    result.pending.owner -= 1
+
+
+def test_an_interrupted_wait_is_a_miss_not_a_hang(env, monkeypatch):
+    result = check_tree(env.root, defer=True)
+    assert result.pending is not None
+    real_read = os.read
+
+    def interrupted(fd, n):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(envmanifest.os, "read", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        result.pending.matched()
+    monkeypatch.setattr(envmanifest.os, "read", real_read)
+    assert result.pending.matched() is False, "never a read of a reused descriptor"
+    settled = envmanifest.settle(result)  # a miss: checked again, in line
+    assert settled.pending is None and settled.diff == ()
+
+
+def test_a_fork_that_fails_walks_in_line(env, monkeypatch):
+    def no_fork():
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    before = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(envmanifest.os, "fork", no_fork)
+    result = check_tree(env.root, defer=True)
+    assert result.pending is None and result.diff == ()
+    assert len(os.listdir("/proc/self/fd")) == before, "no descriptor leaked"
+
+
+def test_a_deferred_name_that_is_not_a_directory_keeps_the_stamp(tmp_path):
+    # numpy as a top-level symlink: listed with the rest, so the stamp still answers.
+    e = FakeEnv(tmp_path / "venv")
+    e.install("alpha", "1.0", {"alpha/__init__.py": b"A = 1\n"})
+    (e.site / "numpy").symlink_to("alpha")
+    e.seal(lock_file(tmp_path, {"alpha": "1.0"}))
+    assert check_tree(e.root).diff == ()
+    assert check_tree(e.root).loaded is None, "answered by the stamp"
+    result = check_tree(e.root, defer=True)
+    assert result.pending is not None and envmanifest.settle(result).loaded is None
+
+
+def test_abandon_stops_a_walk_nobody_waited_for(env):
+    result = check_tree(env.root, defer=True)
+    assert result.pending is not None
+    envmanifest.remember(result)
+    envmanifest.abandon()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(result.pending.pid, os.WNOHANG)  # reaped
