@@ -48,7 +48,7 @@ train: $(SETUP)
 verify: $(SETUP)
 	$(CP) verify runs/latest --owner-key-file attestations/keys/owner.pub
 
-## test: the whole test suite (unit + integration), about 26 minutes on 2 cores (1,063 tests)
+## test: the whole test suite (unit + integration), 16-26 minutes on 2 cores (1,090 tests)
 test: $(SETUP)
 	@$(PYTHON) tools/setup_env.py --venv $(VENV) --lock $(LOCK) --browser
 	$(PY) -m pytest -q tests
