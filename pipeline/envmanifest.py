@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from pipeline import forked
 from pipeline.errors import EnvironmentDrift
 from pipeline.fsutil import atomic_write_bytes
 from pipeline.hashing import hash_many
@@ -757,41 +758,21 @@ class DeferredWalk:
 
     @classmethod
     def start(cls, site: Path, want: str) -> DeferredWalk | None:
-        if _usable_cpus() < 2 or not _single_threaded():
+        if _usable_cpus() < 2 or not forked.may_fork():
             return None  # nothing to overlap with, or not safe to fork: walked in line
-        try:
-            read, write = os.pipe()
-        except OSError:
-            return None
-        try:
-            pid = os.fork()
-        except OSError:  # EAGAIN (a process limit), ENOMEM: walked in line instead
-            os.close(read)
-            os.close(write)
-            return None
-        if pid == 0:  # the child: walk, answer, leave without running any cleanup
-            code = 1
-            try:
-                os.close(read)
-                os.write(write, (_listing_sha256(site, deferred=True) or "-").encode())
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(write)
-        return cls(pid, read, want, os.getpid())
+        child = forked.start(lambda: (_listing_sha256(site, deferred=True) or "-").encode())
+        return None if child is None else cls(*child, want, os.getpid())
 
     def matched(self) -> bool:
         """Wait for the child (once): whether it saw exactly the stamped DEFERRED tree."""
         if self._answer is None:
             fd, self.fd = self.fd, -1
             self._answer = False  # until the whole answer is in: an interrupted wait misses
-            data = b""
             try:
-                while len(data) <= 64 and (chunk := os.read(fd, 128)):
-                    data += chunk
+                data = forked.read_answer(fd, 64)
             finally:
                 os.close(fd)
-                status = self._reap()
+                status = forked.reap(self.pid)
             self._answer = status == 0 and data == self.want.encode()
         return self._answer
 
@@ -800,17 +781,9 @@ class DeferredWalk:
         if self._answer is None:
             self._answer = False
             with contextlib.suppress(OSError):
-                os.kill(self.pid, 9)
-            with contextlib.suppress(OSError):
                 os.close(self.fd)
             self.fd = -1
-            self._reap()
-
-    def _reap(self) -> int:
-        try:
-            return os.waitpid(self.pid, 0)[1]
-        except ChildProcessError:
-            return -1
+            forked.reap(self.pid, kill=True)
 
 
 def _usable_cpus() -> int:
@@ -818,11 +791,6 @@ def _usable_cpus() -> int:
         return len(os.sched_getaffinity(0))  # what this process may run on, not the machine
     except (AttributeError, OSError):
         return os.cpu_count() or 1
-
-
-def _single_threaded() -> bool:
-    threads = sys.modules.get("threading")
-    return threads is None or threads.active_count() == 1
 
 
 def settle(result: TreeCheck) -> TreeCheck:

@@ -12,14 +12,11 @@ import contextlib
 import hashlib
 import json
 import os
-import select
-import signal
-import threading
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline import forked
 from pipeline.errors import InputError, VerificationError
 from pipeline.workspace import RUN_ID, read_run_record
 
@@ -57,48 +54,33 @@ class BundleCheck:
 
     @classmethod
     def start(cls, config: Path, workspace: Path) -> BundleCheck | None:
-        if threading.active_count() > 1:
+        if not forked.may_fork():
             return None
         found = _release_for(config, workspace)
         if found is None:
             return None
         bundle, run_id = found
         owner_file = workspace / "attestations" / "keys" / "owner.pub"
-        read, write = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # the child: verify, write the answer, leave without cleanup
-            code = 1
-            try:
-                os.close(read)
-                from pipeline.provenance.keys import load_public_key
 
-                owner = load_public_key(owner_file).keyid
-                answer = verified_bundle(bundle, owner, run_id)
-                os.write(write, json.dumps(answer).encode()[:CHILD_ANSWER])
-                code = 0
-            finally:
-                os._exit(code)
-        os.close(write)
-        return cls(run_id, pid, read)
+        def verify() -> bytes:  # in the child
+            from pipeline.provenance.keys import load_public_key
+
+            answer = verified_bundle(bundle, load_public_key(owner_file).keyid, run_id)
+            return json.dumps(answer).encode()[:CHILD_ANSWER]
+
+        child = forked.start(verify)
+        return None if child is None else cls(run_id, *child)
 
     def result(self, timeout: float = CHILD_SECONDS) -> dict[str, Any] | None:
         """The child's answer, waited for at most `timeout`; then the child is gone."""
-        data, deadline = b"", time.monotonic() + timeout
         try:
-            while len(data) <= CHILD_ANSWER:
-                left = deadline - time.monotonic()
-                if left <= 0 or not select.select([self.fd], [], [], left)[0]:
-                    return None
-                chunk = os.read(self.fd, 65536)
-                if not chunk:
-                    break
-                data += chunk
+            data = forked.read_answer(self.fd, CHILD_ANSWER, timeout)
         finally:
             self.cancel()
-        if len(data) > CHILD_ANSWER:  # not what the child writes: no answer
+        if not data:  # none, too late, or not what the child writes (over CHILD_ANSWER)
             return None
         try:
-            answer = json.loads(data) if data else None
+            answer = json.loads(data)
         except ValueError:
             return None
         return answer if isinstance(answer, dict) else None
@@ -110,10 +92,7 @@ class BundleCheck:
         self._done = True
         with contextlib.suppress(OSError):
             os.close(self.fd)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signal.SIGKILL)
-        with contextlib.suppress(ChildProcessError):
-            os.waitpid(self.pid, 0)
+        forked.reap(self.pid, kill=True)
 
 
 def verified_bundle(bundle: Path, owner_key: str, version: str) -> dict[str, Any] | None:

@@ -41,7 +41,7 @@ from pipeline.provenance.layout import stage_command
 from pipeline.provenance.links import Link, link_filename, read_link, write_link
 from pipeline.provenance.statements import write_signed_statement
 from pipeline.release.publish import ReleaseInputs, publish
-from pipeline.runner import detached, sandbox, uptodate
+from pipeline.runner import detached, distributed, sandbox, uptodate
 from pipeline.runner.gates import (
     DependencyGate,
     check_dependencies,
@@ -247,7 +247,7 @@ class Runner:
         current = uptodate.latest_current(
             self.config,
             self.ws,
-            code_sha256=self.code.sha256,
+            code=self.code,
             owner=self.owner_key,
             functionary=self.functionary.public,
             release_key=release_public_key(keys[1].read_bytes()) if keys else None,
@@ -599,8 +599,6 @@ class Runner:
                 if n.split("/", 1)[0] not in ("logs", "tmp", stage.name)
             ]
             visible.append(self.links_dir)
-        from pipeline.runner import distributed
-
         plan = distributed.plan_for(stage)  # several TensorFlow workers: started together
         workers = plan and distributed.Workers(
             plan,
@@ -823,8 +821,6 @@ class Runner:
         """Sign a link for `stage` over an earlier run's re-verified products, when one proves
         the same inputs (runner/reuse.py); None when the stage must run."""
         assert self.reuse is not None
-        from pipeline.runner import distributed
-
         if distributed.plan_for(stage) is not None:
             # its workers' logs are in the chain too; a distributed stage always runs
             return None

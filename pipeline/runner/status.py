@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.codedigest import CodeManifest
 from pipeline.config import PipelineConfig, StageConfig
 from pipeline.hashing import sha256_file
 from pipeline.provenance.keys import ENV_PUB, PublicKey, load_public_key
@@ -66,10 +67,15 @@ def _functionary(ws: Workspace) -> PublicKey | None:
 
 
 def stage_status(
-    config: PipelineConfig, ws: Workspace, *, sandbox: bool | sandboxmod.Sandbox = True
+    config: PipelineConfig,
+    ws: Workspace,
+    *,
+    sandbox: bool | sandboxmod.Sandbox = True,
+    code: CodeManifest | None = None,
 ) -> StatusReport:
-    """What the next `chainproof run CONFIG` in `ws` would reuse, stage by stage (`sandbox`:
-    whether stages run sandboxed, or the bubblewrap the caller already found and probed)."""
+    """What the next `chainproof run CONFIG` in `ws` would reuse, stage by stage. A runner
+    that has them passes what it already has: the bubblewrap it found and probed (or whether
+    stages run sandboxed), and the code manifest it hashed (config_code)."""
     key = _functionary(ws)
     runner = Runner(config, ws)  # never started: only its spec and lock logic is used
     if key is None:
@@ -81,7 +87,9 @@ def stage_status(
         box = sandbox
     else:
         box = sandboxmod.find_bubblewrap() if sandbox else sandboxmod.NO_SANDBOX
-    reuse = StageReuse(ws, run_id=runner.run_id, key=key, code=config_code(config))
+    reuse = StageReuse(
+        ws, run_id=runner.run_id, key=key, code=code if code is not None else config_code(config)
+    )
     locks = {f"locks/{p.name}": {"sha256": sha256_file(p)} for p in runner.locks()}
     verdicts: dict[str, Verdict] = {}
     for stage in config.stages:

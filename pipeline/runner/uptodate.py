@@ -35,6 +35,7 @@ from pipeline.runner.reuse import earlier_runs
 from pipeline.workspace import DEPENDENCIES, Workspace, read_run_record
 
 if TYPE_CHECKING:
+    from pipeline.codedigest import CodeManifest
     from pipeline.config import PipelineConfig
     from pipeline.provenance.chain import VerifyReport
     from pipeline.runner.sandbox import Sandbox
@@ -68,7 +69,7 @@ def latest_current(
     config: PipelineConfig,
     ws: Workspace,
     *,
-    code_sha256: str,
+    code: CodeManifest,
     owner: PublicKey,
     functionary: PublicKey,
     release_key: PublicKey | None,
@@ -106,7 +107,7 @@ def latest_current(
         or record.get("config_sha256") != config.sha256
         or record.get("stages") != names
         or record.get("layout_signed_by") != "runner"
-        or (record.get("code") or {}).get("sha256") != code_sha256
+        or (record.get("code") or {}).get("sha256") != code.sha256
     ):
         return None
     try:
@@ -115,7 +116,7 @@ def latest_current(
         return None
     if _scan_outcome(earlier) != _scan_outcome(dependency_statement):
         return None
-    report = stage_status(config, ws, sandbox=sandbox)
+    report = stage_status(config, ws, sandbox=sandbox, code=code)
     if report.functionary != functionary.keyid:
         return None
     stages: dict[str, dict[str, str]] = {}

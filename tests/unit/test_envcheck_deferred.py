@@ -35,7 +35,7 @@ def env(tmp_path) -> FakeEnv:
 def no_leftovers(monkeypatch):
     # The bootstrap that defers is single-threaded; the test process may not be (earlier
     # tests' servers), and the child only walks and exits, so it may fork here too.
-    monkeypatch.setattr(envmanifest, "_single_threaded", lambda: True)
+    monkeypatch.setattr(envmanifest.forked, "may_fork", lambda: True)
     yield
     envmanifest.abandon()
     envmanifest._CHECKED.clear()
@@ -78,7 +78,7 @@ def test_without_defer_both_parts_are_walked_in_line(env):
 
 
 def test_a_threaded_process_walks_in_line(env, monkeypatch):
-    monkeypatch.setattr(envmanifest, "_single_threaded", lambda: False)
+    monkeypatch.setattr(envmanifest.forked, "may_fork", lambda: False)
     result = check_tree(env.root, defer=True)
     assert result.pending is None and result.diff == () and result.loaded is None
     tamper(env, "added file")
@@ -194,10 +194,10 @@ def test_an_interrupted_wait_is_a_miss_not_a_hang(env, monkeypatch):
     def interrupted(fd, n):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(envmanifest.os, "read", interrupted)
+    monkeypatch.setattr(envmanifest.forked.os, "read", interrupted)
     with pytest.raises(KeyboardInterrupt):
         result.pending.matched()
-    monkeypatch.setattr(envmanifest.os, "read", real_read)
+    monkeypatch.setattr(envmanifest.forked.os, "read", real_read)
     assert result.pending.matched() is False, "never a read of a reused descriptor"
     settled = envmanifest.settle(result)  # a miss: checked again, in line
     assert settled.pending is None and settled.diff == ()
@@ -208,7 +208,7 @@ def test_a_fork_that_fails_walks_in_line(env, monkeypatch):
         raise BlockingIOError(11, "Resource temporarily unavailable")
 
     before = len(os.listdir("/proc/self/fd"))
-    monkeypatch.setattr(envmanifest.os, "fork", no_fork)
+    monkeypatch.setattr(envmanifest.forked.os, "fork", no_fork)
     result = check_tree(env.root, defer=True)
     assert result.pending is None and result.diff == ()
     assert len(os.listdir("/proc/self/fd")) == before, "no descriptor leaked"
